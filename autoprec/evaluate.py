@@ -1,0 +1,213 @@
+"""Score, latency and memory of one candidate policy (no Optuna here).
+
+`Evaluator` holds the fp32 reference of one model spec on one device: its model, its outputs on the
+eval batches, its score and its latency, all computed once. `measure(policy)` applies the policy to
+a copy of the reference model and returns a `Measurement`; a candidate that cannot run (unsupported
+format, non-finite output, out of memory, any exception) is an infeasible Measurement with its
+reason, never an exception.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
+from autoprec.policy import Policy
+from autoprec.precision import apply_formats, module_storage_bytes
+from autoprec.timing import (
+    PairedTiming,
+    TimingSettings,
+    cpu_activation_peak_bytes,
+    cuda_forward_peak_bytes,
+    default_threads,
+    paired_latency,
+    solo_latency_ms,
+)
+from autoprec.userspec import ModelSpec, call_model, first_float_tensor, move_inputs
+
+METHODS = {
+    "score_fidelity": "mean per-sample cosine similarity of the compared output to the fp32 model",
+    "score_user": "model.py evaluate(model, device)",
+    "latency": "median over interleaved rounds (ABBA) of candidate/fp32 time, times the study's fp32 latency",
+    "memory": "bytes of all parameters and buffers as applied (int8 packed weights, scales and zero points)",
+    "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
+    "peak_cuda": "torch.cuda.max_memory_allocated over one forward",
+}
+
+
+@dataclass
+class Measurement:
+    feasible: bool
+    reason: str | None = None
+    score: float | None = None
+    latency_ms: float | None = None
+    latency_ratio: float | None = None  # candidate / fp32, measured interleaved
+    latency_spread: float | None = None  # max / min of the per-round ratios
+    latency_runs: int = 0
+    candidate_ms: float | None = None  # raw median of this run, uncalibrated
+    memory_bytes: int | None = None
+    peak_bytes: int | None = None
+    methods: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def failed(cls, reason: str) -> "Measurement":
+        return cls(feasible=False, reason=reason)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "threads": str(torch.get_num_threads())}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AutoprecError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AutoprecError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory"
+    if isinstance(exc, (UnsupportedFormat, AutoprecError)):
+        return str(exc)
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, (RuntimeError, NotImplementedError)) and "not implemented for" in message:
+        return f"format not supported on this device: {message}"
+    return f"{type(exc).__name__}: {message}"
+
+
+class NonFinite(Exception):
+    pass
+
+
+class Evaluator:
+    """The fp32 reference of `spec` on `device`, and the measurement of candidates against it."""
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *, threads: int | None = None,
+                 timing: TimingSettings = TimingSettings(), reference_latency_ms: float | None = None,
+                 measure_peak: bool = True) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.timing = timing
+        self.measure_peak = measure_peak
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        self.model = spec.new_model().to(self.device)
+        self.example = move_inputs(spec.example(), self.device)
+        self._batches = [move_inputs(b, self.device) for b in spec.eval_batches()] if spec.evaluate is None else []
+        with torch.inference_mode():
+            self._forward_or_raise(self.model)
+            self._ref_outputs = [self._compared(self.model, b) for b in self._batches]
+        for out in self._ref_outputs:
+            if not torch.isfinite(out).all():
+                raise spec.error("build_model", "the fp32 model gives non-finite outputs on eval_inputs()",
+                                 "check the model and its inputs")
+        self.reference_score = self._score(self.model)
+        if not math.isfinite(self.reference_score):
+            raise spec.error("evaluate", f"returned {self.reference_score} for the fp32 model")
+        if reference_latency_ms is None:
+            with torch.inference_mode():
+                reference_latency_ms, _ = solo_latency_ms(self._forward(self.model), self.device,
+                                                          rounds=2 * timing.rounds, min_round_s=timing.min_round_s)
+        self.reference_latency_ms = reference_latency_ms
+
+    def _forward_or_raise(self, model: nn.Module) -> Any:
+        try:
+            return call_model(model, self.example)
+        except Exception as exc:
+            raise self.spec.error("example_inputs", f"the fp32 model fails on them: {type(exc).__name__}: {exc}",
+                                  "make example_inputs() match what build_model()'s forward takes") from exc
+
+    def _forward(self, model: nn.Module):
+        example = self.example
+        return lambda: call_model(model, example)
+
+    def _compared(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.spec.compared_tensor(call_model(model, batch)).float()
+
+    def _score(self, model: nn.Module) -> float:
+        if self.spec.evaluate is not None:
+            return self.spec.user_score(model, self.device)
+        sims = []
+        with torch.inference_mode():
+            for batch, ref in zip(self._batches, self._ref_outputs):
+                out = self._compared(model, batch)
+                if not torch.isfinite(out).all():
+                    raise NonFinite("non-finite output")
+                if out.shape != ref.shape:
+                    raise SpecError(f"{self.spec.path}: output: the compared tensor changed shape "
+                                    f"{tuple(ref.shape)} -> {tuple(out.shape)} under a policy")
+                a, b = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
+                sims.append(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).double().cpu())
+        return float(torch.cat(sims).mean())
+
+    def candidate(self, policy: Policy) -> nn.Module:
+        """A copy of the fp32 reference with `policy` applied on the device."""
+        return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device)
+
+    def measure(self, policy: Policy) -> Measurement:
+        try:
+            return self._measure(policy)
+        except NonFinite as exc:
+            return Measurement.failed(str(exc))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a failed candidate is a recorded result, not a crash
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not isinstance(exc, (AutoprecError, RuntimeError, torch.OutOfMemoryError, NotImplementedError)):
+                traceback.print_exc()
+            return Measurement.failed(_failure_reason(exc))
+
+    def _measure(self, policy: Policy) -> Measurement:
+        model = self.candidate(policy)
+        with torch.inference_mode():
+            out = call_model(model, self.example)
+            probe = first_float_tensor(out) if self.spec.output is None else self.spec.compared_tensor(out)
+            if probe is not None and not torch.isfinite(probe).all():
+                return Measurement.failed("non-finite output")
+        score = self._score(model)
+        if not math.isfinite(score):
+            return Measurement.failed("non-finite score")
+        with torch.inference_mode():
+            timing = paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing)
+            peak = self._peak(model) if self.measure_peak else None
+        memory = module_storage_bytes(model)
+        return self._result(score, timing, memory, peak)
+
+    def _peak(self, model: nn.Module) -> int:
+        forward = self._forward(model)
+        if self.device.type == "cuda":
+            return cuda_forward_peak_bytes(forward, self.device)
+        return module_storage_bytes(model) + cpu_activation_peak_bytes(forward)
+
+    def _result(self, score: float, timing: PairedTiming, memory: int, peak: int | None) -> Measurement:
+        methods = {"score": METHODS["score_user" if self.spec.evaluate else "score_fidelity"],
+                   "latency": METHODS["latency"], "memory_bytes": METHODS["memory"],
+                   "peak_bytes": METHODS["peak_cuda" if self.device.type == "cuda" else "peak_cpu"]}
+        return Measurement(feasible=True, score=score, latency_ms=timing.ratio * self.reference_latency_ms,
+                           latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
+                           latency_runs=timing.rounds * timing.calls_per_round, candidate_ms=timing.candidate_ms,
+                           memory_bytes=memory, peak_bytes=peak, methods=methods)

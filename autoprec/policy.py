@@ -1,0 +1,187 @@
+"""The policy file: which format each layer takes, as versioned JSON, and `apply_policy`.
+
+Imports torch only (never Optuna, SQLAlchemy or pandas): this is what users ship with their model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprec.errors import PolicyError
+from autoprec.precision import DTYPES, FLOAT_DTYPES, apply_formats
+
+POLICY_FORMAT = "autoprec.policy"
+POLICY_VERSION = 1
+_FIELDS = {"format", "version", "default", "layers", "training", "measured", "model"}
+_TRAINING_FIELDS = {"loss_scale": "number", "dynamic_loss_scale": "bool", "learning_rate": "number",
+                    "steps": "int", "optimizer": "str"}
+
+
+@dataclass
+class TrainingSettings:
+    loss_scale: float = 1.0
+    dynamic_loss_scale: bool = True
+    learning_rate: float = 1e-4
+    steps: int | None = None
+    optimizer: str = "adamw"
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"loss_scale": self.loss_scale, "dynamic_loss_scale": self.dynamic_loss_scale,
+                "learning_rate": self.learning_rate, "optimizer": self.optimizer}
+        if self.steps is not None:
+            data["steps"] = self.steps
+        return data
+
+
+@dataclass
+class Policy:
+    """Per-layer formats: `layers` maps `named_modules()` names to fp32/fp16/bf16/int8;
+    everything else runs in `default`."""
+
+    layers: dict[str, str] = field(default_factory=dict)
+    default: str = "fp32"
+    training: TrainingSettings | None = None
+    measured: dict[str, Any] | None = None
+    model: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        validate_formats(self.default, self.layers, where="policy")
+
+    def counts(self) -> dict[str, int]:
+        """How many listed layers take each format."""
+        return {d: sum(1 for v in self.layers.values() if v == d) for d in DTYPES}
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"format": POLICY_FORMAT, "version": POLICY_VERSION,
+                                "default": self.default, "layers": dict(self.layers)}
+        if self.training is not None:
+            data["training"] = self.training.to_json()
+        if self.measured is not None:
+            data["measured"] = self.measured
+        if self.model is not None:
+            data["model"] = self.model
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)  # never a half-written policy file
+        return path
+
+
+def validate_formats(default: Any, layers: Any, where: str) -> None:
+    if not isinstance(default, str) or default not in FLOAT_DTYPES:
+        raise PolicyError(f"{where}: field 'default' is {default!r}; use one of {', '.join(FLOAT_DTYPES)}")
+    if not isinstance(layers, dict):
+        raise PolicyError(f"{where}: field 'layers' must be an object of layer name -> format, "
+                          f"not {type(layers).__name__}")
+    for name, fmt in layers.items():
+        if not isinstance(name, str) or not name:
+            raise PolicyError(f"{where}: field 'layers' has an empty or non-string layer name {name!r}")
+        if not isinstance(fmt, str) or fmt not in DTYPES:
+            raise PolicyError(f"{where}: layer {name!r} has format {fmt!r}; use one of {', '.join(DTYPES)}")
+
+
+def _check_type(value: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if kind == "str":
+        return isinstance(value, str) and bool(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _parse_training(data: Any, where: str) -> TrainingSettings:
+    if not isinstance(data, dict):
+        raise PolicyError(f"{where}: field 'training' must be an object, not {type(data).__name__}")
+    for key, value in data.items():
+        if key not in _TRAINING_FIELDS:
+            raise PolicyError(f"{where}: unknown field 'training.{key}'; known: {', '.join(_TRAINING_FIELDS)}")
+        kind = _TRAINING_FIELDS[key]
+        if not _check_type(value, kind):
+            want = {"number": "a positive finite number", "bool": "true or false",
+                    "int": "a positive integer", "str": "a non-empty string"}[kind]
+            raise PolicyError(f"{where}: field 'training.{key}' is {value!r}; it must be {want}")
+    return TrainingSettings(**data)
+
+
+def policy_from_json(data: Any, where: str = "policy") -> Policy:
+    """Validate a decoded policy document; every failure names the offending entry."""
+    if not isinstance(data, dict):
+        raise PolicyError(f"{where}: a policy is a JSON object, not {type(data).__name__}")
+    for key in data:
+        if key not in _FIELDS:
+            raise PolicyError(f"{where}: unknown field {key!r}; known fields: {', '.join(sorted(_FIELDS))}")
+    if data.get("format") != POLICY_FORMAT:
+        raise PolicyError(f"{where}: field 'format' is {data.get('format')!r}, expected {POLICY_FORMAT!r} "
+                          "(is this an autoprec policy file?)")
+    version = data.get("version")
+    if version != POLICY_VERSION or isinstance(version, bool):
+        raise PolicyError(f"{where}: field 'version' is {version!r}; this autoprec reads version "
+                          f"{POLICY_VERSION} (upgrade autoprec for newer files)")
+    if "layers" not in data:
+        raise PolicyError(f"{where}: field 'layers' is missing; add an object of layer name -> format")
+    validate_formats(data.get("default", "fp32"), data["layers"], where)
+    training = _parse_training(data["training"], where) if "training" in data else None
+    measured = data.get("measured")
+    if measured is not None and not isinstance(measured, dict):
+        raise PolicyError(f"{where}: field 'measured' must be an object, not {type(measured).__name__}")
+    model = data.get("model")
+    if model is not None and not (isinstance(model, dict) and all(isinstance(v, str) for v in model.values())):
+        raise PolicyError(f"{where}: field 'model' must be an object of strings (class, fingerprint)")
+    return Policy(layers=dict(data["layers"]), default=data.get("default", "fp32"), training=training,
+                  measured=measured, model=model)
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PolicyError(f"{path}: policy file not found; write one with `autoprec export`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}: cannot read the policy file ({exc})") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise PolicyError(f"{path}: not JSON ({exc}); a policy file is the JSON `autoprec export` writes") from None
+    return policy_from_json(data, where=str(path))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's structure: module names and classes, parameter names, shapes, dtypes."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(f"m {name} {type(module).__name__}\n".encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"p {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def apply_policy(model: nn.Module, policy: Policy | str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """Apply a policy (object or file path) to an fp32 model in place and return it, in eval mode.
+
+    `device` defaults to where the model's parameters are.
+    """
+    if not isinstance(policy, Policy):
+        policy = load_policy(policy)
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    expected = (policy.model or {}).get("fingerprint")
+    if expected and expected != model_fingerprint(model):
+        warnings.warn(f"this policy was measured on a model with a different structure "
+                      f"({policy.model.get('class', '?')}); layer names are checked, timings may differ",
+                      stacklevel=2)
+    return apply_formats(model, policy.layers, policy.default, device)

@@ -1,0 +1,34 @@
+"""Per-layer numeric formats, applied in place, dispatched through one handler table.
+
+Every format is a `FormatHandler` registered under its name. `apply_formats` is the single
+entry point: it converts the listed layers from their fp32 originals, casts everything else to
+the policy's default dtype, and adds casts only at the boundaries where a layer's compute dtype
+differs from the default.
+"""
+
+from __future__ import annotations
+
+from autoprec.precision.base import FLOAT_DTYPES, FormatHandler, HANDLERS, register, torch_dtype
+from autoprec.precision.apply import apply_formats, check_layer_format, module_storage_bytes
+from autoprec.precision.layers import SEARCHABLE_CLASSES, LayerInfo, searchable_layers
+
+# Importing the handler modules fills the table.
+from autoprec.precision import floating as _floating  # noqa: F401
+from autoprec.precision import int8 as _int8  # noqa: F401
+
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+
+__all__ = [
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "FormatHandler",
+    "HANDLERS",
+    "LayerInfo",
+    "SEARCHABLE_CLASSES",
+    "apply_formats",
+    "check_layer_format",
+    "module_storage_bytes",
+    "register",
+    "searchable_layers",
+    "torch_dtype",
+]

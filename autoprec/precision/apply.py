@@ -1,0 +1,137 @@
+"""Apply a per-layer format choice to a model in place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprec.errors import PolicyError, UnsupportedFormat
+from autoprec.precision.base import FLOAT_DTYPES, HANDLERS
+from autoprec.precision.floating import cast_own_tensors
+from autoprec.precision.layers import is_searchable
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast_floats(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def add_boundary_casts(module: nn.Module, inside: torch.dtype, outside: torch.dtype | None) -> None:
+    """Cast floating inputs to `inside` on entry and floating outputs to `outside` on exit."""
+
+    def cast_inputs(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _cast_floats(args, inside), _cast_floats(kwargs, inside)
+
+    module.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    if outside is not None:
+        module.register_forward_hook(lambda _mod, _args, out: _cast_floats(out, outside))
+
+
+def check_layer_format(model: nn.Module, name: str, fmt: str, device: torch.device) -> None:
+    """Raise the specific error for a layer/format pair that cannot be applied."""
+    modules = dict(model.named_modules())
+    if fmt not in HANDLERS:
+        raise PolicyError(f"layer {name!r}: unknown format {fmt!r}; use one of {', '.join(HANDLERS)}")
+    if name not in modules or not name:
+        raise PolicyError(f"layer {name!r} is not in the model ({type(model).__name__}); "
+                          "use a name from `autoprec layers MODEL.py`")
+    module = modules[name]
+    if not is_searchable(module):
+        raise PolicyError(f"layer {name!r} is a {type(module).__name__}, which takes no per-layer format; "
+                          "list only Linear, Conv1d/2d/3d or Conv1D layers")
+    reason = HANDLERS[fmt].unsupported_reason(module, device)
+    if reason is not None:
+        raise UnsupportedFormat(f"layer {name!r}: {reason}")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "fp32",
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """Give each listed layer its format and everything else `default`, on `device`, in place.
+
+    Nothing is changed when any entry is refused: all entries are checked first.
+    """
+    device = torch.device(device)
+    if default not in FLOAT_DTYPES:
+        raise PolicyError(f"default format {default!r} must be one of {', '.join(FLOAT_DTYPES)}")
+    for name, fmt in layers.items():
+        check_layer_format(model, name, fmt, device)
+
+    default_dtype = FLOAT_DTYPES[default]
+    model.to(device)
+    # Converted from the fp32 originals before the default cast, so e.g. an fp32 layer in a
+    # bf16 model never passes through bf16.
+    overrides = {name: fmt for name, fmt in layers.items() if fmt != default}
+    converted: dict[str, tuple[nn.Module, torch.dtype]] = {}
+    for name, fmt in overrides.items():
+        handler = HANDLERS[fmt]
+        converted[name] = (handler.convert(model.get_submodule(name), device), handler.io_dtype(device))
+
+    skip = set(converted)
+    for name, module in model.named_modules():
+        if name in skip or any(name.startswith(s + ".") for s in skip):
+            continue
+        cast_own_tensors(module, default_dtype, untie=False)
+
+    for name, (module, io_dtype) in converted.items():
+        _set_submodule(model, name, module)
+        if io_dtype != default_dtype:
+            add_boundary_casts(module, io_dtype, default_dtype)
+    if default_dtype != torch.float32:
+        add_boundary_casts(model, default_dtype, None)
+    return model.eval()
+
+
+def _tensor_storages(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold a (possibly subclassed, e.g. torchao) tensor's data."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [s for n in names for s in _tensor_storages(getattr(t, n))]
+    if t.is_quantized:
+        parts = [t.int_repr()]
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            parts += [t.q_per_channel_scales(), t.q_per_channel_zero_points()]
+        return parts
+    return [t]
+
+
+def module_storage_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers as applied, packed int8 weights at their real size.
+
+    Shared (tied) tensors count once.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()
+            tensors += [weight] + ([bias] if bias is not None else [])
+    # Keep every part alive while counting: int_repr() copies are temporaries, and a freed
+    # temporary's address can be reused by the next one.
+    parts = [part for tensor in tensors for part in _tensor_storages(tensor)]
+    for part in parts:
+        if part.is_quantized or part.numel() == 0:
+            continue
+        storage = part.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total

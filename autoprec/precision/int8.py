@@ -1,0 +1,78 @@
+"""int8: real int8 kernels, not simulation.
+
+CPU: torch's dynamic int8 Linear with per-channel symmetric weight scales (benchmarks/README.md
+says why: in eager mode it is the only int8 path faster than fp32 here, and per-channel scales keep
+the accuracy that per-tensor loses). CUDA: torchao's int8 dynamic-activation / int8-weight config.
+Only Linear-like layers have dynamic int8 kernels; convolutions are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from autoprec.precision.base import register
+from autoprec.precision.layers import is_linear_like
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """nn.Linear itself, or transformers' Conv1D rewritten as the Linear it is."""
+    if isinstance(module, nn.Linear):
+        return module
+    weight = module.weight  # Conv1D stores (in_features, out_features)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
+
+
+def _cpu_dynamic_int8(linear: nn.Linear) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        linear = linear.float().cpu()
+        linear.qconfig = per_channel_dynamic_qconfig
+        return DynamicQuantizedLinear.from_float(linear)
+
+
+def _torchao_int8(linear: nn.Linear) -> nn.Module:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    holder = nn.Sequential(linear.float())
+    quantize_(holder, Int8DynamicActivationInt8WeightConfig())
+    return holder[0]
+
+
+class Int8Format:
+    name = "int8"
+
+    def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
+        if not is_linear_like(module):
+            return (
+                f"int8 has no dynamic kernel for {type(module).__name__} on {device.type} "
+                "(only Linear-like layers); give this layer fp32, fp16 or bf16"
+            )
+        if device.type not in ("cpu", "cuda"):
+            return f"int8 is implemented for cpu and cuda, not {device.type}"
+        if device.type == "cpu" and "qnnpack" not in torch.backends.quantized.supported_engines and \
+                "fbgemm" not in torch.backends.quantized.supported_engines:
+            return "this torch build has no quantized CPU engine (fbgemm or qnnpack)"
+        return None
+
+    def convert(self, module: nn.Module, device: torch.device) -> nn.Module:
+        linear = _as_linear(module)
+        if device.type == "cuda":
+            return _torchao_int8(linear)
+        return _cpu_dynamic_int8(linear)
+
+    def io_dtype(self, device: torch.device) -> torch.dtype:
+        return torch.float32
+
+
+register(Int8Format())

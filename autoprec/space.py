@@ -1,0 +1,168 @@
+"""Search-space files (YAML) -> the formats each layer may take.
+
+Format, documented in search_spaces/README.md:
+
+    name: cpu
+    dtypes: [fp32, bf16, int8]          # formats any layer may take
+    default_dtypes: [fp32, bf16]        # formats for everything that is not a searchable layer
+    layers:
+      classes: [Linear, Conv1d, Conv2d, Conv3d, Conv1D]   # searchable classes
+      exclude: ["*pooler*"]             # fnmatch patterns on layer names, left in the default
+    rules:                              # first matching rule sets a layer's formats
+      - {match: "*output.dense", dtypes: [fp32, bf16]}
+      - {class: Conv2d, dtypes: [fp32, bf16]}
+    training: {...}                     # training knobs, see autoprec/training settings
+
+Formats a layer cannot run on the device (int8 convolutions) are dropped from its choices here,
+so the sampler never proposes them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from autoprec.errors import SpaceError
+from autoprec.precision import DTYPES, FLOAT_DTYPES, HANDLERS, LayerInfo, searchable_layers
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+_KNOWN_CLASSES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
+_TOP_FIELDS = {"name", "description", "dtypes", "default_dtypes", "layers", "rules", "training"}
+_TRAINING_FIELDS = {"enabled", "steps", "optimizer", "learning_rate", "loss_scale", "dynamic_loss_scale"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    dtypes: tuple[str, ...]
+    match: str | None = None
+    cls: str | None = None
+
+    def applies(self, layer: LayerInfo) -> bool:
+        return (self.match is None or fnmatch.fnmatchcase(layer.name, self.match)) and \
+            (self.cls is None or layer.cls == self.cls)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str = "default"
+    dtypes: tuple[str, ...] = DTYPES
+    default_dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
+    classes: tuple[str, ...] = _KNOWN_CLASSES
+    exclude: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    training: dict[str, Any] = field(default_factory=dict)
+    source: str = "<built-in default>"
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.training.get("enabled"))
+
+    def layers(self, model: nn.Module) -> list[LayerInfo]:
+        return [layer for layer in searchable_layers(model)
+                if layer.cls in self.classes and not any(fnmatch.fnmatchcase(layer.name, p) for p in self.exclude)]
+
+    def choices(self, model: nn.Module, device: torch.device) -> dict[str, tuple[str, ...]]:
+        """Layer name -> formats the sampler may give it (device-supported only, in DTYPES order)."""
+        modules = dict(model.named_modules())
+        result = {}
+        for layer in self.layers(model):
+            allowed = self.dtypes
+            for rule in self.rules:
+                if rule.applies(layer):
+                    allowed = rule.dtypes
+                    break
+            ok = tuple(d for d in DTYPES if d in allowed and
+                       HANDLERS[d].unsupported_reason(modules[layer.name], device) is None)
+            if ok:
+                result[layer.name] = ok
+        return result
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtypes": list(self.dtypes), "default_dtypes": list(self.default_dtypes),
+                "classes": list(self.classes), "exclude": list(self.exclude),
+                "rules": [{"match": r.match, "class": r.cls, "dtypes": list(r.dtypes)} for r in self.rules],
+                "training": self.training}
+
+    def fingerprint(self) -> str:
+        return "sha256:" + hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _dtypes(value: Any, where: str, field_name: str, allowed: tuple[str, ...] = DTYPES) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise SpaceError(f"{where}: field '{field_name}' must be a non-empty list of formats from {list(allowed)}")
+    bad = [v for v in value if v not in allowed]
+    if bad:
+        raise SpaceError(f"{where}: field '{field_name}' has unknown format {bad[0]!r}; use {list(allowed)}")
+    return tuple(value)
+
+
+def _patterns(value: Any, where: str, field_name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpaceError(f"{where}: field '{field_name}' must be a list of strings")
+    return tuple(value)
+
+
+def space_from_dict(data: Any, where: str) -> SearchSpace:
+    if not isinstance(data, dict):
+        raise SpaceError(f"{where}: a search space is a YAML mapping, not {type(data).__name__}")
+    for key in data:
+        if key not in _TOP_FIELDS:
+            raise SpaceError(f"{where}: unknown field {key!r}; known fields: {', '.join(sorted(_TOP_FIELDS))}")
+    dtypes = _dtypes(data.get("dtypes", list(DTYPES)), where, "dtypes")
+    defaults = _dtypes(data.get("default_dtypes", ["fp32", "bf16", "fp16"]), where, "default_dtypes",
+                       tuple(FLOAT_DTYPES))
+    layers = data.get("layers") or {}
+    if not isinstance(layers, dict) or set(layers) - {"classes", "exclude"}:
+        raise SpaceError(f"{where}: field 'layers' takes only 'classes' and 'exclude'")
+    classes = _patterns(layers.get("classes", list(_KNOWN_CLASSES)), where, "layers.classes")
+    unknown = [c for c in classes if c not in _KNOWN_CLASSES]
+    if unknown:
+        raise SpaceError(f"{where}: field 'layers.classes' has {unknown[0]!r}; searchable classes are "
+                         f"{', '.join(_KNOWN_CLASSES)}")
+    rules = []
+    raw_rules = data.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise SpaceError(f"{where}: field 'rules' must be a list of {{match|class, dtypes}} entries")
+    for i, raw in enumerate(raw_rules):
+        if not isinstance(raw, dict) or "dtypes" not in raw or not ({"match", "class"} & set(raw)) \
+                or set(raw) - {"match", "class", "dtypes"}:
+            raise SpaceError(f"{where}: rules[{i}] must have 'dtypes' and 'match' (name pattern) or 'class'")
+        rules.append(Rule(_dtypes(raw["dtypes"], where, f"rules[{i}].dtypes"), raw.get("match"), raw.get("class")))
+    training = data.get("training") or {}
+    if not isinstance(training, dict) or set(training) - _TRAINING_FIELDS:
+        raise SpaceError(f"{where}: field 'training' takes {', '.join(sorted(_TRAINING_FIELDS))}")
+    name = data.get("name", Path(where).stem)
+    if not isinstance(name, str) or not name:
+        raise SpaceError(f"{where}: field 'name' must be a non-empty string")
+    return SearchSpace(name=name, dtypes=dtypes, default_dtypes=defaults, classes=classes,
+                       exclude=_patterns(layers.get("exclude"), where, "layers.exclude"), rules=tuple(rules),
+                       training=training, source=where)
+
+
+def load_space(path: str | Path | None) -> SearchSpace:
+    """A space file by path, a shipped space by name (`cpu`), or the default space for None."""
+    if path is None:
+        path = SPACES_DIR / "default.yaml"
+        if not path.is_file():
+            return SearchSpace()
+    path = Path(path)
+    if not path.is_file() and (SPACES_DIR / f"{path}.yaml").is_file():
+        path = SPACES_DIR / f"{path}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise SpaceError(f"{path}: search space not found; pass a YAML file or one of {shipped}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return space_from_dict(data, str(path))

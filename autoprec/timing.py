@@ -1,0 +1,124 @@
+"""Latency and peak memory of one forward, built for a noisy shared machine.
+
+Latency is measured as a ratio to a reference model timed in the same rounds: each round times
+the candidate and the reference back to back (order alternating between rounds, ABBA), so a
+slowdown of the whole machine during a round hits both and cancels in the ratio. The median of
+the per-round ratios is stable to a few percent where whole-model medians drift by 10%.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Forward = Callable[[], object]
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(forward: Forward, calls: int, device: torch.device) -> float:
+    """Seconds for `calls` forwards, device-synchronised at both ends."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        forward()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    rounds: int = 9
+    min_round_s: float = 0.05  # each side of a round runs at least this long
+    warmup_calls: int = 2
+
+
+@dataclass
+class PairedTiming:
+    ratio: float  # median over rounds of candidate time / reference time
+    ratio_spread: float  # max / min of the per-round ratios
+    candidate_ms: float  # median per-call ms of the candidate, as measured in this run
+    reference_ms: float
+    rounds: int
+    calls_per_round: int
+
+
+def paired_latency(candidate: Forward, reference: Forward, device: torch.device,
+                   settings: TimingSettings = TimingSettings()) -> PairedTiming:
+    """Time candidate and reference interleaved (ABBA) and keep the ratio."""
+    for _ in range(settings.warmup_calls):
+        candidate()
+        reference()
+    probe = max(time_calls(candidate, 1, device), time_calls(reference, 1, device), 1e-6)
+    calls = max(1, math.ceil(settings.min_round_s / probe))
+    ratios, cand_ms, ref_ms = [], [], []
+    for r in range(settings.rounds):
+        if r % 2 == 0:
+            tc = time_calls(candidate, calls, device)
+            tr = time_calls(reference, calls, device)
+        else:
+            tr = time_calls(reference, calls, device)
+            tc = time_calls(candidate, calls, device)
+        ratios.append(tc / tr)
+        cand_ms.append(1000 * tc / calls)
+        ref_ms.append(1000 * tr / calls)
+    return PairedTiming(statistics.median(ratios), max(ratios) / min(ratios), statistics.median(cand_ms),
+                        statistics.median(ref_ms), settings.rounds, calls)
+
+
+def solo_latency_ms(forward: Forward, device: torch.device, rounds: int = 15,
+                    min_round_s: float = 0.05, warmup_calls: int = 2) -> tuple[float, float]:
+    """Median per-call ms of `forward` alone, and the max/min spread of the round medians."""
+    for _ in range(warmup_calls):
+        forward()
+    probe = max(time_calls(forward, 1, device), 1e-6)
+    calls = max(1, math.ceil(min_round_s / probe))
+    per_call = [1000 * time_calls(forward, calls, device) / calls for _ in range(rounds)]
+    return statistics.median(per_call), max(per_call) / min(per_call)
+
+
+def cpu_activation_peak_bytes(forward: Forward) -> int:
+    """Peak bytes of tensors allocated during one CPU forward and alive at the same time.
+
+    From the PyTorch profiler's allocator events (`profile_memory=True`): each op's own net
+    allocation counts at its start, each free at its time; the running sum's maximum is the peak.
+    It counts tensor storage handed out by torch's CPU allocator, not interpreter or library
+    overhead, so it is deterministic where RSS is not.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        forward()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def cuda_forward_peak_bytes(forward: Forward, device: torch.device) -> int:
+    """The CUDA caching allocator's peak during one forward (weights included)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    forward()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)

@@ -1,0 +1,223 @@
+"""Load a user's model.py by path and check it against the contract of DESIGN.md.
+
+Every broken spec raises `SpecError` with one line naming the file, the callable and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprec.errors import SpecError
+
+Inputs = Any  # a tensor, a tuple of positional inputs or a dict of keyword inputs
+
+_REQUIRED = {
+    "build_model": "define build_model() returning a fresh fp32 torch.nn.Module",
+    "example_inputs": "define example_inputs() returning one CPU batch: a tensor, a tuple or a dict",
+}
+_OPTIONAL = {
+    "evaluate": "evaluate(model, device) must return a finite number, higher is better",
+    "eval_inputs": "eval_inputs() must return an iterable of batches shaped like example_inputs()",
+    "output": "output(outputs) must return the tensor to compare",
+    "train_batches": "train_batches() must return an iterable of (inputs, targets)",
+    "loss": "loss(outputs, targets) must return a scalar tensor",
+}
+
+
+def move_inputs(inputs: Inputs, device: torch.device | str, dtype: torch.dtype | None = None) -> Inputs:
+    """Move every tensor of an input structure to `device` (floating ones to `dtype` when given)."""
+    if isinstance(inputs, torch.Tensor):
+        if dtype is not None and inputs.is_floating_point():
+            return inputs.to(device=device, dtype=dtype)
+        return inputs.to(device)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(move_inputs(v, device, dtype) for v in inputs)
+    if isinstance(inputs, dict):
+        return {k: move_inputs(v, device, dtype) for k, v in inputs.items()}
+    return inputs
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """Call a model the way the contract says: tensor -> model(x), tuple -> model(*t), dict -> model(**d)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _check_inputs(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return len(value) > 0 and any(isinstance(v, torch.Tensor) for v in value)
+    if isinstance(value, dict):
+        return len(value) > 0 and all(isinstance(k, str) for k in value) and \
+            any(isinstance(v, torch.Tensor) for v in value.values())
+    return False
+
+
+def first_float_tensor(value: Any) -> torch.Tensor | None:
+    """The first floating tensor of a model's return value (tensor, tuple, list, dict, ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_floating_point() else None
+    if isinstance(value, dict):  # transformers' ModelOutput is an OrderedDict
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, (tuple, list)):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = first_float_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass
+class ModelSpec:
+    """A checked model.py."""
+
+    path: Path
+    build_model: Callable[[], nn.Module]
+    example_inputs: Callable[[], Inputs]
+    evaluate: Callable[[nn.Module, torch.device], float] | None = None
+    eval_inputs: Callable[[], Iterable[Inputs]] | None = None
+    output: Callable[[Any], torch.Tensor] | None = None
+    train_batches: Callable[[], Iterable[tuple[Inputs, Any]]] | None = None
+    loss: Callable[[Any, Any], torch.Tensor] | None = None
+
+    @property
+    def can_train(self) -> bool:
+        return self.train_batches is not None and self.loss is not None
+
+    def error(self, name: str, problem: str, fix: str | None = None) -> SpecError:
+        fix = fix or _REQUIRED.get(name) or _OPTIONAL.get(name, "")
+        return SpecError(f"{self.path}: {name}: {problem}; {fix}")
+
+    def new_model(self) -> nn.Module:
+        try:
+            model = self.build_model()
+        except Exception as exc:
+            raise self.error("build_model", f"raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise self.error("build_model", f"returned {type(model).__name__}, not a torch.nn.Module")
+        floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if floats - {torch.float32}:
+            raise self.error("build_model", f"returned parameters in {sorted(map(str, floats))}",
+                             "return the fp32 model; autoprec applies the formats itself")
+        return model.eval()
+
+    def example(self) -> Inputs:
+        return self._inputs("example_inputs", self.example_inputs)
+
+    def _inputs(self, name: str, fn: Callable[[], Any]) -> Inputs:
+        try:
+            value = fn()
+        except Exception as exc:
+            raise self.error(name, f"raised {type(exc).__name__}: {exc}") from exc
+        if not _check_inputs(value):
+            raise self.error(name, f"returned {type(value).__name__}, not a tensor, a tuple of tensors "
+                             "or a dict of str -> tensor", _REQUIRED["example_inputs"])
+        return value
+
+    def eval_batches(self) -> list[Inputs]:
+        """The batches the default score compares on: eval_inputs() or the example batch."""
+        if self.eval_inputs is None:
+            return [self.example()]
+        try:
+            batches = list(self.eval_inputs())
+        except Exception as exc:
+            raise self.error("eval_inputs", f"raised {type(exc).__name__}: {exc}") from exc
+        if not batches:
+            raise self.error("eval_inputs", "gave no batches")
+        for batch in batches:
+            if not _check_inputs(batch):
+                raise self.error("eval_inputs", f"gave a {type(batch).__name__} batch, not a tensor, tuple or dict")
+        return batches
+
+    def compared_tensor(self, outputs: Any) -> torch.Tensor:
+        """The tensor the default score compares: output(outputs) or the first floating tensor."""
+        if self.output is not None:
+            try:
+                value = self.output(outputs)
+            except Exception as exc:
+                raise self.error("output", f"raised {type(exc).__name__}: {exc}") from exc
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise self.error("output", f"returned {type(value).__name__}, not a floating tensor")
+            return value
+        value = first_float_tensor(outputs)
+        if value is None:
+            raise self.error("output", f"the model returned {type(outputs).__name__} with no floating tensor",
+                             "define output(outputs) in model.py to pick the tensor to compare")
+        return value
+
+    def user_score(self, model: nn.Module, device: torch.device) -> float:
+        assert self.evaluate is not None
+        try:
+            value = self.evaluate(model, device)
+        except Exception as exc:
+            raise self.error("evaluate", f"raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error("evaluate", f"returned {type(value).__name__}, not a number")
+        return float(value)
+
+    def fingerprint(self) -> str:
+        return "sha256:" + hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Import model.py by path (like torch.hub's hubconf.py) and check its names statically."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: file not found; pass the path to a model.py that defines "
+                        "build_model() and example_inputs()")
+    source = path.read_bytes()
+    try:
+        compile(source, str(path), "exec")
+    except SyntaxError as exc:
+        raise SpecError(f"{path}:{exc.lineno}: syntax error: {exc.msg}; fix the file") from None
+    module_name = "autoprec_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # so model.py can import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise SpecError(f"{path}: importing it raised {type(exc).__name__}: {exc}; fix the import "
+                        "(is every package it needs installed?)") from None
+    finally:
+        if sys.path and sys.path[0] == folder:
+            sys.path.pop(0)
+    found: dict[str, Any] = {}
+    for name in (*_REQUIRED, *_OPTIONAL):
+        value = getattr(module, name, None)
+        if value is None:
+            if name in _REQUIRED:
+                raise SpecError(f"{path}: {name} is missing; {_REQUIRED[name]}")
+            continue
+        if not callable(value):
+            fix = _REQUIRED.get(name) or _OPTIONAL[name]
+            raise SpecError(f"{path}: {name} is a {type(value).__name__}, not a function; {fix}")
+        found[name] = value
+    return ModelSpec(path=path, **found)
+
+
+def check_score(spec: ModelSpec, value: float) -> float:
+    if not math.isfinite(value):
+        raise spec.error("evaluate", f"returned {value} for the fp32 model")
+    return value
