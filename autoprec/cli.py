@@ -33,6 +33,84 @@ def cmd_apply(args: argparse.Namespace) -> None:
     print(apply_and_compare(args.policy, args.model, device=args.device))
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from autoprec.search import Search, SearchConfig
+    from autoprec.results import pareto_front, trials_frame
+
+    config = SearchConfig(model=args.model, trials=args.trials, timeout=args.timeout, storage=args.storage,
+                          study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
+                          seed=args.seed, threads=args.threads, progress=not args.no_progress)
+    search = Search(config)
+    print(f"study {search.study_name!r} in {search.storage_url} ({search.finished_trials()} trials so far); "
+          f"{len(search.choices)} searchable layers on {search.device}; fp32 score "
+          f"{search.reference_score:.6f}, max drop {search.max_drop}")
+    result = search.run(config.trials, config.timeout)
+    if result.interrupted:
+        print(f"stopped: {result.trials_run} trials run this time are kept in the store; "
+              "run the same command to resume", file=sys.stderr)
+    print(f"\n{result.trials_run} trials run, {result.trials_total} in the study. Feasible Pareto front:")
+    print(_front_table(pareto_front(trials_frame(search.study))))
+    print(f"\nexport one with: autoprec export --study {search.study_name} --pick fastest -o policy.json"
+          + (f" --storage {result.storage}" if args.storage else ""))
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+def _front_table(front) -> str:
+    from autoprec.tables import format_bytes, format_table
+
+    if front.empty:
+        return "(no feasible trial yet)"
+    rows = [(int(r.trial), f"{r.score:.6f}", f"{r.score_drop:.2e}", f"{r.latency_ms:.2f}", f"{r.latency_ratio:.3f}x",
+             format_bytes(r.memory_bytes), f"{r.memory_ratio:.3f}x", r.default, r.fp32, r.fp16, r.bf16, r.int8, r.origin)
+            for r in front.itertuples()]
+    return format_table(["trial", "score", "drop", "latency_ms", "vs fp32", "memory", "vs fp32", "default",
+                         "fp32", "fp16", "bf16", "int8", "origin"], rows)
+
+
+def _open_study(args: argparse.Namespace):
+    from autoprec.store import load_study, open_storage
+
+    return load_study(open_storage(args.storage, heartbeat=False), args.study)
+
+
+def cmd_front(args: argparse.Namespace) -> None:
+    from autoprec.results import pareto_front, trials_frame
+
+    front = pareto_front(trials_frame(_open_study(args)), args.max_drop)
+    if args.format == "csv":
+        print(front.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(front.to_json(orient="records", indent=2))
+    else:
+        print(_front_table(front))
+
+
+def cmd_studies(args: argparse.Namespace) -> None:
+    from autoprec.results import studies_frame
+    from autoprec.store import open_storage
+    from autoprec.tables import format_table
+
+    frame = studies_frame(open_storage(args.storage, heartbeat=False))
+    if frame.empty:
+        print("no autoprec studies in this store")
+        return
+    rows = [(r.study, r.trials, r.complete, r.failed, r.front, "-" if r.best_latency_ms is None else
+             f"{r.best_latency_ms:.2f}", "-" if r.best_vs_fp32 is None else f"{r.best_vs_fp32:.3f}x", r.device)
+            for r in frame.itertuples()]
+    print(format_table(["study", "trials", "complete", "failed", "front", "best ms", "vs fp32", "device"], rows))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from autoprec.results import pick_trial, policy_of
+
+    study = _open_study(args)
+    trial = pick_trial(study, args.pick, args.trial, args.max_drop)
+    path = policy_of(study, trial).save(args.output)
+    m = trial.values
+    print(f"wrote {path}: trial {trial.number}, score {m[0]:.6f}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
+
+
 def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="SQLAlchemy URL of the study store (default: $AUTOPREC_STORAGE or "
                                      "sqlite:///autoprec.db)")
@@ -55,6 +133,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="path to model.py")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     commands["apply"] = cmd_apply
+
+    p = sub.add_parser("search", help="run or resume a study")
+    p.add_argument("model", help="path to model.py")
+    p.add_argument("--trials", type=int, default=20, help="trials to run now (added to a resumed study)")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after SEC seconds")
+    _add_storage(p)
+    p.add_argument("--study", help="study name (default: the model's folder name, or the file's stem)")
+    p.add_argument("--space", help="search-space YAML file or shipped name (default, cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--max-drop", type=float, default=None, dest="max_drop",
+                   help="largest allowed absolute score drop from fp32 (default 0.01, fixed per study)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--no-progress", action="store_true", dest="no_progress")
+    commands["search"] = cmd_search
+
+    p = sub.add_parser("studies", help="list the studies in a store")
+    _add_storage(p)
+    commands["studies"] = cmd_studies
+
+    p = sub.add_parser("front", help="the feasible Pareto front of a study")
+    _add_storage(p)
+    p.add_argument("--study", required=True)
+    p.add_argument("--max-drop", type=float, default=None, dest="max_drop", help="only trials within this drop")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    commands["front"] = cmd_front
+
+    p = sub.add_parser("export", help="write a trial's policy file")
+    _add_storage(p)
+    p.add_argument("--study", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--trial", type=int, help="trial number")
+    group.add_argument("--pick", choices=["fastest", "smallest", "best-score"], help="pick from the front")
+    p.add_argument("--max-drop", type=float, default=None, dest="max_drop", help="with --pick: within this drop")
+    p.add_argument("-o", "--output", required=True, help="policy JSON to write")
+    commands["export"] = cmd_export
 
     parser.set_defaults(_commands=commands)
     return parser

@@ -99,7 +99,12 @@ def _check_type(value: Any, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
     if kind == "str":
         return isinstance(value, str) and bool(value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
 
 
 def _parse_training(data: Any, where: str) -> TrainingSettings:
@@ -154,7 +159,7 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"{path}: cannot read the policy file ({exc})") from None
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an int over 4300 digits
         raise PolicyError(f"{path}: not JSON ({exc}); a policy file is the JSON `autoprec export` writes") from None
     return policy_from_json(data, where=str(path))
 

@@ -1,0 +1,70 @@
+"""The study store: Optuna's RDB storage (SQLite by default, PostgreSQL for many workers).
+
+What autoprec keeps, all as JSON so optuna-dashboard shows it:
+- on the study (user attr "autoprec"): model path/class/fingerprint, the space, the device and
+  environment, the fp32 reference measurement, max_drop, the searchable layers.
+- on each trial: user attrs "policy" (the policy document), "measurement" (score, latency details,
+  memory, methods), "failure_reason" for a candidate that could not run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from autoprec.errors import StoreError
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+DEFAULT_STORAGE = "sqlite:///autoprec.db"
+STUDY_ATTR = "autoprec"
+HEARTBEAT_S = int(os.environ.get("AUTOPREC_HEARTBEAT_S", "10"))
+GRACE_S = int(os.environ.get("AUTOPREC_GRACE_S", str(3 * HEARTBEAT_S)))
+
+
+def storage_url(url: str | None) -> str:
+    return url or os.environ.get("AUTOPREC_STORAGE") or DEFAULT_STORAGE
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True, "pool_recycle": 300}
+
+
+def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorage:
+    """Open (creating its tables if needed) the store; one line of error when it cannot be reached."""
+    url = storage_url(url)
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs=_engine_kwargs(url),
+            heartbeat_interval=HEARTBEAT_S if heartbeat else None,
+            grace_period=GRACE_S if heartbeat else None,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat else None,
+        )
+    except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use this store"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"cannot open the study store {url!r}: {first}; check --storage / AUTOPREC_STORAGE") from None
+
+
+def study_names(storage: RDBStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_study(storage: RDBStorage, name: str) -> optuna.Study:
+    if name not in study_names(storage):
+        known = ", ".join(study_names(storage)) or "none"
+        raise StoreError(f"no study named {name!r} in the store (studies: {known}); see `autoprec studies`")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def study_info(study: optuna.Study) -> dict[str, Any]:
+    info = study.user_attrs.get(STUDY_ATTR)
+    if not isinstance(info, dict):
+        raise StoreError(f"study {study.study_name!r} was not made by `autoprec search` (no {STUDY_ATTR!r} attribute)")
+    return info

@@ -1,0 +1,170 @@
+"""The main job end to end, through the CLI, on a tiny model and a SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+import autoprec
+from autoprec.evaluate import Evaluator
+from autoprec.results import pareto_front, trials_frame
+from autoprec.userspec import load_spec
+
+SPECS = Path(__file__).parent / "specs"
+TINY = SPECS / "tiny_mlp.py"
+
+
+def autoprec_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "autoprec", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"autoprec {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _study(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One 8-trial search of the tiny MLP in a fresh SQLite file."""
+    folder = tmp_path_factory.mktemp("search")
+    url = f"sqlite:///{folder / 'study.db'}"
+    proc = autoprec_cli("search", str(TINY), "--trials", "8", "--storage", url, "--seed", "1", "--no-progress",
+                        "--max-drop", "0.001")
+    return folder, url, proc
+
+
+def test_search_creates_study_with_eight_trials_and_prints_front(searched):
+    _, url, proc = searched
+    assert "study 'tiny_mlp'" in proc.stdout
+    assert "Feasible Pareto front" in proc.stdout
+    study = _study(url, "tiny_mlp")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 8
+    origins = [t.user_attrs.get("origin") for t in study.trials[:4]]
+    assert origins == ["uniform fp32", "uniform fp16", "uniform bf16", "uniform int8"]
+
+
+def test_front_lists_only_feasible_non_dominated_trials(searched):
+    _, url, _ = searched
+    out = autoprec_cli("front", "--storage", url, "--study", "tiny_mlp", "--format", "json").stdout
+    front = json.loads(out)
+    assert front, "the fp32 trial is always feasible, so the front is never empty"
+    study = _study(url, "tiny_mlp")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    feasible = [t for t in complete if all(c <= 0 for c in t.constraints.values())]
+    front_numbers = {row["trial"] for row in front}
+    assert front_numbers <= {t.number for t in feasible}
+
+    def dominates(a, b):
+        return (a.values[0] >= b.values[0] and a.values[1] <= b.values[1] and a.values[2] <= b.values[2]
+                and a.values != b.values)
+
+    for t in feasible:
+        dominated = any(dominates(o, t) for o in feasible)
+        assert (t.number in front_numbers) == (not dominated), t.number
+    infeasible = {t.number for t in complete} - {t.number for t in feasible}
+    assert not infeasible & front_numbers
+
+
+def test_export_writes_a_policy_that_reproduces_the_stored_score(searched):
+    folder, url, _ = searched
+    target = folder / "policy.json"
+    autoprec_cli("export", "--storage", url, "--study", "tiny_mlp", "--pick", "fastest", "-o", str(target))
+    policy = autoprec.load_policy(target)
+    assert policy.measured["study"] == "tiny_mlp"
+    study = _study(url, "tiny_mlp")
+    stored = [t for t in study.trials if t.number == policy.measured["trial"]][0]
+    assert policy.measured["score"] == stored.values[0]
+    spec = load_spec(TINY)
+    evaluator = Evaluator(spec, "cpu")
+    assert evaluator.measure(policy).score == pytest.approx(stored.values[0], abs=1e-9)
+    model = autoprec.apply_policy(spec.build_model(), target)
+    assert not any(isinstance(m, type(None)) for m in model.modules())
+    out = autoprec_cli("apply", str(target), str(TINY), "--device", "cpu").stdout
+    assert "latency_ms" in out and "score" in out
+
+
+def test_load_study_shows_metric_names_and_every_policy(searched):
+    _, url, _ = searched
+    study = _study(url, "tiny_mlp")
+    assert study.metric_names == ["score", "latency_ms", "memory_bytes"]
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert set(t.user_attrs["policy"]["layers"]) == {"0", "2", "4"}
+            assert t.user_attrs["measurement"]["feasible"] is True
+    assert "reference" in study.user_attrs["autoprec"]
+
+
+def test_studies_lists_the_study(searched):
+    _, url, _ = searched
+    out = autoprec_cli("studies", "--storage", url).stdout
+    assert "tiny_mlp" in out
+
+
+def test_resume_adds_trials_and_refuses_a_changed_space(searched):
+    folder, url, _ = searched
+    autoprec_cli("search", str(TINY), "--trials", "4", "--storage", url, "--no-progress")
+    study = _study(url, "tiny_mlp")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 12
+    refused = autoprec_cli("search", str(TINY), "--trials", "1", "--storage", url, "--space", "cpu",
+                           "--no-progress", check=False)
+    assert refused.returncode == 2
+    assert "space" in refused.stderr and "--study" in refused.stderr
+    assert len(_study(url, "tiny_mlp").trials) == 12
+
+
+def test_broken_spec_leaves_no_study(tmp_path):
+    bad = tmp_path / "model.py"
+    bad.write_text("import torch\ndef build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+                   "def example_inputs():\n    return torch.randn(2, 5)\n")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    proc = autoprec_cli("search", str(bad), "--trials", "2", "--storage", url, check=False)
+    assert proc.returncode == 2
+    assert "example_inputs" in proc.stderr and str(bad) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    storage = optuna.storages.RDBStorage(url)
+    assert optuna.get_all_study_summaries(storage) == []
+
+
+def test_sigkill_mid_trial_then_resume_fails_the_stale_trial(tmp_path):
+    log = tmp_path / "calls.log"
+    env = {"SLOW_MLP_LOG": str(log), "SLOW_MLP_SLEEP": "1.5", "AUTOPREC_HEARTBEAT_S": "1", "AUTOPREC_GRACE_S": "2"}
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    args = [sys.executable, "-m", "autoprec", "search", str(SPECS / "slow_mlp.py"), "--storage", url,
+            "--no-progress", "--study", "slow"]
+    proc = subprocess.Popen([*args, "--trials", "6"], env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # one call for the fp32 reference, then one per trial: the 4th call is trial 2 in progress
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    study = _study(url, "slow")
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1, "the killed trial is left RUNNING until its heartbeat goes stale"
+    killed = running[0].number
+    complete_before = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    time.sleep(3)  # past the grace period
+    subprocess.run([*args, "--trials", "3"], env={**os.environ, **env}, check=True, capture_output=True, timeout=300)
+    study = _study(url, "slow")
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed] == optuna.trial.TrialState.FAIL
+    assert optuna.trial.TrialState.RUNNING not in states.values()
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == complete_before + 3
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
