@@ -39,7 +39,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     config = SearchConfig(model=args.model, trials=args.trials, timeout=args.timeout, storage=args.storage,
                           study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
-                          seed=args.seed, threads=args.threads, progress=not args.no_progress)
+                          seed=args.seed, threads=args.threads, progress=not args.no_progress,
+                          strategy=args.strategy, retime_front=not args.no_retime)
     search = Search(config)
     print(f"study {search.study_name!r} in {search.storage_url} ({search.finished_trials()} trials so far); "
           f"{len(search.choices)} searchable layers on {search.device}; fp32 score "
@@ -48,7 +49,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     if result.interrupted:
         print(f"stopped: {result.trials_run} trials run this time are kept in the store; "
               "run the same command to resume", file=sys.stderr)
-    print(f"\n{result.trials_run} trials run, {result.trials_total} in the study. Feasible Pareto front:")
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.phase_seconds.items())
+    print(f"\n{result.trials_run} trials run, {result.trials_total} in the study ({phases}). Feasible Pareto front:")
     print(_front_table(pareto_front(trials_frame(search.study))))
     print(f"\nexport one with: autoprec export --study {search.study_name} --pick fastest -o policy.json"
           + (f" --storage {result.storage}" if args.storage else ""))
@@ -111,6 +113,48 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}: trial {trial.number}, score {m[0]:.6f}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from autoprec.report import write_report
+
+    path = write_report(_open_study(args), args.output, args.max_drop)
+    print(f"wrote {path}: the report of study {args.study!r} (one HTML file, opens offline)")
+
+
+def cmd_trials(args: argparse.Namespace) -> None:
+    from autoprec.report import write_trials
+
+    path = write_trials(_open_study(args), args.output)
+    print(f"wrote {path}: every trial of study {args.study!r}, one column per layer")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from autoprec.guide import COSTMODEL_ATTR, stored_profile
+    from autoprec.tables import format_table
+
+    study = _open_study(args)
+    profile = stored_profile(study)
+    if profile is None:
+        print(f"study {args.study!r} has no sensitivity profile yet (it is made after the uniform trials "
+              "of a guided search)")
+        return
+    fmts = [f for f in ("fp16", "bf16", "int8") if any(f in v for v in profile.layers.values())]
+    rows = []
+    for name, by_fmt in profile.layers.items():
+        row = [name, f"{by_fmt['fp32']['latency_ms']:.3f}" if "fp32" in by_fmt else "-"]
+        for f in fmts:
+            cell = by_fmt.get(f)
+            row.append("-" if cell is None else f"{cell['drop']:.1e} / {cell['latency_ms']:.3f}")
+        rows.append(row)
+    print(format_table(["layer", "fp32 ms"] + [f"{f} drop / ms" for f in fmts], rows))
+    print("\nprofile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in profile.seconds.items()))
+    summary = study.user_attrs.get(COSTMODEL_ATTR)
+    if summary and summary["error"].get("trials"):
+        e = summary["error"]
+        print(f"cost model on {e['trials']} measured non-uniform trials: latency error median "
+              f"{100 * e['latency_rel_median']:.1f}% (max {100 * e['latency_rel_max']:.1f}%), memory "
+              f"{100 * e['memory_rel_median']:.2f}%, drop {e['drop_abs_median']:.1e} absolute (median)")
+
+
 def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="SQLAlchemy URL of the study store (default: $AUTOPREC_STORAGE or "
                                      "sqlite:///autoprec.db)")
@@ -146,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest allowed absolute score drop from fp32 (default 0.01, fixed per study)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--strategy", default="guided", choices=["guided", "tpe", "nsga2", "random"],
+                   help="guided: sensitivity profile + knapsack proposals, then TPE (default)")
+    p.add_argument("--no-retime", action="store_true", dest="no_retime",
+                   help="skip re-timing the front beside fp32 at the end")
     p.add_argument("--no-progress", action="store_true", dest="no_progress")
     commands["search"] = cmd_search
 
@@ -160,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     commands["front"] = cmd_front
 
+    p = sub.add_parser("profile", help="the per-layer sensitivity profile of a study and the cost model's error")
+    _add_storage(p)
+    p.add_argument("--study", required=True)
+    commands["profile"] = cmd_profile
+
     p = sub.add_parser("export", help="write a trial's policy file")
     _add_storage(p)
     p.add_argument("--study", required=True)
@@ -169,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=None, dest="max_drop", help="with --pick: within this drop")
     p.add_argument("-o", "--output", required=True, help="policy JSON to write")
     commands["export"] = cmd_export
+
+    p = sub.add_parser("report", help="write an HTML report of a study (plots, front, trials)")
+    _add_storage(p)
+    p.add_argument("--study", required=True)
+    p.add_argument("--max-drop", type=float, default=None, dest="max_drop", help="front only within this drop")
+    p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    commands["report"] = cmd_report
+
+    p = sub.add_parser("trials", help="write every trial of a study to CSV or Parquet")
+    _add_storage(p)
+    p.add_argument("--study", required=True)
+    p.add_argument("-o", "--output", required=True, help="trials.csv or trials.parquet")
+    commands["trials"] = cmd_trials
 
     parser.set_defaults(_commands=commands)
     return parser

@@ -167,6 +167,15 @@ class Evaluator:
         """A copy of the fp32 reference with `policy` applied on the device."""
         return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device)
 
+    def retime(self, policy: Policy) -> PairedTiming | None:
+        """Latency of `policy` paired with the fp32 model again (None if it cannot run)."""
+        try:
+            model = self.candidate(policy)
+            with torch.inference_mode():
+                return paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing)
+        except (AutoprecError, RuntimeError, torch.OutOfMemoryError):
+            return None
+
     def measure(self, policy: Policy) -> Measurement:
         try:
             return self._measure(policy)

@@ -16,10 +16,12 @@ from typing import Any
 import optuna
 import torch
 
+from autoprec import guide
 from autoprec.errors import AutoprecError, StoreError
 from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, model_fingerprint
 from autoprec.precision import DTYPES, module_storage_bytes
+from autoprec.profile import build_profile
 from autoprec.space import SearchSpace, load_space
 from autoprec.store import STUDY_ATTR, open_storage, storage_url, study_info, study_names
 from autoprec.timing import TimingSettings
@@ -32,6 +34,9 @@ DIRECTIONS = ("maximize", "minimize", "minimize")
 DEFAULT_MAX_DROP = 0.01
 LAYER_PARAM = "layer:"
 DEFAULT_PARAM = "default"
+RETIMED_ATTR = "autoprec_retimed"
+MAX_RETIMED = 12
+STRATEGIES = ("guided", "tpe", "nsga2", "random")
 
 
 class CandidateFailed(Exception):
@@ -55,6 +60,8 @@ class SearchConfig:
     max_drop: float | None = None
     seed: int = 0
     threads: int | None = None
+    strategy: str = "guided"  # guided (profile + knapsack proposals, then TPE), tpe, nsga2, random
+    retime_front: bool = True
     timing: TimingSettings = field(default_factory=TimingSettings)
     progress: bool = True
 
@@ -66,6 +73,7 @@ class SearchResult:
     trials_run: int
     trials_total: int
     interrupted: bool
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def uniform_policy_params(choices: dict[str, tuple[str, ...]], space: SearchSpace, fmt: str) -> dict[str, str] | None:
@@ -106,6 +114,9 @@ class Search:
     def __init__(self, config: SearchConfig) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.config = config
+        if config.strategy not in STRATEGIES:
+            raise AutoprecError(f"--strategy {config.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        self.phase_seconds: dict[str, float] = {}
         self.spec: ModelSpec = load_spec(config.model)
         self.space = load_space(config.space)
         self.device = resolve_device(config.device)
@@ -137,8 +148,12 @@ class Search:
         self.reference_score = float(info["reference"]["score"])
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.TPESampler(seed=self.config.seed, multivariate=True, n_startup_trials=8,
-                                          constant_liar=True)
+        seed = self.config.seed
+        if self.config.strategy == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+        if self.config.strategy == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8, constant_liar=True)
 
     def _initialise_study(self) -> dict[str, Any]:
         model = self.evaluator.model
@@ -183,20 +198,87 @@ class Search:
         trial.set_constraint("score_drop", drop - self.max_drop)
         return measurement.score, measurement.latency_ms, float(measurement.memory_bytes)
 
+    def _optimize(self, trials: int, deadline: float | None, bar: "_ProgressBar") -> int:
+        """Run up to `trials` trials (WAITING ones first) before `deadline`; returns how many ran."""
+        if trials <= 0 or (deadline is not None and time.monotonic() >= deadline):
+            return 0
+        before = self.finished_trials()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.study.optimize(self.objective, n_trials=trials, timeout=timeout, catch=(CandidateFailed,),
+                            callbacks=[bar.update], gc_after_trial=True)
+        return self.finished_trials() - before
+
+    def _waiting(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+    def guide(self) -> int:
+        """Profile (once per study), calibrate the cost model on the uniform trials, enqueue proposals."""
+        started = time.perf_counter()
+        profile = guide.stored_profile(self.study)
+        if profile is None:
+            profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example, self.choices,
+                                    self.space.default_dtypes, self.device)
+            profile.reference_latency_ms = self.evaluator.reference_latency_ms
+            self.study.set_user_attr(guide.PROFILE_ATTR, profile.to_json())
+        self.phase_seconds["profile"] = time.perf_counter() - started
+        model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
+        return guide.enqueue_proposals(self.study, model, self.max_drop, self.space.default_dtypes)
+
     def run(self, trials: int, timeout: float | None = None) -> SearchResult:
         optuna.storages.fail_stale_trials(self.study)
+        deadline = None if timeout is None else time.monotonic() + timeout
         before = self.finished_trials()
         bar = _ProgressBar(trials, self.study, self.config.progress)
         interrupted = False
         try:
-            self.study.optimize(self.objective, n_trials=trials, timeout=timeout, catch=(CandidateFailed,),
-                                callbacks=[bar.update], gc_after_trial=True)
+            remaining = trials
+            guided = self.config.strategy == "guided" and guide.PROPOSALS_ATTR not in self.study.user_attrs
+            if guided:
+                started = time.perf_counter()
+                remaining -= self._optimize(min(remaining, self._waiting()), deadline, bar)
+                self.phase_seconds["uniform"] = time.perf_counter() - started
+                if remaining > 0 and self._waiting() == 0:
+                    bar.note("profiling layers")
+                    self.guide()
+                    started = time.perf_counter()
+                    remaining -= self._optimize(min(remaining, self._waiting()), deadline, bar)
+                    self.phase_seconds["proposals"] = time.perf_counter() - started
+            started = time.perf_counter()
+            self._optimize(remaining, deadline, bar)
+            self.phase_seconds["refinement"] = time.perf_counter() - started
+            profile = guide.stored_profile(self.study)
+            if profile is not None:
+                model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
+                guide.record_model_error(self.study, model, self.reference_score)
+            if self.config.retime_front and self.finished_trials() > before:
+                bar.note("re-timing the front")
+                started = time.perf_counter()
+                self.retime_front()
+                self.phase_seconds["retime"] = time.perf_counter() - started
         except KeyboardInterrupt:
             interrupted = True
         finally:
             bar.close()
         total = self.finished_trials()
-        return SearchResult(self.study_name, self.storage_url, total - before, total, interrupted)
+        return SearchResult(self.study_name, self.storage_url, total - before, total, interrupted,
+                            dict(self.phase_seconds))
+
+    def retime_front(self) -> dict[str, Any]:
+        """Re-time every front member beside the fp32 model in one pass, so their ratios compare."""
+        from autoprec.results import pareto_front, trials_frame
+
+        front = pareto_front(trials_frame(self.study))
+        timings = {}
+        for number in front.trial.astype(int).tolist()[:MAX_RETIMED]:
+            trial = self.study.trials[number]
+            policy = policy_from_params(trial.params)
+            timing = self.evaluator.retime(policy)
+            if timing is not None:
+                timings[str(number)] = {"latency_ms": timing.ratio * self.evaluator.reference_latency_ms,
+                                        "ratio": timing.ratio, "spread": timing.ratio_spread}
+        record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "trials": timings}
+        self.study.set_user_attr(RETIMED_ATTR, record)
+        return record
 
     def finished_trials(self) -> int:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
@@ -209,11 +291,15 @@ class _ProgressBar:
 
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)
 
+    def note(self, text: str) -> None:
+        self.bar.set_description_str(text)
+
     def update(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         best = None
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if all(c <= 0 for c in t.constraints.values()) and (best is None or t.values[1] < best):
                 best = t.values[1]
+        self.bar.set_description_str("trials")
         state = trial.state.name.lower()
         self.bar.set_postfix_str(f"last #{trial.number} {state}, best feasible {best:.2f} ms" if best
                                  else f"last #{trial.number} {state}")

@@ -54,6 +54,12 @@ def test_search_creates_study_with_eight_trials_and_prints_front(searched):
     assert len(finished) == 8
     origins = [t.user_attrs.get("origin") for t in study.trials[:4]]
     assert origins == ["uniform fp32", "uniform fp16", "uniform bf16", "uniform int8"]
+    # the guided search profiles the layers after the uniform trials and measures knapsack proposals
+    profile = study.user_attrs["autoprec_profile"]
+    assert set(profile["layers"]) == {"0", "2", "4"}
+    assert all(set(v) == {"fp32", "fp16", "bf16", "int8"} for v in profile["layers"].values())
+    assert any(str(t.user_attrs.get("origin", "")).startswith("knapsack") for t in study.trials[4:])
+    assert "autoprec_retimed" in study.user_attrs
 
 
 def test_front_lists_only_feasible_non_dominated_trials(searched):
@@ -107,10 +113,12 @@ def test_load_study_shows_metric_names_and_every_policy(searched):
     assert "reference" in study.user_attrs["autoprec"]
 
 
-def test_studies_lists_the_study(searched):
+def test_studies_and_profile_commands(searched):
     _, url, _ = searched
     out = autoprec_cli("studies", "--storage", url).stdout
     assert "tiny_mlp" in out
+    out = autoprec_cli("profile", "--storage", url, "--study", "tiny_mlp").stdout
+    assert "int8 drop / ms" in out and "cost model" in out
 
 
 def test_resume_adds_trials_and_refuses_a_changed_space(searched):

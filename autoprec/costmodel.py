@@ -1,0 +1,147 @@
+"""An additive cost model over the sensitivity profile, and the exact proposals it yields.
+
+For a policy with default dtype D and layer formats d_l:
+    drop(policy)    = rest_drop[D] + sum_l scale[d_l] * profile_drop(l, d_l)
+    latency(policy) = rest_latency[D] + sum_l layer_latency(l, d_l | D)
+    memory(policy)  = rest_memory[D] + sum_l layer_memory(l, d_l)
+`rest_*[D]` and the int8 drop scale are calibrated on the measured uniform policies (all-D, all-int8),
+so the model reproduces them exactly; its error on every other measured trial is reported.
+
+Proposals solve a multiple-choice knapsack exactly (dynamic programming over a discretised drop
+budget): the fastest policy whose predicted drop fits each budget, for each default dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from autoprec.profile import Profile
+
+BUDGET_FRACTIONS = (0.8, 0.5, 0.3, 0.15, 0.05)
+_BINS = 1000
+
+
+@dataclass
+class CostModel:
+    profile: Profile
+    choices: dict[str, tuple[str, ...]]
+    rest_latency: dict[str, float] = field(default_factory=dict)
+    rest_memory: dict[str, float] = field(default_factory=dict)
+    rest_drop: dict[str, float] = field(default_factory=dict)
+    drop_scale: dict[str, float] = field(default_factory=lambda: {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0})
+
+    def layer_drop(self, name: str, fmt: str) -> float:
+        return self.drop_scale.get(fmt, 1.0) * self.profile.layers[name][fmt]["drop"]
+
+    def predict(self, default: str, layers: dict[str, str]) -> dict[str, float] | None:
+        if default not in self.rest_latency:
+            return None
+        lat = self.profile.latency_by_default[default]
+        return {
+            "drop": self.rest_drop[default] + sum(self.layer_drop(n, f) for n, f in layers.items()),
+            "latency_ms": self.rest_latency[default] + sum(lat[n][f] for n, f in layers.items()),
+            "memory_bytes": self.rest_memory[default] + sum(self.profile.layers[n][f]["memory_bytes"]
+                                                            for n, f in layers.items()),
+        }
+
+    def calibrate(self, uniform: dict[str, tuple[str, dict[str, str], dict[str, float]]]) -> None:
+        """Fit the rest-of-model terms from measured uniform policies.
+
+        `uniform[fmt] = (default, layers, {"drop", "latency_ms", "memory_bytes"})`.
+        """
+        if "int8" in uniform:
+            default, layers, measured = uniform["int8"]
+            profiled = sum(self.profile.layers[n][f]["drop"] for n, f in layers.items() if f == "int8")
+            if profiled > 0 and measured["drop"] > 0 and default == "fp32":
+                self.drop_scale["int8"] = measured["drop"] / profiled
+        for fmt, (default, layers, measured) in uniform.items():
+            if fmt == "int8" or fmt != default:
+                continue
+            lat = self.profile.latency_by_default.get(default)
+            if lat is None:
+                continue
+            self.rest_latency[default] = measured["latency_ms"] - sum(lat[n][f] for n, f in layers.items())
+            self.rest_memory[default] = measured["memory_bytes"] - sum(
+                self.profile.layers[n][f]["memory_bytes"] for n, f in layers.items())
+            self.rest_drop[default] = max(0.0, measured["drop"] - sum(self.layer_drop(n, f) for n, f in layers.items()))
+
+    def error(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
+        """Median relative error of predicted latency and memory, and of drop in absolute terms."""
+        lat, mem, drop = [], [], []
+        for default, layers, m in measured:
+            p = self.predict(default, layers)
+            if p is None:
+                continue
+            lat.append(abs(p["latency_ms"] - m["latency_ms"]) / m["latency_ms"])
+            mem.append(abs(p["memory_bytes"] - m["memory_bytes"]) / m["memory_bytes"])
+            drop.append(abs(p["drop"] - m["drop"]))
+        if not lat:
+            return {"trials": 0}
+        return {"trials": len(lat), "latency_rel_median": statistics.median(lat), "latency_rel_max": max(lat),
+                "memory_rel_median": statistics.median(mem), "drop_abs_median": statistics.median(drop)}
+
+    def fastest_within(self, default: str, budget: float, objective: str = "latency_ms") -> dict[str, str] | None:
+        """The policy minimising predicted `objective` with predicted drop <= budget (exact up to the
+        drop discretisation, which rounds drops up, so the budget is never exceeded)."""
+        if default not in self.rest_latency:
+            return None
+        budget -= self.rest_drop[default]
+        if budget < 0:
+            return None
+        names = list(self.choices)
+        unit = budget / _BINS if budget > 0 else 1.0
+        inf = math.inf
+        best = np.full(_BINS + 1, inf)
+        best[0] = 0.0
+        picks = np.zeros((len(names), _BINS + 1), dtype=np.int16)
+        for i, name in enumerate(names):
+            new = np.full(_BINS + 1, inf)
+            for j, fmt in enumerate(self.choices[name]):
+                drop = self.layer_drop(name, fmt)
+                if not math.isfinite(drop):
+                    continue
+                weight = 0 if drop <= 0 else (math.ceil(drop / unit) if budget > 0 else _BINS + 1)
+                if weight > _BINS:
+                    continue
+                if objective == "latency_ms":
+                    cost = self.profile.latency_by_default[default][name][fmt]
+                else:
+                    cost = self.profile.layers[name][fmt]["memory_bytes"]
+                shifted = np.full(_BINS + 1, inf)
+                shifted[weight:] = best[:_BINS + 1 - weight] + cost
+                better = shifted < new
+                new[better] = shifted[better]
+                picks[i][better] = j
+            best = new
+        end = int(np.argmin(best))
+        if not math.isfinite(best[end]):
+            return None
+        layers: dict[str, str] = {}
+        for i in range(len(names) - 1, -1, -1):
+            name = names[i]
+            fmt = self.choices[name][picks[i][end]]
+            layers[name] = fmt
+            drop = self.layer_drop(name, fmt)
+            end -= 0 if drop <= 0 else math.ceil(drop / unit)
+        return dict(reversed(list(layers.items())))
+
+    def proposals(self, max_drop: float, defaults: tuple[str, ...]) -> list[tuple[str, dict[str, str], str]]:
+        """(default, layers, why) for a range of drop budgets under max_drop, deduplicated."""
+        seen, out = set(), []
+        for default in defaults:
+            for fraction in BUDGET_FRACTIONS:
+                for objective in ("latency_ms", "memory_bytes") if fraction == BUDGET_FRACTIONS[0] else ("latency_ms",):
+                    layers = self.fastest_within(default, fraction * max_drop, objective)
+                    if layers is None:
+                        continue
+                    key = (default, tuple(sorted(layers.items())))
+                    if key not in seen:
+                        seen.add(key)
+                        word = "fastest" if objective == "latency_ms" else "smallest"
+                        out.append((default, layers, f"knapsack {word}, drop <= {fraction:g} x max_drop"))
+        return out

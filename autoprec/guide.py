@@ -1,0 +1,67 @@
+"""The guided part of a search: sensitivity profile in the store, cost model, knapsack proposals.
+
+Kept on the study as user attributes so resumed runs and other workers reuse them:
+- "autoprec_profile": the Profile (see profile.py)
+- "autoprec_proposals": the proposals enqueued, with their predictions
+- "autoprec_costmodel": the calibration and the model's error on measured trials
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from autoprec.costmodel import CostModel
+from autoprec.profile import PROFILE_ATTR, Profile
+
+PROPOSALS_ATTR = "autoprec_proposals"
+COSTMODEL_ATTR = "autoprec_costmodel"
+LAYER_PARAM = "layer:"
+DEFAULT_PARAM = "default"
+
+
+def stored_profile(study: optuna.Study) -> Profile | None:
+    data = study.user_attrs.get(PROFILE_ATTR)
+    return Profile.from_json(data) if isinstance(data, dict) else None
+
+
+def _measured(study: optuna.Study, reference_score: float) -> list[tuple[str, str, dict[str, str], dict[str, float]]]:
+    """(origin, default, layers, {drop, latency_ms, memory_bytes}) of every complete trial."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        policy = t.user_attrs.get("policy") or {}
+        out.append((t.user_attrs.get("origin", "sampler"), policy.get("default", "fp32"), policy.get("layers", {}),
+                    {"drop": reference_score - t.values[0], "latency_ms": t.values[1], "memory_bytes": t.values[2]}))
+    return out
+
+
+def calibrated_model(study: optuna.Study, profile: Profile, choices: dict[str, tuple[str, ...]],
+                     reference_score: float) -> CostModel:
+    model = CostModel(profile, choices)
+    measured = _measured(study, reference_score)
+    uniform = {origin.split()[1]: (default, layers, m) for origin, default, layers, m in measured
+               if origin.startswith("uniform ")}
+    model.calibrate(uniform)
+    return model
+
+
+def record_model_error(study: optuna.Study, model: CostModel, reference_score: float) -> dict[str, Any]:
+    others = [(d, layers, m) for origin, d, layers, m in _measured(study, reference_score)
+              if not origin.startswith("uniform ")]
+    summary = {"error": model.error(others), "rest_latency_ms": model.rest_latency,
+               "rest_memory_bytes": model.rest_memory, "rest_drop": model.rest_drop, "drop_scale": model.drop_scale}
+    study.set_user_attr(COSTMODEL_ATTR, summary)
+    return summary
+
+
+def enqueue_proposals(study: optuna.Study, model: CostModel, max_drop: float, defaults: tuple[str, ...]) -> int:
+    proposals = model.proposals(max_drop, defaults)
+    record = []
+    for default, layers, why in proposals:
+        params = {DEFAULT_PARAM: default, **{LAYER_PARAM + n: f for n, f in layers.items()}}
+        predicted = model.predict(default, layers)
+        study.enqueue_trial(params, user_attrs={"origin": why, "predicted": predicted}, skip_if_exists=True)
+        record.append({"default": default, "why": why, "predicted": predicted})
+    study.set_user_attr(PROPOSALS_ATTR, record)
+    return len(record)

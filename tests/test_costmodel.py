@@ -1,0 +1,79 @@
+"""The additive cost model and its exact knapsack proposals."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from autoprec.costmodel import CostModel
+from autoprec.profile import Profile
+
+
+def _random_model(seed: int, layers: int = 6) -> CostModel:
+    rng = random.Random(seed)
+    fmts = ("fp32", "bf16", "int8")
+    profile = Profile()
+    lat: dict[str, dict[str, float]] = {}
+    for i in range(layers):
+        name = f"l{i}"
+        base = rng.uniform(1, 10)
+        profile.layers[name] = {
+            "fp32": {"drop": 0.0, "memory_bytes": 4000.0},
+            "bf16": {"drop": rng.uniform(0, 1e-5), "memory_bytes": 2000.0},
+            "int8": {"drop": 10 ** rng.uniform(-5, -2), "memory_bytes": 1100.0},
+        }
+        lat[name] = {"fp32": base, "bf16": base * rng.uniform(0.4, 0.7), "int8": base * rng.uniform(0.3, 0.6)}
+    profile.latency_by_default = {"fp32": lat}
+    model = CostModel(profile, {f"l{i}": fmts for i in range(layers)})
+    model.rest_latency = {"fp32": 5.0}
+    model.rest_memory = {"fp32": 100.0}
+    model.rest_drop = {"fp32": 0.0}
+    return model
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_knapsack_matches_brute_force(seed):
+    model = _random_model(seed)
+    names = list(model.choices)
+    for budget in (1e-4, 1e-3, 5e-3, 2e-2):
+        got = model.fastest_within("fp32", budget)
+        assert got is not None
+        got_pred = model.predict("fp32", got)
+        assert got_pred["drop"] <= budget + 1e-15
+        best = min(
+            (model.predict("fp32", dict(zip(names, combo)))["latency_ms"]
+             for combo in itertools.product(*model.choices.values())
+             if model.predict("fp32", dict(zip(names, combo)))["drop"] <= budget),
+        )
+        # the drop is discretised (rounded up) into 1000 bins, so the optimum may be missed only
+        # by a policy within 0.1% of the budget; allow that much slack in latency
+        assert got_pred["latency_ms"] <= best * 1.02
+
+
+def test_calibration_reproduces_uniform_measurements():
+    model = _random_model(0)
+    layers_fp32 = {n: "fp32" for n in model.choices}
+    layers_int8 = {n: "int8" for n in model.choices}
+    profiled_int8 = sum(model.profile.layers[n]["int8"]["drop"] for n in model.choices)
+    uniform = {
+        "fp32": ("fp32", layers_fp32, {"drop": 0.0, "latency_ms": 80.0, "memory_bytes": 30000.0}),
+        "int8": ("fp32", layers_int8, {"drop": 2 * profiled_int8, "latency_ms": 40.0, "memory_bytes": 9000.0}),
+    }
+    model.calibrate(uniform)
+    assert model.drop_scale["int8"] == pytest.approx(2.0)
+    pred = model.predict("fp32", layers_fp32)
+    assert pred["latency_ms"] == pytest.approx(80.0)
+    assert pred["memory_bytes"] == pytest.approx(30000.0)
+    assert model.predict("fp32", layers_int8)["drop"] == pytest.approx(2 * profiled_int8)
+
+
+def test_proposals_respect_budgets_and_are_distinct():
+    model = _random_model(3)
+    proposals = model.proposals(max_drop=1e-3, defaults=("fp32",))
+    assert proposals
+    keys = [tuple(sorted(layers.items())) for _, layers, _ in proposals]
+    assert len(keys) == len(set(keys))
+    for default, layers, _ in proposals:
+        assert model.predict(default, layers)["drop"] <= 0.8 * 1e-3 + 1e-15
