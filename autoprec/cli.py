@@ -42,10 +42,21 @@ def cmd_search(args: argparse.Namespace) -> None:
                           seed=args.seed, threads=args.threads, progress=not args.no_progress,
                           strategy=args.strategy, retime_front=not args.no_retime)
     search = Search(config)
+    if args.join:  # a worker started by --workers: run a share of that run's trials, print nothing
+        result = search.run(None, config.timeout, run_id=args.join)
+        if result.interrupted:
+            raise KeyboardInterrupt
+        return
     print(f"study {search.study_name!r} in {search.storage_url} ({search.finished_trials()} trials so far); "
           f"{len(search.choices)} searchable layers on {search.device}; fp32 score "
           f"{search.reference_score:.6f}, max drop {search.max_drop}")
-    result = search.run(config.trials, config.timeout)
+    if args.workers > 1 or args.devices:
+        from autoprec.workers import run_workers
+
+        devices = args.devices.split(",") if args.devices else None
+        result = run_workers(search, len(devices) if devices and args.workers == 1 else args.workers, devices)
+    else:
+        result = search.run(config.trials, config.timeout)
     if result.interrupted:
         print(f"stopped: {result.trials_run} trials run this time are kept in the store; "
               "run the same command to resume", file=sys.stderr)
@@ -194,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guided: sensitivity profile + knapsack proposals, then TPE (default)")
     p.add_argument("--no-retime", action="store_true", dest="no_retime",
                    help="skip re-timing the front beside fp32 at the end")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local worker processes sharing the study (needs a server database, e.g. PostgreSQL)")
+    p.add_argument("--devices", default=None, help="comma-separated devices, one worker each (cuda:0,cuda:1)")
+    p.add_argument("--join", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", dest="no_progress")
     commands["search"] = cmd_search
 

@@ -7,8 +7,10 @@ kept but infeasible. A candidate that cannot run is a FAIL trial with its `failu
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from autoprec.policy import Policy, model_fingerprint
 from autoprec.precision import DTYPES, module_storage_bytes
 from autoprec.profile import build_profile
 from autoprec.space import SearchSpace, load_space
+from autoprec.ledger import Ledger, worker_name
 from autoprec.store import STUDY_ATTR, open_storage, storage_url, study_info, study_names
 from autoprec.timing import TimingSettings
 from autoprec.userspec import ModelSpec, load_spec
@@ -37,6 +40,7 @@ DEFAULT_PARAM = "default"
 RETIMED_ATTR = "autoprec_retimed"
 MAX_RETIMED = 12
 STRATEGIES = ("guided", "tpe", "nsga2", "random")
+CLAIM_STALE_S = float(os.environ.get("AUTOPREC_CLAIM_STALE_S", "900"))
 
 
 class CandidateFailed(Exception):
@@ -116,12 +120,13 @@ class Search:
         self.config = config
         if config.strategy not in STRATEGIES:
             raise AutoprecError(f"--strategy {config.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if config.max_drop is not None and not config.max_drop >= 0:
+            raise AutoprecError(f"--max-drop {config.max_drop}: must be a number >= 0 (an absolute score drop)")
         self.phase_seconds: dict[str, float] = {}
+        self._last_origin = "sampler"
         self.spec: ModelSpec = load_spec(config.model)
         self.space = load_space(config.space)
         self.device = resolve_device(config.device)
-        if config.max_drop is not None and not config.max_drop >= 0:
-            raise AutoprecError(f"--max-drop {config.max_drop}: must be a number >= 0 (an absolute score drop)")
         model = self.spec.new_model()
         self.fingerprint = model_fingerprint(model)
         self.choices = self.space.choices(model, self.device)
@@ -131,21 +136,48 @@ class Search:
         self.study_name = config.study or default_study_name(config.model)
         self.storage_url = storage_url(config.storage)
         self.storage = open_storage(self.storage_url)
-        existing = self.study_name in study_names(self.storage)
-        info = None
-        if existing:
-            info = study_info(optuna.load_study(study_name=self.study_name, storage=self.storage))
-            _check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name)
-        self.evaluator = Evaluator(self.spec, self.device, threads=config.threads, timing=config.timing,
-                                   reference_latency_ms=info["reference"]["latency_ms"] if info else None)
-        # Created only once the reference has been measured: a broken spec leaves no study behind.
-        self.study = optuna.create_study(study_name=self.study_name, storage=self.storage,
-                                         directions=list(DIRECTIONS), sampler=self._sampler(), load_if_exists=True)
+        self.ledger: Ledger = self.storage.ledger
+        self.evaluator: Evaluator | None = None
+        info = self._ready_info()
         if info is None:
-            info = self._initialise_study()
+            info = self._create_or_wait()
+        if self.evaluator is None:
+            _check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name)
+            self.evaluator = Evaluator(self.spec, self.device, threads=config.threads, timing=config.timing,
+                                       reference_latency_ms=info["reference"]["latency_ms"])
+        self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
         self.info = info
         self.max_drop = float(info["max_drop"])
         self.reference_score = float(info["reference"]["score"])
+
+    def _ready_info(self) -> dict[str, Any] | None:
+        if self.study_name not in study_names(self.storage):
+            return None
+        study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+        return study_info(study) if STUDY_ATTR in study.user_attrs else None
+
+    def _create_or_wait(self) -> dict[str, Any]:
+        """The first worker measures the fp32 reference and creates the study; the others wait for it."""
+        while True:
+            if self.ledger.claim(self.study_name, "reference", stale_s=CLAIM_STALE_S):
+                try:
+                    self.evaluator = Evaluator(self.spec, self.device, threads=self.config.threads,
+                                               timing=self.config.timing)
+                    # Created only once the reference is measured: a broken spec leaves no study behind.
+                    study = optuna.create_study(study_name=self.study_name, storage=self.storage,
+                                                directions=list(DIRECTIONS), load_if_exists=True)
+                    info = self._initialise_study(study)
+                except BaseException:
+                    self.ledger.drop_claim(self.study_name, "reference")
+                    raise
+                self.ledger.finish_claim(self.study_name, "reference")
+                return info
+            waited = time.monotonic()
+            while time.monotonic() - waited < CLAIM_STALE_S:
+                info = self._ready_info()
+                if info is not None:
+                    return info
+                time.sleep(1.0)
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         seed = self.config.seed
@@ -155,7 +187,7 @@ class Search:
             return optuna.samplers.RandomSampler(seed=seed)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8, constant_liar=True)
 
-    def _initialise_study(self) -> dict[str, Any]:
+    def _initialise_study(self, study: optuna.Study) -> dict[str, Any]:
         model = self.evaluator.model
         info = {
             "version": 1,
@@ -173,15 +205,18 @@ class Search:
             "layers": list(self.choices),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        self.study.set_metric_names(list(OBJECTIVES))
-        self.study.set_user_attr(STUDY_ATTR, info)
+        study.set_metric_names(list(OBJECTIVES))
         for fmt in DTYPES:
             params = uniform_policy_params(self.choices, self.space, fmt)
             if params is not None:
-                self.study.enqueue_trial(params, user_attrs={"origin": f"uniform {fmt}"}, skip_if_exists=True)
+                study.enqueue_trial(params, user_attrs={"origin": f"uniform {fmt}"}, skip_if_exists=True)
+        study.set_user_attr(STUDY_ATTR, info)  # last: its presence means the study is ready
         return info
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        trial.set_user_attr("run_id", self.run_id)
+        trial.set_user_attr("worker", worker_name())
+        self._last_origin = str(trial.user_attrs.get("origin", "sampler")).split()[0]
         params = {DEFAULT_PARAM: trial.suggest_categorical(DEFAULT_PARAM, list(self.space.default_dtypes))}
         for name, options in self.choices.items():
             params[LAYER_PARAM + name] = trial.suggest_categorical(LAYER_PARAM + name, list(options))
@@ -198,70 +233,90 @@ class Search:
         trial.set_constraint("score_drop", drop - self.max_drop)
         return measurement.score, measurement.latency_ms, float(measurement.memory_bytes)
 
-    def _optimize(self, trials: int, deadline: float | None, bar: "_ProgressBar") -> int:
-        """Run up to `trials` trials (WAITING ones first) before `deadline`; returns how many ran."""
-        if trials <= 0 or (deadline is not None and time.monotonic() >= deadline):
-            return 0
-        before = self.finished_trials()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        self.study.optimize(self.objective, n_trials=trials, timeout=timeout, catch=(CandidateFailed,),
-                            callbacks=[bar.update], gc_after_trial=True)
-        return self.finished_trials() - before
+    def _trials(self, *states: optuna.trial.TrialState) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states)
 
-    def _waiting(self) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    def _ready_to_guide(self) -> bool:
+        if self.config.strategy != "guided" or guide.PROPOSALS_ATTR in self.study.user_attrs:
+            return False
+        if self._trials(optuna.trial.TrialState.WAITING):
+            return False
+        running = self._trials(optuna.trial.TrialState.RUNNING)
+        return not any(str(t.user_attrs.get("origin", "")).startswith("uniform") for t in running)
 
     def guide(self) -> int:
         """Profile (once per study), calibrate the cost model on the uniform trials, enqueue proposals."""
-        started = time.perf_counter()
-        profile = guide.stored_profile(self.study)
-        if profile is None:
-            profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example, self.choices,
-                                    self.space.default_dtypes, self.device)
-            profile.reference_latency_ms = self.evaluator.reference_latency_ms
-            self.study.set_user_attr(guide.PROFILE_ATTR, profile.to_json())
-        self.phase_seconds["profile"] = time.perf_counter() - started
-        model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
-        return guide.enqueue_proposals(self.study, model, self.max_drop, self.space.default_dtypes)
+        if not self.ledger.claim(self.study_name, "profile", stale_s=CLAIM_STALE_S):
+            return 0  # another worker is on it; this one keeps sampling meanwhile
+        try:
+            started = time.perf_counter()
+            profile = guide.stored_profile(self.study)
+            if profile is None:
+                profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example, self.choices,
+                                        self.space.default_dtypes, self.device)
+                profile.reference_latency_ms = self.evaluator.reference_latency_ms
+                self.study.set_user_attr(guide.PROFILE_ATTR, profile.to_json())
+            self.phase_seconds["profile"] = time.perf_counter() - started
+            model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
+            count = guide.enqueue_proposals(self.study, model, self.max_drop, self.space.default_dtypes)
+        except BaseException:
+            self.ledger.drop_claim(self.study_name, "profile")
+            raise
+        self.ledger.finish_claim(self.study_name, "profile")
+        return count
 
-    def run(self, trials: int, timeout: float | None = None) -> SearchResult:
+    def run(self, trials: int | None, timeout: float | None = None, run_id: str | None = None,
+            on_trial: Callable[[], None] | None = None) -> SearchResult:
+        """Run this invocation's trials: `trials` new ones, or with `run_id` a share of that run's."""
         optuna.storages.fail_stale_trials(self.study)
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.run_id = run_id or self.ledger.new_run(self.study_name, int(trials or 0))
         before = self.finished_trials()
-        bar = _ProgressBar(trials, self.study, self.config.progress)
+        bar = _ProgressBar(trials or 0, self.study, self.config.progress and run_id is None)
         interrupted = False
         try:
-            remaining = trials
-            guided = self.config.strategy == "guided" and guide.PROPOSALS_ATTR not in self.study.user_attrs
-            if guided:
-                started = time.perf_counter()
-                remaining -= self._optimize(min(remaining, self._waiting()), deadline, bar)
-                self.phase_seconds["uniform"] = time.perf_counter() - started
-                if remaining > 0 and self._waiting() == 0:
+            while True:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.ledger.close_run(self.run_id)
+                    break
+                if self._ready_to_guide():
                     bar.note("profiling layers")
                     self.guide()
-                    started = time.perf_counter()
-                    remaining -= self._optimize(min(remaining, self._waiting()), deadline, bar)
-                    self.phase_seconds["proposals"] = time.perf_counter() - started
-            started = time.perf_counter()
-            self._optimize(remaining, deadline, bar)
-            self.phase_seconds["refinement"] = time.perf_counter() - started
-            profile = guide.stored_profile(self.study)
-            if profile is not None:
-                model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
-                guide.record_model_error(self.study, model, self.reference_score)
-            if self.config.retime_front and self.finished_trials() > before:
-                bar.note("re-timing the front")
+                if not self.ledger.reserve(self.run_id):
+                    if any(t.user_attrs.get("run_id") == self.run_id
+                           for t in self._trials(optuna.trial.TrialState.RUNNING)):
+                        time.sleep(1.0)  # a sibling's trial: it finishes, or goes stale and comes back
+                        optuna.storages.fail_stale_trials(self.study)
+                        continue
+                    break
                 started = time.perf_counter()
-                self.retime_front()
-                self.phase_seconds["retime"] = time.perf_counter() - started
+                self.study.optimize(self.objective, n_trials=1, catch=(CandidateFailed,), callbacks=[bar.update],
+                                    gc_after_trial=True)
+                self.phase_seconds[self._last_origin] = (self.phase_seconds.get(self._last_origin, 0.0)
+                                                         + time.perf_counter() - started)
+                if on_trial:
+                    on_trial()
+            if run_id is None:
+                self.finish()
         except KeyboardInterrupt:
             interrupted = True
+            self.ledger.close_run(self.run_id)
         finally:
             bar.close()
         total = self.finished_trials()
         return SearchResult(self.study_name, self.storage_url, total - before, total, interrupted,
                             dict(self.phase_seconds))
+
+    def finish(self) -> None:
+        """After the trials: record the cost model's error, re-time the front beside fp32."""
+        profile = guide.stored_profile(self.study)
+        if profile is not None:
+            model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
+            guide.record_model_error(self.study, model, self.reference_score)
+        if self.config.retime_front:
+            started = time.perf_counter()
+            self.retime_front()
+            self.phase_seconds["retime"] = time.perf_counter() - started
 
     def retime_front(self) -> dict[str, Any]:
         """Re-time every front member beside the fp32 model in one pass, so their ratios compare."""
@@ -269,10 +324,9 @@ class Search:
 
         front = pareto_front(trials_frame(self.study))
         timings = {}
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         for number in front.trial.astype(int).tolist()[:MAX_RETIMED]:
-            trial = self.study.trials[number]
-            policy = policy_from_params(trial.params)
-            timing = self.evaluator.retime(policy)
+            timing = self.evaluator.retime(policy_from_params(by_number[number].params))
             if timing is not None:
                 timings[str(number)] = {"latency_ms": timing.ratio * self.evaluator.reference_latency_ms,
                                         "ratio": timing.ratio, "spread": timing.ratio_spread}
@@ -281,8 +335,8 @@ class Search:
         return record
 
     def finished_trials(self) -> int:
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
-        return len(self.study.get_trials(deepcopy=False, states=states))
+        return len(self._trials(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                optuna.trial.TrialState.PRUNED))
 
 
 class _ProgressBar:

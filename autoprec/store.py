@@ -17,6 +17,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from autoprec.errors import StoreError
+from autoprec.ledger import Ledger
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -36,20 +37,50 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True, "pool_recycle": 300}
 
 
+class RetryAndRelease:
+    """Heartbeat-stale trial: fail it, enqueue its retry, and give its run's reservation back."""
+
+    def __init__(self) -> None:
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+        self.ledger: Ledger | None = None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)
+        run_id = trial.user_attrs.get("run_id")
+        if self.ledger is not None and run_id:
+            self.ledger.release(run_id)
+
+
 def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorage:
-    """Open (creating its tables if needed) the store; one line of error when it cannot be reached."""
+    """Open (creating its tables if needed) the store; one line of error when it cannot be reached.
+
+    With `heartbeat`, running trials beat every HEARTBEAT_S seconds and a trial silent for GRACE_S is
+    failed and retried; the storage's `ledger` attribute is autoprec's Ledger on the same database.
+    """
     url = storage_url(url)
+    callback = RetryAndRelease() if heartbeat else None
     try:
-        return RDBStorage(
+        storage = RDBStorage(
             url,
             engine_kwargs=_engine_kwargs(url),
             heartbeat_interval=HEARTBEAT_S if heartbeat else None,
             grace_period=GRACE_S if heartbeat else None,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat else None,
+            heartbeat_stale_trial_callback=callback,
         )
-    except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use this store"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if url.startswith("sqlite"):
+            with storage.engine.connect() as conn:  # WAL: readers never block the writer
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        ledger = Ledger(storage.engine)
+    except StoreError:
+        raise
+    except Exception as exc:  # SQLAlchemy and drivers raise many kinds; all mean "cannot use this store"
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise StoreError(f"cannot open the study store {url!r}: {first}; check --storage / AUTOPREC_STORAGE") from None
+    if callback is not None:
+        callback.ledger = ledger
+    storage.ledger = ledger  # type: ignore[attr-defined]
+    return storage
 
 
 def study_names(storage: RDBStorage) -> list[str]:

@@ -1,0 +1,106 @@
+"""Several workers on one study in PostgreSQL, and the faults they must survive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from test_search_cli import SPECS, TINY, autoprec_cli
+
+PG_URL = os.environ.get("AUTOPREC_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(not PG_URL, reason="AUTOPREC_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+FAST_HEARTBEAT = {"AUTOPREC_HEARTBEAT_S": "1", "AUTOPREC_GRACE_S": "3"}
+
+
+def _front_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                and all(c <= 0 for c in t.constraints.values())]
+
+    def dominates(a, b):
+        return (a.values[0] >= b.values[0] and a.values[1] <= b.values[1] and a.values[2] <= b.values[2]
+                and a.values != b.values)
+
+    return {t.number for t in feasible if not any(dominates(o, t) for o in feasible)}
+
+
+@needs_postgres
+@pytest.mark.postgres
+def test_three_workers_share_a_24_trial_study():
+    study_name = f"workers-{uuid.uuid4().hex[:8]}"
+    autoprec_cli("search", str(TINY), "--storage", PG_URL, "--study", study_name, "--workers", "3",
+                 "--trials", "24", "--no-progress", "--no-retime", "--strategy", "tpe")
+    study = optuna.load_study(study_name=study_name, storage=PG_URL)
+    trials = study.trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 24
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["worker"] for t in complete}) == 3, "every worker ran some trials"
+    import json
+    out = autoprec_cli("front", "--storage", PG_URL, "--study", study_name, "--format", "json").stdout
+    assert {row["trial"] for row in json.loads(out)} == _front_numbers(trials)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@needs_postgres
+@pytest.mark.postgres
+def test_a_worker_killed_mid_trial_is_retried_and_nothing_is_lost(tmp_path):
+    study_name = f"kill-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, **FAST_HEARTBEAT, "SLOW_MLP_LOG": str(tmp_path / "calls.log"), "SLOW_MLP_SLEEP": "1.0"}
+    launcher = subprocess.Popen([sys.executable, "-m", "autoprec", "search", str(SPECS / "slow_mlp.py"),
+                                 "--storage", PG_URL, "--study", study_name, "--workers", "3", "--trials", "9",
+                                 "--no-progress", "--no-retime", "--strategy", "tpe"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = killed_trial = None
+    deadline = time.time() + 240
+    while time.time() < deadline and victim is None:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=study_name, storage=PG_URL)
+        except KeyError:
+            continue
+        children = set(_children(launcher.pid))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker", "")
+            pid = int(worker.rsplit(":", 1)[1]) if ":" in worker else None
+            if pid in children and len([c for c in study.trials if c.state.is_finished()]) >= 2:
+                victim, killed_trial = pid, t.number
+                break
+    assert victim is not None, "no worker was caught mid-trial"
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, stderr
+    study = optuna.load_study(study_name=study_name, storage=PG_URL)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed_trial].state == optuna.trial.TrialState.FAIL
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 9
+    assert all(t.values is not None and len(t.values) == 3 for t in complete)
+    assert any(t.system_attrs.get("failed_trial") == killed_trial for t in complete), "the killed trial was retried"
+
+
+def test_several_workers_on_sqlite_are_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    proc = autoprec_cli("search", str(TINY), "--storage", url, "--workers", "2", "--trials", "2", check=False)
+    assert proc.returncode == 2
+    assert "postgresql" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_store_is_one_line():
+    proc = autoprec_cli("search", str(TINY), "--storage", "postgresql://nobody@127.0.0.1:1/none", "--trials", "1",
+                        check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot open the study store" in lines[0]
