@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
-from autoprec.policy import Policy
+from autoprec.finetune import TrainingDiverged, fine_tune
+from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
 from autoprec.timing import (
     PairedTiming,
@@ -56,6 +57,7 @@ class Measurement:
     memory_bytes: int | None = None
     peak_bytes: int | None = None
     methods: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] | None = None  # FineTuneResult of a training-mode trial
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,10 +178,11 @@ class Evaluator:
         except (AutoprecError, RuntimeError, torch.OutOfMemoryError):
             return None
 
-    def measure(self, policy: Policy) -> Measurement:
+    def measure(self, policy: Policy, training: TrainingSettings | None = None, seed: int = 0) -> Measurement:
+        """Measure `policy`; with `training`, after fine-tuning a fresh copy of the fp32 model under it."""
         try:
-            return self._measure(policy)
-        except NonFinite as exc:
+            return self._measure(policy, training, seed)
+        except (NonFinite, TrainingDiverged) as exc:
             return Measurement.failed(str(exc))
         except KeyboardInterrupt:
             raise
@@ -190,8 +193,14 @@ class Evaluator:
                 traceback.print_exc()
             return Measurement.failed(_failure_reason(exc))
 
-    def _measure(self, policy: Policy) -> Measurement:
-        model = self.candidate(policy)
+    def _measure(self, policy: Policy, training: TrainingSettings | None, seed: int) -> Measurement:
+        tuned = None
+        if training is not None:
+            model = copy.deepcopy(self.model)
+            tuned = fine_tune(self.spec, model, policy, training, self.device, seed)
+            model = apply_formats(model, policy.layers, policy.default, self.device)
+        else:
+            model = self.candidate(policy)
         with torch.inference_mode():
             out = call_model(model, self.example)
             probe = first_float_tensor(out) if self.spec.output is None else self.spec.compared_tensor(out)
@@ -204,7 +213,9 @@ class Evaluator:
             timing = paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing)
             peak = self._peak(model) if self.measure_peak else None
         memory = module_storage_bytes(model)
-        return self._result(score, timing, memory, peak)
+        result = self._result(score, timing, memory, peak)
+        result.training = tuned.to_json() if tuned is not None else None
+        return result
 
     def _peak(self, model: nn.Module) -> int:
         forward = self._forward(model)

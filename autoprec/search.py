@@ -21,7 +21,7 @@ import torch
 from autoprec import guide
 from autoprec.errors import AutoprecError, StoreError
 from autoprec.evaluate import Evaluator, environment, resolve_device
-from autoprec.policy import Policy, model_fingerprint
+from autoprec.policy import Policy, TrainingSettings, model_fingerprint
 from autoprec.precision import DTYPES, module_storage_bytes
 from autoprec.profile import build_profile
 from autoprec.space import SearchSpace, load_space
@@ -91,9 +91,16 @@ def uniform_policy_params(choices: dict[str, tuple[str, ...]], space: SearchSpac
     return params
 
 
-def policy_from_params(params: dict[str, Any]) -> Policy:
+def policy_from_params(params: dict[str, Any], space: SearchSpace | None = None) -> Policy:
+    """The policy of a trial's params; with a training space, its training section too."""
     layers = {k[len(LAYER_PARAM):]: v for k, v in params.items() if k.startswith(LAYER_PARAM)}
-    return Policy(layers=layers, default=params.get(DEFAULT_PARAM, "fp32"))
+    training = None
+    if space is not None and "learning_rate" in params:
+        training = TrainingSettings(loss_scale=float(params["loss_scale"]),
+                                    dynamic_loss_scale=bool(params["dynamic_loss_scale"]),
+                                    learning_rate=float(params["learning_rate"]),
+                                    steps=int(space.training["steps"]), optimizer=space.training["optimizer"])
+    return Policy(layers=layers, default=params.get(DEFAULT_PARAM, "fp32"), training=training)
 
 
 def _check_resume(info: dict[str, Any], fingerprint: str, space: SearchSpace, device: torch.device,
@@ -133,6 +140,14 @@ class Search:
         if not self.choices:
             raise AutoprecError(f"{self.spec.path}: no searchable layer under space {self.space.name!r} "
                                 f"({self.space.source}); check its 'layers' and 'rules'")
+        self.trains = self.space.trains
+        if self.trains and not self.spec.can_train:
+            raise AutoprecError(f"{self.spec.path}: space {self.space.name!r} enables training, but model.py lacks "
+                                "train_batches() and loss(outputs, targets); define both, or use a space without "
+                                "'training'")
+        if self.trains and self.spec.evaluate is None:
+            raise AutoprecError(f"{self.spec.path}: evaluate(model, device) is missing; training mode needs a task "
+                                "score (fidelity to the un-tuned model is no score after fine-tuning)")
         self.study_name = config.study or default_study_name(config.model)
         self.storage_url = storage_url(config.storage)
         self.storage = open_storage(self.storage_url)
@@ -203,6 +218,7 @@ class Search:
                           "latency_ms": self.evaluator.reference_latency_ms,
                           "memory_bytes": module_storage_bytes(model)},
             "layers": list(self.choices),
+            "training": self.trains,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         study.set_metric_names(list(OBJECTIVES))
@@ -220,10 +236,16 @@ class Search:
         params = {DEFAULT_PARAM: trial.suggest_categorical(DEFAULT_PARAM, list(self.space.default_dtypes))}
         for name, options in self.choices.items():
             params[LAYER_PARAM + name] = trial.suggest_categorical(LAYER_PARAM + name, list(options))
-        policy = policy_from_params(params)
+        if self.trains:
+            knobs = self.space.training
+            lr = knobs["learning_rate"]
+            params["learning_rate"] = trial.suggest_float("learning_rate", lr["low"], lr["high"], log=lr["log"])
+            params["loss_scale"] = trial.suggest_categorical("loss_scale", knobs["loss_scale"])
+            params["dynamic_loss_scale"] = trial.suggest_categorical("dynamic_loss_scale", knobs["dynamic_loss_scale"])
+        policy = policy_from_params(params, self.space)
         trial.set_user_attr("policy", policy.to_json())
         trial.set_user_attr("counts", policy.counts() | {"default": policy.default})
-        measurement = self.evaluator.measure(policy)
+        measurement = self.evaluator.measure(policy, policy.training, seed=self.config.seed)
         trial.set_user_attr("measurement", measurement.to_json())
         if not measurement.feasible:
             trial.set_user_attr("failure_reason", measurement.reason)

@@ -112,6 +112,44 @@ def _patterns(value: Any, where: str, field_name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _training(raw: Any, where: str) -> dict[str, Any]:
+    """The training knobs with their defaults filled in, or {} when training is not configured."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - _TRAINING_FIELDS:
+        raise SpaceError(f"{where}: field 'training' takes {', '.join(sorted(_TRAINING_FIELDS))}")
+    out = {"enabled": raw.get("enabled", True), "steps": raw.get("steps", 20),
+           "optimizer": raw.get("optimizer", "adamw"),
+           "learning_rate": raw.get("learning_rate", {"low": 1e-5, "high": 1e-2, "log": True}),
+           "loss_scale": raw.get("loss_scale", [1.0, 1024.0, 65536.0]),
+           "dynamic_loss_scale": raw.get("dynamic_loss_scale", [True, False])}
+    if not isinstance(out["enabled"], bool):
+        raise SpaceError(f"{where}: field 'training.enabled' must be true or false")
+    if not isinstance(out["steps"], int) or isinstance(out["steps"], bool) or out["steps"] < 1:
+        raise SpaceError(f"{where}: field 'training.steps' must be a positive integer")
+    if out["optimizer"] not in ("adamw", "sgd"):
+        raise SpaceError(f"{where}: field 'training.optimizer' is {out['optimizer']!r}; use adamw or sgd")
+    lr = out["learning_rate"]
+    if _positive(lr):
+        out["learning_rate"] = {"low": float(lr), "high": float(lr), "log": True}
+    elif not (isinstance(lr, dict) and set(lr) <= {"low", "high", "log"} and _positive(lr.get("low"))
+              and _positive(lr.get("high")) and lr["low"] <= lr["high"]):
+        raise SpaceError(f"{where}: field 'training.learning_rate' must be a number or {{low, high, log}} "
+                         "with 0 < low <= high")
+    scales = out["loss_scale"]
+    if not isinstance(scales, list) or not scales or not all(_positive(v) for v in scales):
+        raise SpaceError(f"{where}: field 'training.loss_scale' must be a list of positive numbers")
+    out["loss_scale"] = [float(v) for v in scales]
+    dyn = out["dynamic_loss_scale"]
+    if not isinstance(dyn, list) or not dyn or not all(isinstance(v, bool) for v in dyn):
+        raise SpaceError(f"{where}: field 'training.dynamic_loss_scale' must be a list of true/false")
+    return out
+
+
 def space_from_dict(data: Any, where: str) -> SearchSpace:
     if not isinstance(data, dict):
         raise SpaceError(f"{where}: a search space is a YAML mapping, not {type(data).__name__}")
@@ -138,9 +176,7 @@ def space_from_dict(data: Any, where: str) -> SearchSpace:
                 or set(raw) - {"match", "class", "dtypes"}:
             raise SpaceError(f"{where}: rules[{i}] must have 'dtypes' and 'match' (name pattern) or 'class'")
         rules.append(Rule(_dtypes(raw["dtypes"], where, f"rules[{i}].dtypes"), raw.get("match"), raw.get("class")))
-    training = data.get("training") or {}
-    if not isinstance(training, dict) or set(training) - _TRAINING_FIELDS:
-        raise SpaceError(f"{where}: field 'training' takes {', '.join(sorted(_TRAINING_FIELDS))}")
+    training = _training(data.get("training"), where)
     name = data.get("name", Path(where).stem)
     if not isinstance(name, str) or not name:
         raise SpaceError(f"{where}: field 'name' must be a non-empty string")

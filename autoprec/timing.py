@@ -21,6 +21,9 @@ Forward = Callable[[], object]
 
 
 def default_threads() -> int:
+    """AUTOPREC_THREADS, else every core this process may run on."""
+    if os.environ.get("AUTOPREC_THREADS", "").isdigit() and int(os.environ["AUTOPREC_THREADS"]) > 0:
+        return int(os.environ["AUTOPREC_THREADS"])
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

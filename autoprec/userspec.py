@@ -34,6 +34,11 @@ _OPTIONAL = {
 }
 
 
+def one_line(message: str) -> str:
+    """A message on one line: exception texts quoted into errors may span several."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def move_inputs(inputs: Inputs, device: torch.device | str, dtype: torch.dtype | None = None) -> Inputs:
     """Move every tensor of an input structure to `device` (floating ones to `dtype` when given)."""
     if isinstance(inputs, torch.Tensor):
@@ -103,7 +108,7 @@ class ModelSpec:
 
     def error(self, name: str, problem: str, fix: str | None = None) -> SpecError:
         fix = fix or _REQUIRED.get(name) or _OPTIONAL.get(name, "")
-        return SpecError(f"{self.path}: {name}: {problem}; {fix}")
+        return SpecError(one_line(f"{self.path}: {name}: {problem}; {fix}"))
 
     def new_model(self) -> nn.Module:
         try:
@@ -198,8 +203,8 @@ def load_spec(path: str | Path) -> ModelSpec:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise SpecError(f"{path}: importing it raised {type(exc).__name__}: {exc}; fix the import "
-                        "(is every package it needs installed?)") from None
+        raise SpecError(one_line(f"{path}: importing it raised {type(exc).__name__}: {exc}; fix the import "
+                                 "(is every package it needs installed?)")) from None
     finally:
         if sys.path and sys.path[0] == folder:
             sys.path.pop(0)

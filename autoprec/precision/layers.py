@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -10,11 +11,9 @@ SEARCHABLE_CLASSES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv
 
 
 def _transformers_conv1d() -> type[nn.Module] | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional for the core
-        return None
-    return Conv1D
+    # Looked up, never imported: a model holding a Conv1D has already imported its module, and
+    # importing transformers here would cost seconds (and pull in torchao) for every other model.
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def is_searchable(module: nn.Module) -> bool:
