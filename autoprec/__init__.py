@@ -5,6 +5,7 @@
 
 from autoprec.errors import AutoprecError, PolicyError, SpecError, UnsupportedFormat
 from autoprec.policy import Policy, TrainingSettings, apply_policy, load_policy, model_fingerprint
+from autoprec.training import make_optimizer, make_scaler, prepare_training, training_context
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,9 @@ __all__ = [
     "UnsupportedFormat",
     "apply_policy",
     "load_policy",
+    "make_optimizer",
+    "make_scaler",
     "model_fingerprint",
+    "prepare_training",
+    "training_context",
 ]

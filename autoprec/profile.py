@@ -127,13 +127,10 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
             profile.layers[name][fmt]["memory_bytes"] = module_storage_bytes(converted)
             for default in defaults:
                 outside = FLOAT_DTYPES[default]
-                if fmt == default:
-                    converted_here, inside = converted, outside
-                else:
-                    converted_here, inside = converted, io_dtype
+                inside = outside if fmt == default else io_dtype  # cast only where the dtype changes
                 a, k = _cast_floats(args, outside), _cast_floats(kwargs, outside)
 
-                def forward(m=converted_here, a=a, k=k, inside=inside, outside=outside):
+                def forward(m=converted, a=a, k=k, inside=inside, outside=outside):
                     return _cast_floats(m(*_cast_floats(a, inside), **_cast_floats(k, inside)), outside)
                 with torch.inference_mode():
                     ms, _ = solo_latency_ms(forward, device, rounds=5, min_round_s=0.01, warmup_calls=1)
