@@ -19,6 +19,7 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
     """One row per trial: number, state, objectives, drop, feasibility, dtype counts, reason."""
     info = study_info(study)
     ref = info["reference"]
+    retimed = (study.user_attrs.get("autoprec_retimed") or {}).get("trials", {})
     rows = []
     for t in study.get_trials(deepcopy=False):
         measurement = t.user_attrs.get("measurement") or {}
@@ -38,6 +39,7 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
         }
         if row["latency_ms"] is not None:
             row["latency_ratio"] = row["latency_ms"] / ref["latency_ms"]
+        row["retimed_ratio"] = retimed.get(str(t.number), {}).get("ratio")
         if row["memory_bytes"] is not None:
             row["memory_ratio"] = row["memory_bytes"] / ref["memory_bytes"]
         if flatten_layers:
