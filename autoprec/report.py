@@ -17,10 +17,12 @@ Needs matplotlib (the report) and pyarrow (parquet): ``pip install autoprec[repo
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,22 +101,33 @@ def _matplotlib():
     return matplotlib, Figure
 
 
+_STYLE = {"font.size": 9, "font.family": "sans-serif",
+          "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica", "sans-serif"],
+          "svg.fonttype": "none"}  # text stays <text>: searchable, small, drawn with the browser's fonts
+
+
+def _styled(plot: Callable[..., str]) -> Callable[..., str]:
+    """Run a plotting function under the report's matplotlib style, leaving the caller's rcParams alone."""
+    @functools.wraps(plot)
+    def wrapper(*args: Any, **kwargs: Any) -> str:
+        matplotlib, _ = _matplotlib()
+        with matplotlib.rc_context(_STYLE):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
 def _svg(fig) -> str:
-    """The figure as inline SVG, text kept as <text> (searchable, small); no XML prologue."""
-    matplotlib, _ = _matplotlib()
+    """The figure as inline SVG without the XML prologue."""
     buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(buffer, format="svg", bbox_inches="tight")
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buffer.getvalue()
     start = text.find("<svg")
     return text[start:] if start >= 0 else text
 
 
 def _new_figure(width: float, height: float):
-    matplotlib, Figure = _matplotlib()
-    with matplotlib.rc_context({"font.size": 9, "font.family": "sans-serif",
-                                "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica", "sans-serif"]}):
-        return Figure(figsize=(width, height), layout="constrained")
+    _, Figure = _matplotlib()
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _memory_unit(values: list[float]) -> tuple[float, str]:
@@ -138,6 +151,7 @@ def _uniform_dtype(origin: Any) -> str | None:
     return None
 
 
+@_styled
 def front_plot(frame: pd.DataFrame, front: pd.DataFrame, info: dict[str, Any]) -> str:
     """Two panels sharing the y axis: score drop against latency, and against memory."""
     ref = info["reference"]
@@ -202,6 +216,7 @@ def front_plot(frame: pd.DataFrame, front: pd.DataFrame, info: dict[str, Any]) -
     return _svg(fig)
 
 
+@_styled
 def policy_map(front: pd.DataFrame, layers: list[str]) -> str:
     """Layers (rows) x front members (columns, fastest first), each cell coloured by its format."""
     from matplotlib.colors import ListedColormap
@@ -262,6 +277,7 @@ def _profile_matrix(profile: dict[str, Any]) -> tuple[list[str], list[str], list
     return names, dtypes, drops, latency
 
 
+@_styled
 def profile_plot(profile: dict[str, Any]) -> str:
     """Heat map of the score drop per layer x format (log colour), beside each layer's latency."""
     from matplotlib.colors import LogNorm
@@ -300,7 +316,9 @@ def profile_plot(profile: dict[str, Any]) -> str:
     ax_lat.set_xlabel("latency of the layer in that format (ms)")
     ax_lat.set_title("layer latency", fontsize=9)
     ax_lat.grid(True, axis="x", alpha=0.3)
-    ax_lat.legend(fontsize=8, loc="lower right")
+    handles, labels = ax_lat.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower right", ncol=len(dtypes), fontsize=8, frameon=False,
+               title="layer latency in", title_fontsize=8)
     return _svg(fig)
 
 
@@ -450,10 +468,11 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
     drop_note = f" (filtered to drop &le; {max_drop:g})" if max_drop is not None else ""
 
     cards = [("trials", n), ("complete", states.get("COMPLETE", 0)), ("failed", states.get("FAIL", 0)),
-             ("infeasible", infeasible), ("on the front", len(front)),
-             ("fp32 latency", f"{ref['latency_ms']:.3f} ms"),
-             ("fastest on front", f"{best:.3f} ms ({best / ref['latency_ms']:.2f}x)" if best else "-"),
-             ("fp32 memory", _bytes(ref["memory_bytes"]))]
+             ("infeasible", infeasible), ("on the front", len(front))]
+    cards += [(state.lower(), states[state]) for state in ("RUNNING", "WAITING", "PRUNED") if states.get(state)]
+    cards += [("fp32 latency", f"{ref['latency_ms']:.3f} ms"),
+              ("fastest on front", f"{best:.3f} ms ({best / ref['latency_ms']:.2f}x)" if best else "-"),
+              ("fp32 memory", _bytes(ref["memory_bytes"]))]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
