@@ -31,11 +31,10 @@ import pandas as pd
 
 from autoprec.errors import AutoprecError
 from autoprec.precision import DTYPES
-from autoprec.results import pareto_front, trials_frame
+from autoprec.profile import PROFILE_ATTR
+from autoprec.results import RETIMED_ATTR, pareto_front, trials_frame
 from autoprec.store import study_info
 
-PROFILE_ATTR = "autoprec_profile"  # written by the guided search (autoprec.profile)
-RETIMED_ATTR = "autoprec_retimed"  # the front re-timed together at the end of a search run
 TRIAL_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
 DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00"}

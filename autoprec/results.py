@@ -12,6 +12,7 @@ from autoprec.policy import Policy, policy_from_json
 from autoprec.precision import DTYPES
 from autoprec.store import study_info
 
+RETIMED_ATTR = "autoprec_retimed"  # written by Search.retime_front
 PICKS = {"fastest": ("latency_ms", True), "smallest": ("memory_bytes", True), "best-score": ("score", False)}
 
 
@@ -19,7 +20,7 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
     """One row per trial: number, state, objectives, drop, feasibility, dtype counts, reason."""
     info = study_info(study)
     ref = info["reference"]
-    retimed = (study.user_attrs.get("autoprec_retimed") or {}).get("trials", {})
+    retimed = (study.user_attrs.get(RETIMED_ATTR) or {}).get("trials", {})
     rows = []
     for t in study.get_trials(deepcopy=False):
         measurement = t.user_attrs.get("measurement") or {}

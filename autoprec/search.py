@@ -24,6 +24,7 @@ from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, TrainingSettings, model_fingerprint
 from autoprec.precision import DTYPES, module_storage_bytes
 from autoprec.profile import build_profile
+from autoprec.results import RETIMED_ATTR
 from autoprec.space import SearchSpace, load_space
 from autoprec.ledger import Ledger, worker_name
 from autoprec.store import STUDY_ATTR, open_storage, storage_url, study_info, study_names
@@ -37,7 +38,6 @@ DIRECTIONS = ("maximize", "minimize", "minimize")
 DEFAULT_MAX_DROP = 0.01
 LAYER_PARAM = "layer:"
 DEFAULT_PARAM = "default"
-RETIMED_ATTR = "autoprec_retimed"
 MAX_RETIMED = 12
 STRATEGIES = ("guided", "tpe", "nsga2", "random")
 CLAIM_STALE_S = float(os.environ.get("AUTOPREC_CLAIM_STALE_S", "900"))
@@ -243,6 +243,13 @@ class Search:
             params["loss_scale"] = trial.suggest_categorical("loss_scale", knobs["loss_scale"])
             params["dynamic_loss_scale"] = trial.suggest_categorical("dynamic_loss_scale", knobs["dynamic_loss_scale"])
         policy = policy_from_params(params, self.space)
+        twin = self._measured_twin(trial.number, params)
+        if twin is not None:  # samplers re-propose policies; measuring one twice buys nothing
+            for key in ("policy", "counts", "measurement", "score_drop"):
+                trial.set_user_attr(key, twin.user_attrs.get(key))
+            trial.set_user_attr("duplicate_of", twin.number)
+            trial.set_constraint("score_drop", twin.user_attrs["score_drop"] - self.max_drop)
+            return tuple(twin.values)
         trial.set_user_attr("policy", policy.to_json())
         trial.set_user_attr("counts", policy.counts() | {"default": policy.default})
         measurement = self.evaluator.measure(policy, policy.training, seed=self.config.seed)
@@ -254,6 +261,14 @@ class Search:
         trial.set_user_attr("score_drop", drop)
         trial.set_constraint("score_drop", drop - self.max_drop)
         return measurement.score, measurement.latency_ms, float(measurement.memory_bytes)
+
+    def _measured_twin(self, number: int, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+        if self.trains:  # a fine-tuned trial's score depends on its training knobs' exact values too
+            return None
+        for t in self._trials(optuna.trial.TrialState.COMPLETE):
+            if t.number != number and t.params == params and "score_drop" in t.user_attrs:
+                return t
+        return None
 
     def _trials(self, *states: optuna.trial.TrialState) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states)
