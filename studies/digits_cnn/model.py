@@ -103,3 +103,17 @@ def example_inputs() -> torch.Tensor:
 def evaluate(model: nn.Module, device: torch.device) -> float:
     """Accuracy on the 450 held-out test digits."""
     return accuracy(model, device)
+
+
+# Training mode (with a space that has a `training:` section, e.g. studies/digits_cnn/train_space.yaml):
+# each trial fine-tunes the pre-trained network on the training split under its candidate policy.
+TRAIN_BATCH = 256  # large enough that bf16 autocast steps are faster than fp32 on the CPU
+
+
+def train_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    data = digits()
+    return list(batches(data["x_train"], data["y_train"], batch_size=TRAIN_BATCH, seed=SEED + 100))
+
+
+def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs.float(), targets)
