@@ -34,13 +34,18 @@ def cmd_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from autoprec.search import Search, SearchConfig
     from autoprec.results import pareto_front, trials_frame
+    from autoprec.search import Search, SearchConfig
+    from autoprec.store import storage_url
 
     config = SearchConfig(model=args.model, trials=args.trials, timeout=args.timeout, storage=args.storage,
                           study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
                           seed=args.seed, threads=args.threads, progress=not args.no_progress,
                           strategy=args.strategy, retime_front=not args.no_retime)
+    if args.workers > 1 and storage_url(args.storage).startswith("sqlite"):
+        raise AutoprecError(f"--workers {args.workers} with SQLite ({storage_url(args.storage)}): SQLite lets one "
+                            "process write at a time, so several workers may fail with 'database is locked'; use "
+                            "--storage postgresql://USER@HOST/DB for several workers")
     search = Search(config)
     if args.join:  # a worker started by --workers: run a share of that run's trials, print nothing
         result = search.run(None, config.timeout, run_id=args.join)

@@ -7,6 +7,7 @@ kept but infeasible. A candidate that cannot run is a FAIL trial with its `failu
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 import warnings
@@ -27,7 +28,7 @@ from autoprec.profile import build_profile
 from autoprec.results import RETIMED_ATTR
 from autoprec.space import SearchSpace, load_space
 from autoprec.ledger import Ledger, worker_name
-from autoprec.store import STUDY_ATTR, open_storage, storage_url, study_info, study_names
+from autoprec.store import GRACE_S, STUDY_ATTR, open_storage, storage_url, study_info, study_names
 from autoprec.timing import TimingSettings
 from autoprec.userspec import ModelSpec, load_spec
 
@@ -230,6 +231,8 @@ class Search:
         return info
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        # Beat before anything else: a trial with no heartbeat row never counts as stale.
+        self.storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("run_id", self.run_id)
         trial.set_user_attr("worker", worker_name())
         self._last_origin = str(trial.user_attrs.get("origin", "sampler")).split()[0]
@@ -320,15 +323,12 @@ class Search:
                     bar.note("profiling layers")
                     self.guide()
                 if not self.ledger.reserve(self.run_id):
-                    if any(t.user_attrs.get("run_id") == self.run_id
-                           for t in self._trials(optuna.trial.TrialState.RUNNING)):
-                        time.sleep(1.0)  # a sibling's trial: it finishes, or goes stale and comes back
-                        optuna.storages.fail_stale_trials(self.study)
+                    if self._wait_for_siblings():
                         continue
                     break
                 started = time.perf_counter()
                 self.study.optimize(self.objective, n_trials=1, catch=(CandidateFailed,), callbacks=[bar.update],
-                                    gc_after_trial=True)
+                                    gc_after_trial=False)
                 self.phase_seconds[self._last_origin] = (self.phase_seconds.get(self._last_origin, 0.0)
                                                          + time.perf_counter() - started)
                 if on_trial:
@@ -343,6 +343,35 @@ class Search:
         total = self.finished_trials()
         return SearchResult(self.study_name, self.storage_url, total - before, total, interrupted,
                             dict(self.phase_seconds))
+
+    def _wait_for_siblings(self) -> bool:
+        """True while another worker of this run has a trial RUNNING (it finishes, or goes stale and
+        comes back as a retry this worker can take); False when the run is done."""
+        running = [t for t in self._trials(optuna.trial.TrialState.RUNNING)
+                   if t.user_attrs.get("run_id") in (self.run_id, None)]
+        if not running:
+            return False
+        time.sleep(1.0)
+        optuna.storages.fail_stale_trials(self.study)
+        # A worker killed before its first heartbeat leaves a trial Optuna never sees as stale.
+        limit = datetime.datetime.now() - datetime.timedelta(seconds=2 * GRACE_S + 5)
+        for t in running:
+            if t.datetime_start and t.datetime_start < limit and self._never_beat(t):
+                try:
+                    self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                except Exception:  # another worker failed it first
+                    continue
+                self.storage.heartbeat_stale_trial_callback(self.study, self.study.trials[t.number])
+        return True
+
+    def _never_beat(self, trial: optuna.trial.FrozenTrial) -> bool:
+        from optuna.storages._rdb import models
+
+        session = self.storage.scoped_session()
+        try:
+            return models.TrialHeartbeatModel.where_trial_id(trial._trial_id, session) is None
+        finally:
+            session.close()
 
     def finish(self) -> None:
         """After the trials: record the cost model's error, re-time the front beside fp32."""

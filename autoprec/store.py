@@ -9,6 +9,7 @@ What autoprec keeps, all as JSON so optuna-dashboard shows it:
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Any
@@ -45,7 +46,12 @@ class RetryAndRelease:
         self.ledger: Ledger | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.retry(study, trial)
+        # The retry is a fresh attempt: it must not inherit the dead attempt's constraint (Optuna
+        # would then ignore the retry's own) nor its measurement.
+        fresh = copy.deepcopy(trial)
+        fresh.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("constraints")}
+        fresh.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "origin"}
+        self.retry(study, fresh)
         run_id = trial.user_attrs.get("run_id")
         if self.ledger is not None and run_id:
             self.ledger.release(run_id)

@@ -42,7 +42,7 @@ def run_workers(search: Search, workers: int, devices: list[str] | None = None) 
         raise AutoprecError(f"--workers {workers}: must be at least 1")
     if search.storage_url.startswith("sqlite") and workers > 1:
         raise AutoprecError(f"--workers {workers} with SQLite ({search.storage_url}): SQLite lets one process "
-                            "write at a time, so several workers would fail with 'database is locked'; use "
+                            "write at a time, so several workers may fail with 'database is locked'; use "
                             "--storage postgresql://USER@HOST/DB for several workers")
     threads = config.threads
     if threads is None and search.device.type == "cpu":
