@@ -8,11 +8,13 @@ the per-round ratios is stable to a few percent where whole-model medians drift 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +98,22 @@ def solo_latency_ms(forward: Forward, device: torch.device, rounds: int = 15,
     return statistics.median(per_call), max(per_call) / min(per_call)
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a moment: the profiler's C++ side (kineto) prints start/stop
+    and GPU-probe lines there that a user should not read as errors."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_activation_peak_bytes(forward: Forward) -> int:
     """Peak bytes of tensors allocated during one CPU forward and alive at the same time.
 
@@ -106,8 +124,7 @@ def cpu_activation_peak_bytes(forward: Forward) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         forward()
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
                     if e.self_cpu_memory_usage)
