@@ -144,4 +144,5 @@ class CostModel:
                         seen.add(key)
                         word = "fastest" if objective == "latency_ms" else "smallest"
                         out.append((default, layers, f"knapsack {word}, drop <= {fraction:g} x max_drop"))
-        return out
+        # fastest predicted first, whatever its default dtype: a short budget measures the best bets
+        return sorted(out, key=lambda p: self.predict(p[0], p[1])["latency_ms"])

@@ -322,6 +322,8 @@ class Search:
                 if self._ready_to_guide():
                     bar.note("profiling layers")
                     self.guide()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        continue  # the profile used up the time: close the run at the top
                 if not self.ledger.reserve(self.run_id):
                     if self._wait_for_siblings():
                         continue

@@ -1,0 +1,221 @@
+"""How repeatable is one `Evaluator.measure(policy)` on this noisy machine, and is memory_bytes right?
+
+`autoprec.evaluate.Evaluator(spec, "cpu")` on MiniLM measures three policies -- fp32 = Policy(),
+all-bf16 = Policy(default="bf16", every searchable layer bf16), all-int8 = Policy(every searchable
+layer int8) -- `--repeats` times each, interleaved (for repeat: for policy), and prints each
+policy's latency_ms values and their spread (max/min; target <= 1.03), the seconds one measurement
+costs, and memory_bytes beside the size of the same applied model's state_dict serialized with
+torch.save into io.BytesIO (target: within 2%).
+
+With --sweep ROUNDS:MIN_ROUND_S,... the same repeats are run for each TimingSettings in turn on
+the same Evaluator (same fp32 reference latency), to find a setting that meets the target and
+what it costs.
+
+    .venv/bin/python benchmarks/measurement_stability.py [--repeats 5] [--rounds 9 --min-round-s 0.05]
+    .venv/bin/python benchmarks/measurement_stability.py --sweep 9:0.05,21:0.05,41:0.05 [--threads 1]
+
+Besides autoprec's estimator (median of per-round candidate/reference ratios), the same raw round
+times (recorded by wrapping autoprec.timing.time_calls, which changes nothing) are also summarised
+as ratio of medians, ratio of minimums, and median of per-round ratios of process CPU time, to show
+which estimator is steadiest on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import _common as C
+
+C.quiet()
+
+import torch  # noqa: E402
+
+import autoprec.evaluate as E  # noqa: E402
+import autoprec.timing as T  # noqa: E402
+from autoprec import Policy  # noqa: E402
+from autoprec.timing import TimingSettings  # noqa: E402
+
+SPREAD_TARGET = 1.03
+MEMORY_TARGET = 0.02
+
+_timing_seconds: list[float] = []
+_raw_pairs: list[list[tuple[float, float]]] = []  # per paired_latency call: (candidate s, reference s) per round
+_cpu_pairs: list[list[tuple[float, float]]] = []  # the same rounds in process CPU seconds
+_calls: list[float] = []
+_cpu_calls: list[float] = []
+_paired = T.paired_latency
+_time_calls = T.time_calls
+
+
+def _recording_time_calls(*args, **kwargs):
+    cpu = time.process_time()
+    seconds = _time_calls(*args, **kwargs)
+    _cpu_calls.append(time.process_time() - cpu)
+    _calls.append(seconds)
+    return seconds
+
+
+def _timed_paired_latency(*args, **kwargs):
+    """autoprec's own paired_latency, unchanged; its wall time and raw round times are recorded."""
+    _calls.clear()
+    _cpu_calls.clear()
+    start = time.perf_counter()
+    try:
+        result = _paired(*args, **kwargs)
+    finally:
+        _timing_seconds.append(time.perf_counter() - start)
+    _raw_pairs.append(C.split_rounds(_calls[2:]))  # the first two are the one-call probes
+    _cpu_pairs.append(C.split_rounds(_cpu_calls[2:]))
+    return result
+
+
+def _median_of_ratios(p):
+    return statistics.median(c / r for c, r in p)
+
+
+ESTIMATORS = {
+    "median of round ratios (autoprec)": lambda raw: _median_of_ratios(raw["wall"]),
+    "ratio of medians": lambda raw: (statistics.median(c for c, _ in raw["wall"])
+                                     / statistics.median(r for _, r in raw["wall"])),
+    "ratio of minimums": lambda raw: min(c for c, _ in raw["wall"]) / min(r for _, r in raw["wall"]),
+    "median of round ratios of process CPU time": lambda raw: _median_of_ratios(raw["cpu"]),
+}
+
+
+T.time_calls = _recording_time_calls
+E.paired_latency = _timed_paired_latency
+
+
+def parse_sweep(text: str) -> list[TimingSettings]:
+    out = []
+    for item in text.split(","):
+        rounds, _, min_s = item.partition(":")
+        out.append(TimingSettings(rounds=int(rounds), min_round_s=float(min_s or 0.05)))
+    return out
+
+
+def run_setting(ev: E.Evaluator, policies: dict[str, Policy], settings: TimingSettings, repeats: int):
+    ev.timing = settings
+    results = {name: [] for name in policies}
+    for _ in range(repeats):
+        for name, policy in policies.items():
+            start = time.perf_counter()
+            _timing_seconds.clear()
+            _raw_pairs.clear()
+            _cpu_pairs.clear()
+            m = ev.measure(policy)
+            if not m.feasible:
+                raise SystemExit(f"{name}: infeasible: {m.reason}")
+            assert len(_raw_pairs) == 1 and len(_raw_pairs[0]) == settings.rounds, "round times not captured"
+            assert abs(_median_of_ratios(_raw_pairs[0]) - m.latency_ratio) < 1e-9
+            results[name].append((m, time.perf_counter() - start, sum(_timing_seconds),
+                                  {"wall": _raw_pairs[0], "cpu": _cpu_pairs[0]}))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None, help="TimingSettings.rounds (default: autoprec's)")
+    parser.add_argument("--min-round-s", type=float, default=None, help="TimingSettings.min_round_s")
+    parser.add_argument("--sweep", default=None, help="ROUNDS:MIN_ROUND_S,... settings to try in turn")
+    parser.add_argument("--spec", default=str(C.MINILM), help="model.py to measure (default: MiniLM)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="Evaluator(threads=...) (default: autoprec's, all usable cores)")
+    parser.add_argument("--no-peak", action="store_true", help="Evaluator(measure_peak=False)")
+    args = parser.parse_args()
+
+    default = TimingSettings()
+    if args.sweep:
+        sweep = parse_sweep(args.sweep)
+    else:
+        sweep = [TimingSettings(rounds=args.rounds or default.rounds,
+                                min_round_s=args.min_round_s if args.min_round_s is not None else default.min_round_s)]
+
+    from autoprec.userspec import load_spec
+
+    spec = load_spec(args.spec)
+    start = time.perf_counter()
+    ev = E.Evaluator(spec, "cpu", threads=args.threads, timing=sweep[0], measure_peak=not args.no_peak)
+    setup_s = time.perf_counter() - start
+    searchable = C.searchable_names(ev.model)
+    policies = {
+        "fp32": Policy(),
+        "all-bf16": Policy(default="bf16", layers={n: "bf16" for n in searchable}),
+        "all-int8": Policy(layers={n: "int8" for n in searchable}),
+    }
+
+    print(f"## Measurement stability: Evaluator(spec, 'cpu').measure on {os.path.relpath(args.spec, C.REPO)}\n")
+    print(C.machine_header({
+        "threads": torch.get_num_threads(),
+        "Evaluator setup": f"{setup_s:.1f} s (fp32 reference latency {ev.reference_latency_ms:.1f} ms, "
+                           f"solo, {2 * sweep[0].rounds} rounds)",
+        "measure_peak": not args.no_peak,
+        "order": f"for repeat in {args.repeats}: for policy in {list(policies)}",
+    }))
+    print()
+
+    memory_rows = None
+    summary = []
+    for settings in sweep:
+        results = run_setting(ev, policies, settings, args.repeats)
+        rows = []
+        for name, runs in results.items():
+            ms = [m.latency_ms for m, *_ in runs]
+            spread = max(ms) / min(ms)
+            wall = statistics.median(w for _, w, *_ in runs)
+            timing_s = statistics.median(t for _, _, t, _ in runs)
+            inner = statistics.median(m.latency_spread for m, *_ in runs)
+            rows.append([name, " ".join(f"{x:.1f}" for x in ms), f"{statistics.median(ms):.1f}",
+                         f"**{spread:.3f}**", "ok" if spread <= SPREAD_TARGET else "MISSED",
+                         f"{runs[0][0].latency_runs}", f"{inner:.2f}", f"{timing_s:.1f}", f"{wall:.1f}"])
+            summary.append((settings, name, spread, timing_s, wall))
+        print(f"### TimingSettings(rounds={settings.rounds}, min_round_s={settings.min_round_s}, "
+              f"warmup_calls={settings.warmup_calls})\n")
+        print(C.table(["policy", f"latency_ms x {args.repeats}", "median", "spread max/min",
+                       f"<= {SPREAD_TARGET}", "candidate calls per measure", "within-measure round ratio max/min",
+                       "s in paired_latency", "s per measure (all)"], rows))
+        print()
+        est_rows = []
+        for est_name, est in ESTIMATORS.items():
+            cells = []
+            for name, runs in results.items():
+                values = [est(raw) for *_, raw in runs]
+                cells.append(f"{max(values) / min(values):.3f}")
+            est_rows.append([est_name, *cells])
+        print(f"Same raw round times, other estimators of the ratio: spread max/min over the {args.repeats} "
+              "repeats\n")
+        print(C.table(["estimator", *[f"{n} spread" for n in results]], est_rows))
+        print()
+        if memory_rows is None:
+            memory_rows = []
+            for name, runs in results.items():
+                mem = runs[0][0].memory_bytes
+                assert all(m.memory_bytes == mem for m, *_ in runs), f"{name}: memory_bytes varies"
+                ser = C.serialized_bytes(ev.candidate(policies[name]))
+                ratio = mem / ser
+                memory_rows.append([name, f"{mem:,}", f"{ser:,}", f"{ratio:.4f}",
+                                    "ok" if abs(ratio - 1) <= MEMORY_TARGET else "MISSED",
+                                    f"{runs[0][0].peak_bytes:,}" if runs[0][0].peak_bytes else "-"])
+
+    print("### memory_bytes vs serialized state_dict (torch.save into io.BytesIO)\n")
+    print(C.table(["policy", "memory_bytes", "serialized bytes", "ratio", f"within {MEMORY_TARGET:.0%}",
+                   "peak_bytes"], memory_rows))
+    if len(sweep) > 1:
+        print("\n### Sweep summary\n")
+        rows = []
+        for settings in sweep:
+            mine = [s for s in summary if s[0] == settings]
+            worst = max(s[2] for s in mine)
+            rows.append([f"rounds={settings.rounds}, min_round_s={settings.min_round_s}", f"{worst:.3f}",
+                         "ok" if worst <= SPREAD_TARGET else "MISSED",
+                         " / ".join(f"{s[3]:.1f}" for s in mine), " / ".join(f"{s[4]:.1f}" for s in mine)])
+        print(C.table(["TimingSettings", "worst spread", f"<= {SPREAD_TARGET}",
+                       "s in paired_latency (fp32 / bf16 / int8)", "s per measure (fp32 / bf16 / int8)"], rows))
+
+
+if __name__ == "__main__":
+    main()
