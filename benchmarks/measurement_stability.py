@@ -97,22 +97,29 @@ def parse_sweep(text: str) -> list[TimingSettings]:
     return out
 
 
-def run_setting(ev: E.Evaluator, policies: dict[str, Policy], settings: TimingSettings, repeats: int):
+def run_setting(ev: E.Evaluator, policies: dict[str, Policy], settings: TimingSettings, repeats: int,
+                threads: list[int]):
+    """for repeat: for thread count: for policy: measure. Keys are policy names, with the thread
+    count appended when several are compared."""
     ev.timing = settings
-    results = {name: [] for name in policies}
+    label = (lambda name, t: name) if len(threads) == 1 else (lambda name, t: f"{name} @ {t} thread(s)")
+    results = {label(name, t): [] for t in threads for name in policies}
     for _ in range(repeats):
-        for name, policy in policies.items():
-            start = time.perf_counter()
-            _timing_seconds.clear()
-            _raw_pairs.clear()
-            _cpu_pairs.clear()
-            m = ev.measure(policy)
-            if not m.feasible:
-                raise SystemExit(f"{name}: infeasible: {m.reason}")
-            assert len(_raw_pairs) == 1 and len(_raw_pairs[0]) == settings.rounds, "round times not captured"
-            assert abs(_median_of_ratios(_raw_pairs[0]) - m.latency_ratio) < 1e-9
-            results[name].append((m, time.perf_counter() - start, sum(_timing_seconds),
-                                  {"wall": _raw_pairs[0], "cpu": _cpu_pairs[0]}))
+        for t in threads:
+            torch.set_num_threads(t)
+            for name, policy in policies.items():
+                start = time.perf_counter()
+                _timing_seconds.clear()
+                _raw_pairs.clear()
+                _cpu_pairs.clear()
+                m = ev.measure(policy)
+                if not m.feasible:
+                    raise SystemExit(f"{name}: infeasible: {m.reason}")
+                assert len(_raw_pairs) == 1 and len(_raw_pairs[0]) == settings.rounds, "round times not captured"
+                assert abs(_median_of_ratios(_raw_pairs[0]) - m.latency_ratio) < 1e-9
+                results[label(name, t)].append((m, time.perf_counter() - start, sum(_timing_seconds),
+                                                {"wall": _raw_pairs[0], "cpu": _cpu_pairs[0]}, policy))
+    torch.set_num_threads(threads[0])
     return results
 
 
@@ -123,8 +130,9 @@ def main() -> None:
     parser.add_argument("--min-round-s", type=float, default=None, help="TimingSettings.min_round_s")
     parser.add_argument("--sweep", default=None, help="ROUNDS:MIN_ROUND_S,... settings to try in turn")
     parser.add_argument("--spec", default=str(C.MINILM), help="model.py to measure (default: MiniLM)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="Evaluator(threads=...) (default: autoprec's, all usable cores)")
+    parser.add_argument("--threads", default=None,
+                        help="Evaluator(threads=...) (default: autoprec's, all usable cores); a list such as "
+                             "1,2 measures every policy at each thread count in turn, side by side")
     parser.add_argument("--no-peak", action="store_true", help="Evaluator(measure_peak=False)")
     args = parser.parse_args()
 
@@ -139,7 +147,8 @@ def main() -> None:
 
     spec = load_spec(args.spec)
     start = time.perf_counter()
-    ev = E.Evaluator(spec, "cpu", threads=args.threads, timing=sweep[0], measure_peak=not args.no_peak)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [T.default_threads()]
+    ev = E.Evaluator(spec, "cpu", threads=threads[0], timing=sweep[0], measure_peak=not args.no_peak)
     setup_s = time.perf_counter() - start
     searchable = C.searchable_names(ev.model)
     policies = {
@@ -150,7 +159,8 @@ def main() -> None:
 
     print(f"## Measurement stability: Evaluator(spec, 'cpu').measure on {os.path.relpath(args.spec, C.REPO)}\n")
     print(C.machine_header({
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads() if len(threads) == 1 else
+        f"{threads} in turn (fp32 reference latency measured at {threads[0]})",
         "Evaluator setup": f"{setup_s:.1f} s (fp32 reference latency {ev.reference_latency_ms:.1f} ms, "
                            f"solo, {2 * sweep[0].rounds} rounds)",
         "measure_peak": not args.no_peak,
@@ -161,21 +171,23 @@ def main() -> None:
     memory_rows = None
     summary = []
     for settings in sweep:
-        results = run_setting(ev, policies, settings, args.repeats)
+        results = run_setting(ev, policies, settings, args.repeats, threads)
         rows = []
         for name, runs in results.items():
-            ms = [m.latency_ms for m, *_ in runs]
+            ms = [m.latency_ms if len(threads) == 1 else m.latency_ratio for m, *_ in runs]
             spread = max(ms) / min(ms)
             wall = statistics.median(w for _, w, *_ in runs)
-            timing_s = statistics.median(t for _, _, t, _ in runs)
+            timing_s = statistics.median(t for _, _, t, *_ in runs)
             inner = statistics.median(m.latency_spread for m, *_ in runs)
-            rows.append([name, " ".join(f"{x:.1f}" for x in ms), f"{statistics.median(ms):.1f}",
+            digits = 1 if len(threads) == 1 else 3
+            rows.append([name, " ".join(f"{x:.{digits}f}" for x in ms), f"{statistics.median(ms):.{digits}f}",
                          f"**{spread:.3f}**", "ok" if spread <= SPREAD_TARGET else "MISSED",
                          f"{runs[0][0].latency_runs}", f"{inner:.2f}", f"{timing_s:.1f}", f"{wall:.1f}"])
             summary.append((settings, name, spread, timing_s, wall))
         print(f"### TimingSettings(rounds={settings.rounds}, min_round_s={settings.min_round_s}, "
               f"warmup_calls={settings.warmup_calls})\n")
-        print(C.table(["policy", f"latency_ms x {args.repeats}", "median", "spread max/min",
+        values = "latency_ms" if len(threads) == 1 else "latency_ratio (vs fp32 at the same threads)"
+        print(C.table(["policy", f"{values} x {args.repeats}", "median", "spread max/min",
                        f"<= {SPREAD_TARGET}", "candidate calls per measure", "within-measure round ratio max/min",
                        "s in paired_latency", "s per measure (all)"], rows))
         print()
@@ -183,7 +195,7 @@ def main() -> None:
         for est_name, est in ESTIMATORS.items():
             cells = []
             for name, runs in results.items():
-                values = [est(raw) for *_, raw in runs]
+                values = [est(run[3]) for run in runs]
                 cells.append(f"{max(values) / min(values):.3f}")
             est_rows.append([est_name, *cells])
         print(f"Same raw round times, other estimators of the ratio: spread max/min over the {args.repeats} "
@@ -192,10 +204,15 @@ def main() -> None:
         print()
         if memory_rows is None:
             memory_rows = []
+            seen: set[int] = set()
             for name, runs in results.items():
+                if id(runs[0][4]) in seen:  # the same policy at another thread count
+                    continue
+                seen.add(id(runs[0][4]))
+                name = name.split(" @ ")[0]
                 mem = runs[0][0].memory_bytes
                 assert all(m.memory_bytes == mem for m, *_ in runs), f"{name}: memory_bytes varies"
-                ser = C.serialized_bytes(ev.candidate(policies[name]))
+                ser = C.serialized_bytes(ev.candidate(runs[0][4]))
                 ratio = mem / ser
                 memory_rows.append([name, f"{mem:,}", f"{ser:,}", f"{ratio:.4f}",
                                     "ok" if abs(ratio - 1) <= MEMORY_TARGET else "MISSED",
@@ -214,7 +231,8 @@ def main() -> None:
                          "ok" if worst <= SPREAD_TARGET else "MISSED",
                          " / ".join(f"{s[3]:.1f}" for s in mine), " / ".join(f"{s[4]:.1f}" for s in mine)])
         print(C.table(["TimingSettings", "worst spread", f"<= {SPREAD_TARGET}",
-                       "s in paired_latency (fp32 / bf16 / int8)", "s per measure (fp32 / bf16 / int8)"], rows))
+                       "s in paired_latency (per policy, table order)", "s per measure (per policy, table order)"],
+                      rows))
 
 
 if __name__ == "__main__":
