@@ -10,28 +10,32 @@ Two workloads:
 
 Variants: fp32, bf16 (for scale), torch.ao dynamic int8 with per-channel weight scales (exactly
 `autoprec.precision.int8._cpu_dynamic_int8`), the same with reduce_range=False (torch.ao's
-dynamic Linear quantizes activations to 7 bits; 8 bits is safe with VNNI), torchao `Int8DynamicActivationInt8WeightConfig`
-eager (exactly `autoprec.precision.int8._torchao_int8`), and for the block only, with --compile,
-torchao and fp32 under `torch.compile` (first-call time reported).
+dynamic Linear quantizes activations to 7 bits; 8 bits is safe with VNNI), torchao
+`Int8DynamicActivationInt8WeightConfig` eager (exactly `autoprec.precision.int8._torchao_int8`),
+and for the block only, unless --no-compile, torchao and fp32 under `torch.compile` (first-call
+time reported, from a fresh inductor cache unless --warm-cache).
 
 All variants of a workload are timed in one run: every round times each variant back to back with
 fp32 (AB / BA alternating), and the speed-up column is fp32 time / variant time, the median over
 the pairs; "pair spread" is max/min of those per-pair ratios (how noisy the machine was).
 
-    .venv/bin/python benchmarks/int8_paths.py [--rounds 21] [--model-rounds 9] [--no-compile]
+    .venv/bin/python benchmarks/int8_paths.py [--rounds 31] [--model-rounds 11] [--no-compile] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
+import shutil
 import sys
 import tempfile
 import time
 
 if "--warm-cache" not in sys.argv:  # first-call compile time from a cold inductor cache
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoprec-bench-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import _common as C
 
@@ -137,7 +141,7 @@ def block_section(model: nn.Module, example: dict, layer: int, rounds: int, min_
         spread = "-" if name == "fp32 eager" else f"{t['spread']:.3f}"
         rows.append([name, C.fmt_ms(t["ms"]), f"{1 / t['ratio']:.2f}x", spread,
                      f"{C.rel_error(outs[name], ref):.2e}", f"{1 - mean_cos:.1e}", first_call.get(name, "-")])
-    head = (f"### One MiniLM FFN block (encoder layer {layer} weights, its real input "
+    head = (f"#### One MiniLM FFN block (encoder layer {layer} weights, its real input "
             f"{tuple(x.shape)} -> Linear {fp32.up.out_features} -> GELU -> Linear {fp32.down.out_features})\n\n"
             f"{rounds} rounds; each round times every variant back to back with fp32 (AB/BA), "
             f">= {min_round_s} s per side.\n\n")
@@ -177,7 +181,7 @@ def model_section(model: nn.Module, spec, example: dict, rounds: int, min_round_
         rows.append([name, C.fmt_ms(t["ms"]), f"{1 / t['ratio']:.2f}x", spread, f"{rel:.2e}",
                      f"{mean_cos:.6f}", f"{min_cos:.6f}"])
     batch = "x".join(str(s) for s in example["input_ids"].shape)
-    head = (f"### Whole MiniLM ({len(linears)} Linear layers), batch {batch} tokens from example_inputs()\n\n"
+    head = (f"#### Whole MiniLM ({len(linears)} Linear layers), batch {batch} tokens from example_inputs()\n\n"
             f"{rounds} rounds; each round times every variant back to back with fp32 (AB/BA), "
             f">= {min_round_s} s per side; fidelity on "
             f"eval_inputs() ({sum(len(b['input_ids']) for b in batches)} sentences, pooled embeddings).\n\n")
@@ -202,7 +206,7 @@ def main() -> None:
     threads = C.set_threads(args.threads)
     torch.manual_seed(0)
     spec, model, example = C.load_minilm()
-    print("## int8 paths on the CPU\n")
+    print("### int8 paths on the CPU\n")
     print(C.machine_header({"threads": threads}))
     print()
     print(block_section(model, example, args.layer, args.rounds, args.min_round_s, args.compile))

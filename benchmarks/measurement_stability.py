@@ -157,7 +157,7 @@ def main() -> None:
         "all-int8": Policy(layers={n: "int8" for n in searchable}),
     }
 
-    print(f"## Measurement stability: Evaluator(spec, 'cpu').measure on {os.path.relpath(args.spec, C.REPO)}\n")
+    print(f"### Measurement stability: Evaluator(spec, 'cpu').measure on {os.path.relpath(args.spec, C.REPO)}\n")
     print(C.machine_header({
         "threads": torch.get_num_threads() if len(threads) == 1 else
         f"{threads} in turn (fp32 reference latency measured at {threads[0]})",
@@ -184,7 +184,7 @@ def main() -> None:
                          f"**{spread:.3f}**", "ok" if spread <= SPREAD_TARGET else "MISSED",
                          f"{runs[0][0].latency_runs}", f"{inner:.2f}", f"{timing_s:.1f}", f"{wall:.1f}"])
             summary.append((settings, name, spread, timing_s, wall))
-        print(f"### TimingSettings(rounds={settings.rounds}, min_round_s={settings.min_round_s}, "
+        print(f"#### TimingSettings(rounds={settings.rounds}, min_round_s={settings.min_round_s}, "
               f"warmup_calls={settings.warmup_calls})\n")
         values = "latency_ms" if len(threads) == 1 else "latency_ratio (vs fp32 at the same threads)"
         print(C.table(["policy", f"{values} x {args.repeats}", "median", "spread max/min",
@@ -218,11 +218,11 @@ def main() -> None:
                                     "ok" if abs(ratio - 1) <= MEMORY_TARGET else "MISSED",
                                     f"{runs[0][0].peak_bytes:,}" if runs[0][0].peak_bytes else "-"])
 
-    print("### memory_bytes vs serialized state_dict (torch.save into io.BytesIO)\n")
+    print("#### memory_bytes vs serialized state_dict (torch.save into io.BytesIO)\n")
     print(C.table(["policy", "memory_bytes", "serialized bytes", "ratio", f"within {MEMORY_TARGET:.0%}",
                    "peak_bytes"], memory_rows))
     if len(sweep) > 1:
-        print("\n### Sweep summary\n")
+        print("\n#### Sweep summary\n")
         rows = []
         for settings in sweep:
             mine = [s for s in summary if s[0] == settings]

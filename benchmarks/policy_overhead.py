@@ -102,7 +102,7 @@ def main() -> None:
                          f"{cpu_ratio:.3f} ({cpu_lo:.3f} - {cpu_hi:.3f})", f"{t.rounds} x {t.calls_per_round}",
                          f"{score_a:.6f}", f"{score_b:.6f}", f"{same_cos:.9f}", f"{max_diff:.1e}", verdict])
 
-    print("## Policy overhead: autoprec.apply_policy vs plain torch, MiniLM\n")
+    print("### Policy overhead: autoprec.apply_policy vs plain torch, MiniLM\n")
     print(header)
     print()
     print(C.table(["pair", "autoprec (A)", "plain torch (B)", "A ms", "B ms", "A/B ratio (median of rounds)",
