@@ -33,6 +33,16 @@ def cmd_apply(args: argparse.Namespace) -> None:
     print(apply_and_compare(args.policy, args.model, device=args.device))
 
 
+def timing_settings(max_rounds: int | None):
+    from autoprec.timing import TimingSettings
+
+    if max_rounds is None:
+        return TimingSettings()
+    if max_rounds < 1:
+        raise AutoprecError(f"--max-rounds {max_rounds}: give at least 1")
+    return TimingSettings(rounds=min(TimingSettings.rounds, max_rounds), max_rounds=max_rounds)
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from autoprec.results import pareto_front, trials_frame
     from autoprec.search import Search, SearchConfig
@@ -41,7 +51,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     config = SearchConfig(model=args.model, trials=args.trials, timeout=args.timeout, storage=args.storage,
                           study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
                           seed=args.seed, threads=args.threads, progress=not args.no_progress,
-                          strategy=args.strategy, retime_front=not args.no_retime)
+                          strategy=args.strategy, retime_front=not args.no_retime,
+                          timing=timing_settings(args.max_rounds))
     if args.workers > 1 and storage_url(args.storage).startswith("sqlite"):
         raise AutoprecError(f"--workers {args.workers} with SQLite ({storage_url(args.storage)}): SQLite lets one "
                             "process write at a time, so several workers may fail with 'database is locked'; use "
@@ -83,9 +94,16 @@ def _front_table(front) -> str:
              "-" if r.retimed_ratio is None or r.retimed_ratio != r.retimed_ratio else f"{r.retimed_ratio:.3f}x",
              format_bytes(r.memory_bytes), f"{r.memory_ratio:.3f}x", r.default, r.fp32, r.fp16, r.bf16, r.int8, r.origin)
             for r in front.itertuples()]
-    table = format_table(["trial", "score", "drop", "latency_ms", "vs fp32", "re-timed", "memory", "vs fp32",
-                          "default", "fp32", "fp16", "bf16", "int8", "origin"], rows)
-    return table + "\n(re-timed: the front timed again beside fp32 in one pass at the end of the last search)"
+    header = ["trial", "score", "drop", "latency_ms", "vs fp32", "re-timed", "memory", "vs fp32",
+              "default", "fp32", "fp16", "bf16", "int8", "origin"]
+    note = "\n(re-timed: the front timed again beside fp32 in one pass at the end of the last search)"
+    if "step_ratio" in front.columns:  # training mode
+        header[-1:-1] = ["train step", "lr", "loss scale"]
+        rows = [(*row[:-1], "-" if r.step_ratio != r.step_ratio or r.step_ratio is None else f"{r.step_ratio:.2f}x",
+                 f"{r.learning_rate:.1e}", f"{r.loss_scale:g}{'' if r.dynamic_loss_scale else ' static'}", row[-1])
+                for row, r in zip(rows, front.itertuples())]
+        note += "\n(train step: one training step under the policy / one fp32 step, timed interleaved)"
+    return format_table(header, rows) + note
 
 
 def _open_study(args: argparse.Namespace):
@@ -164,7 +182,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
             row.append("-" if cell is None else f"{cell['drop']:.1e} / {cell['latency_ms']:.3f}")
         rows.append(row)
     print(format_table(["layer", "fp32 ms"] + [f"{f} drop / ms" for f in fmts], rows))
-    print("\nprofile time: " + ", ".join(f"{k} {v:.1f} s" for k, v in profile.seconds.items()))
+    print(f"\nprofile drops: {profile.method}; time: " + ", ".join(f"{k} {v:.1f} s" for k, v in profile.seconds.items()))
     summary = study.user_attrs.get(COSTMODEL_ATTR)
     if summary and summary["error"].get("trials"):
         e = summary["error"]
@@ -212,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guided: sensitivity profile + knapsack proposals, then TPE (default)")
     p.add_argument("--no-retime", action="store_true", dest="no_retime",
                    help="skip re-timing the front beside fp32 at the end")
+    p.add_argument("--max-rounds", type=int, default=None, dest="max_rounds",
+                   help="timing effort: interleaved rounds per measurement go from 9 up to this until the median "
+                        "is known within 2%% (default 45; lower it for a quick look on a busy machine)")
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes sharing the study (needs a server database, e.g. PostgreSQL)")
     p.add_argument("--devices", default=None, help="comma-separated devices, one worker each (cuda:0,cuda:1)")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
-from autoprec.finetune import TrainingDiverged, fine_tune
+from autoprec.finetune import TrainingDiverged, fine_tune, paired_step_ratio
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
 from autoprec.timing import (
@@ -37,7 +37,8 @@ from autoprec.userspec import ModelSpec, call_model, first_float_tensor, move_in
 METHODS = {
     "score_fidelity": "mean per-sample cosine similarity of the compared output to the fp32 model",
     "score_user": "model.py evaluate(model, device)",
-    "latency": "median over interleaved rounds (ABBA) of candidate/fp32 time, times the study's fp32 latency",
+    "latency": ("median over interleaved rounds (ABBA) of candidate/fp32 time (9 rounds or more, until its "
+                "~90% confidence interval is within 2%), times the study's fp32 latency"),
     "memory": "bytes of all parameters and buffers as applied (int8 packed weights, scales and zero points)",
     "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
     "peak_cuda": "torch.cuda.max_memory_allocated over one forward",
@@ -53,6 +54,8 @@ class Measurement:
     latency_ratio: float | None = None  # candidate / fp32, measured interleaved
     latency_spread: float | None = None  # max / min of the per-round ratios
     latency_runs: int = 0
+    latency_rounds: int = 0  # ABBA rounds it took for the median to settle (see TimingSettings)
+    latency_ci: float | None = None  # upper / lower end of the median ratio's confidence interval
     candidate_ms: float | None = None  # raw median of this run, uncalibrated
     memory_bytes: int | None = None
     peak_bytes: int | None = None
@@ -198,6 +201,8 @@ class Evaluator:
         if training is not None:
             model = copy.deepcopy(self.model)
             tuned = fine_tune(self.spec, model, policy, training, self.device, seed)
+            steps = paired_step_ratio(self.spec, self.model, policy, training, self.device, self.timing)
+            tuned.step_ratio, tuned.step_ratio_ci = steps.ratio, steps.ratio_ci
             model = apply_formats(model, policy.layers, policy.default, self.device)
         else:
             model = self.candidate(policy)
@@ -229,5 +234,6 @@ class Evaluator:
                    "peak_bytes": METHODS["peak_cuda" if self.device.type == "cuda" else "peak_cpu"]}
         return Measurement(feasible=True, score=score, latency_ms=timing.ratio * self.reference_latency_ms,
                            latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
-                           latency_runs=timing.rounds * timing.calls_per_round, candidate_ms=timing.candidate_ms,
+                           latency_runs=timing.rounds * timing.calls_per_round, latency_rounds=timing.rounds,
+                           latency_ci=timing.ratio_ci, candidate_ms=timing.candidate_ms,
                            memory_bytes=memory, peak_bytes=peak, methods=methods)

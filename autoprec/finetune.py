@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
 import time
@@ -13,7 +14,7 @@ from torch import nn
 
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision.layers import is_searchable
-from autoprec.timing import cpu_activation_peak_bytes
+from autoprec.timing import PairedTiming, TimingSettings, cpu_activation_peak_bytes, paired_latency
 from autoprec.training import make_optimizer, make_scaler, prepare_training
 from autoprec.userspec import ModelSpec, call_model, move_inputs
 
@@ -33,6 +34,10 @@ class FineTuneResult:
     final_loss_scale: float
     losses: list[float] = field(default_factory=list)  # at most MAX_CURVE_POINTS, evenly spaced
     zero_grad_fraction: dict[str, float] = field(default_factory=dict)  # per layer, first step
+    # one step under the policy / one fp32 step, timed interleaved (ABBA) after fine-tuning: what
+    # step_ms cannot say on a busy machine, where whole-trial medians drift between trials
+    step_ratio: float | None = None
+    step_ratio_ci: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +48,40 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
     return total
+
+
+def _first_batch(spec: ModelSpec, device: torch.device) -> tuple[Any, Any]:
+    try:
+        inputs, targets = next(iter(spec.train_batches()))
+    except Exception as exc:
+        raise spec.error("train_batches", f"raised {type(exc).__name__}: {exc}") from exc
+    return move_inputs(inputs, device), move_inputs(targets, device)
+
+
+def paired_step_ratio(spec: ModelSpec, fp32_model: nn.Module, policy: Policy, settings: TrainingSettings,
+                      device: torch.device, timing: TimingSettings) -> PairedTiming:
+    """Time one training step under `policy` against one fp32 training step, interleaved.
+
+    Both run on their own copy of `fp32_model` (left unchanged) with their own optimizer and
+    scaler, on the first training batch: forward, backward, optimizer step, as in fine_tune."""
+    assert spec.train_batches is not None and spec.loss is not None
+    inputs, targets = _first_batch(spec, device)
+
+    def stepper(use_policy: bool):
+        model = copy.deepcopy(fp32_model).train()
+        if use_policy:
+            prepare_training(model, policy, device.type)
+        optimizer = make_optimizer(model, settings)
+        scaler = make_scaler(settings, device)  # the same optimizer and scaler: only the formats differ
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = spec.loss(call_model(model, inputs), targets)
+            scaler.scale(loss.float()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return step
+    return paired_latency(stepper(True), stepper(False), device, timing)
 
 
 def fine_tune(spec: ModelSpec, model: nn.Module, policy: Policy, settings: TrainingSettings,

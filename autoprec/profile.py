@@ -4,12 +4,15 @@ For every searchable layer and every format it may take:
 - `drop`: the fidelity drop (1 - mean per-sample cosine of the compared output to fp32) of the whole
   model on `example_inputs()` with only that layer changed. Damages add up almost exactly across
   layers (shared/facts/cpu-minilm.md), so the cost model sums them, calibrated to the real score.
+  By default the drop is linearized (one forward, a few backward passes, each layer run once per
+  format: linear in depth; see `linearized_drops`); `method="exact"` runs one whole-model forward
+  per layer and format instead (quadratic in depth).
 - `latency_ms`: the layer alone on its real captured input, with the casts it needs at its
   boundaries, for each default dtype of the rest of the model. A layer timed alone is stable to a
   few percent where whole-model timing is not.
 - `memory_bytes`: the layer's storage in that format (exact).
 
-The work is layers x formats forwards and micro-timings: linear in the model's size.
+The work is layers x formats single-layer runs and micro-timings: linear in the model's size.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Profile:
     layers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     latency_by_default: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     reference_latency_ms: float | None = None
+    method: str = "exact"
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -84,37 +88,162 @@ def _converted(layer: nn.Module, fmt: str, device: torch.device) -> tuple[nn.Mod
     return handler.convert(copy.deepcopy(layer), device), handler.io_dtype(device)
 
 
-def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict[str, tuple[str, ...]],
-                  defaults: tuple[str, ...], device: torch.device,
-                  progress: Callable[[str], None] | None = None) -> Profile:
-    """Profile every (layer, format) of `choices` on the fp32 `model` (left unchanged)."""
-    profile = Profile()
-    names = list(choices)
-    start = time.perf_counter()
+def _run_converted(converted: nn.Module, io_dtype: torch.dtype, args: tuple, kwargs: dict, like: torch.Tensor) -> Any:
+    return _cast_floats(converted(*_cast_floats(args, io_dtype), **_cast_floats(kwargs, io_dtype)), like.dtype)
+
+
+def exact_drops(spec: ModelSpec, model: nn.Module, example: Any, names: list[str],
+                choices: dict[str, tuple[str, ...]], device: torch.device,
+                progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """One whole-model forward per (layer, format), a hook swapping in the converted layer's output.
+
+    Exact, but each forward costs the whole model: quadratic in depth."""
     with torch.inference_mode():
         reference = _compared(spec, call_model(model, example))
-    # Drop: the whole model with a forward hook that swaps in one converted layer's output.
+    drops: dict[str, dict[str, float]] = {}
     for index, name in enumerate(names):
         layer = model.get_submodule(name)
-        profile.layers[name] = {}
+        drops[name] = {}
         for fmt in choices[name]:
             if fmt == "fp32":
-                drop = 0.0
-            else:
-                converted, io_dtype = _converted(layer, fmt, device)
+                drops[name][fmt] = 0.0
+                continue
+            converted, io_dtype = _converted(layer, fmt, device)
 
-                def swap(_mod, args, kwargs, out, converted=converted, io_dtype=io_dtype):
-                    return _cast_floats(converted(*_cast_floats(args, io_dtype), **_cast_floats(kwargs, io_dtype)),
-                                        out.dtype)
-                handle = layer.register_forward_hook(swap, with_kwargs=True)
-                try:
-                    with torch.inference_mode():
-                        drop = _fidelity_drop(_compared(spec, call_model(model, example)), reference)
-                finally:
-                    handle.remove()
-            profile.layers[name][fmt] = {"drop": drop}
+            def swap(_mod, args, kwargs, out, converted=converted, io_dtype=io_dtype):
+                return _run_converted(converted, io_dtype, args, kwargs, out)
+            handle = layer.register_forward_hook(swap, with_kwargs=True)
+            try:
+                with torch.inference_mode():
+                    drops[name][fmt] = _fidelity_drop(_compared(spec, call_model(model, example)), reference)
+            finally:
+                handle.remove()
         if progress:
             progress(f"drop {index + 1}/{len(names)}")
+    return drops
+
+
+class _NotLinearizable(Exception):
+    """The model's compared output has no gradient path to the layers: use exact drops."""
+
+
+def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: list[str],
+                     choices: dict[str, tuple[str, ...]], device: torch.device, probes: int = 8, seed: int = 0,
+                     progress: Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Fidelity drops from one forward, `probes` backward passes and one run of each converted layer.
+
+    For sample i with output y_i, a small change D_i of the output costs 1 - cos(y_i + D_i, y_i)
+    ~= |P_i D_i|^2 / (2 |y_i|^2), P_i the projection orthogonal to y_i. Changing layer l alone
+    changes its output by d_l (the converted layer on its captured fp32 input minus the fp32 output)
+    and the model's output by D_i ~= J_li d_l. For a random r_i ~ N(0, I),
+    E[(r_i . P_i J_li d_l)^2] = |P_i J_li d_l|^2, and J_li^T P_i r_i is the gradient, at layer l's
+    output, of sum_i (P_i r_i / |y_i|) . y_i: one backward pass gives it for every layer at once.
+    So the cost is one forward, `probes` backward passes and layers x formats runs of single layers:
+    linear in the model's size, where exact drops are a whole forward per layer and format.
+    The second-order terms it ignores are what the cost model's calibration on the uniform trials
+    absorbs. Returns the drops and the layers it could not handle (called more than once, output
+    not a floating tensor, run without gradients, or reached by none): the caller measures those
+    exactly.
+    """
+    captured: dict[str, list] = {n: [] for n in names}
+    handles = []
+    for name in names:
+        def hook(_mod, args, kwargs, out, name=name):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or not torch.is_grad_enabled():
+                captured[name].append(None)
+                return None
+            if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
+                out = out.detach().requires_grad_()
+            captured[name].append((args, kwargs, out))
+            return out
+        handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.enable_grad():
+            y = _compared(spec, call_model(model, example))
+    finally:
+        for h in handles:
+            h.remove()
+    usable = [n for n in names if len(captured[n]) == 1 and captured[n][0] is not None]
+    skipped = [n for n in names if n not in usable]
+    if not y.requires_grad:
+        raise _NotLinearizable("the compared output does not depend on the searched layers")
+    samples = y.shape[0]
+    flat = y.reshape(samples, -1)
+    ref = flat.detach().double()
+    norm = ref.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    unit = ref / norm
+    outs = [captured[n][0][2] for n in usable]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    grads_per_probe: list[tuple] = []
+    for k in range(probes):
+        r = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
+        r = r - (r * unit).sum(1, keepdim=True) * unit
+        weight = (r / norm).to(device=flat.device, dtype=flat.dtype)
+        grads = torch.autograd.grad((flat * weight).sum(), outs, retain_graph=k < probes - 1, allow_unused=True)
+        grads_per_probe.append(tuple(None if g is None else g.detach() for g in grads))
+    del y, flat, outs
+    # No gradient at all: the output does not use the layer, or the model cuts the graph (detach,
+    # no_grad) after it. Only a whole-model forward tells which, so those layers are measured exactly.
+    no_gradient = {n for i, n in enumerate(usable) if all(g[i] is None for g in grads_per_probe)}
+    skipped += [n for n in usable if n in no_gradient]
+    drops: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for index, name in enumerate(usable):
+            if name in no_gradient:
+                continue
+            args, kwargs, out = captured[name][0]
+            out = out.detach()
+            per_sample = out.dim() > 0 and out.shape[0] == samples
+            drops[name] = {}
+            for fmt in choices[name]:
+                if fmt == "fp32":
+                    drops[name][fmt] = 0.0
+                    continue
+                converted, io_dtype = _converted(model.get_submodule(name), fmt, device)
+                delta = (_run_converted(converted, io_dtype, args, kwargs, out).float() - out.float())
+                if not torch.isfinite(delta).all():
+                    drops[name][fmt] = float("inf")
+                    continue
+                total = 0.0
+                for grads in grads_per_probe:
+                    g = grads[index]
+                    if g is None:
+                        continue
+                    product = (g.float() * delta)
+                    dots = product.reshape(samples, -1).sum(1) if per_sample else product.sum().reshape(1)
+                    total += float(dots.double().pow(2).sum())
+                drops[name][fmt] = total / (2 * samples * probes)
+            captured[name] = []  # free the layer's captured input
+            if progress:
+                progress(f"drop {index + 1}/{len(usable)}")
+    return drops, skipped
+
+
+def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict[str, tuple[str, ...]],
+                  defaults: tuple[str, ...], device: torch.device,
+                  progress: Callable[[str], None] | None = None, method: str = "linearized") -> Profile:
+    """Profile every (layer, format) of `choices` on the fp32 `model` (left unchanged).
+
+    method: "linearized" (default; linear in depth, see linearized_drops) or "exact"."""
+    if method not in ("linearized", "exact"):
+        raise ValueError(f"profile method must be 'linearized' or 'exact', not {method!r}")
+    profile = Profile(method=method)
+    names = list(choices)
+    start = time.perf_counter()
+    drops: dict[str, dict[str, float]] = {}
+    rest = names
+    if method == "linearized":
+        try:
+            drops, rest = linearized_drops(spec, model, example, names, choices, device, progress=progress)
+        except (_NotLinearizable, RuntimeError) as exc:  # no gradient path, or out of memory
+            profile.method = f"exact (linearized failed: {type(exc).__name__}: {str(exc)[:120]})"
+            drops, rest = {}, names
+    if rest and method == "linearized" and profile.method == "linearized":
+        profile.method = f"linearized ({len(rest)} of {len(names)} layers exact)"
+    if rest:
+        drops.update(exact_drops(spec, model, example, rest, choices, device, progress=progress))
+    for name in names:
+        profile.layers[name] = {fmt: {"drop": drops[name][fmt]} for fmt in choices[name]}
     profile.seconds["drop"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -43,6 +43,13 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
         row["retimed_ratio"] = retimed.get(str(t.number), {}).get("ratio")
         if row["memory_bytes"] is not None:
             row["memory_ratio"] = row["memory_bytes"] / ref["memory_bytes"]
+        training = measurement.get("training")
+        if training:  # training mode: how the fine-tuning went, with what the sampler chose
+            settings = policy.get("training") or {}
+            row.update({"step_ms": training.get("step_ms"), "step_ratio": training.get("step_ratio"),
+                        "skipped_steps": training.get("skipped_steps"),
+                        "learning_rate": settings.get("learning_rate"), "loss_scale": settings.get("loss_scale"),
+                        "dynamic_loss_scale": settings.get("dynamic_loss_scale")})
         if flatten_layers:
             for name in info.get("layers", []):
                 row[f"layer:{name}"] = (policy.get("layers") or {}).get(name)

@@ -49,9 +49,11 @@ def time_calls(forward: Forward, calls: int, device: torch.device) -> float:
 
 @dataclass(frozen=True)
 class TimingSettings:
-    rounds: int = 9
+    rounds: int = 9  # at least this many rounds
     min_round_s: float = 0.05  # each side of a round runs at least this long
     warmup_calls: int = 2
+    max_rounds: int = 45  # rounds are added, 4 at a time, until the median is known to within
+    target_ci: float = 1.02  # this ratio (upper / lower end of its ~90% confidence interval)
 
 
 @dataclass
@@ -62,19 +64,37 @@ class PairedTiming:
     reference_ms: float
     rounds: int
     calls_per_round: int
+    ratio_ci: float = 1.0  # upper / lower end of the median ratio's ~90% confidence interval
+
+
+def median_ci(values: list[float], z: float = 1.645) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median from order statistics (z=1.645: ~90%).
+
+    The rank of the sample median is binomial(n, 1/2): the interval runs from the order statistic
+    z * sqrt(n) / 2 below the middle to the one as far above it."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = z * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half) - 1 + (n % 2))
+    hi = min(n - 1, math.ceil(n / 2 + half) - (n % 2 == 0))
+    return ordered[lo], ordered[hi]
 
 
 def paired_latency(candidate: Forward, reference: Forward, device: torch.device,
                    settings: TimingSettings = TimingSettings()) -> PairedTiming:
-    """Time candidate and reference interleaved (ABBA) and keep the ratio."""
+    """Time candidate and reference interleaved (ABBA) and keep the ratio.
+
+    After `settings.rounds` rounds, more are added until the median ratio's confidence interval is
+    within `target_ci` (a quiet machine stops early, a busy one measures longer, up to max_rounds)."""
     for _ in range(settings.warmup_calls):
         candidate()
         reference()
     probe = max(time_calls(candidate, 1, device), time_calls(reference, 1, device), 1e-6)
     calls = max(1, math.ceil(settings.min_round_s / probe))
     ratios, cand_ms, ref_ms = [], [], []
-    for r in range(settings.rounds):
-        if r % 2 == 0:
+    target = settings.rounds
+    while len(ratios) < target:
+        if len(ratios) % 2 == 0:
             tc = time_calls(candidate, calls, device)
             tr = time_calls(reference, calls, device)
         else:
@@ -83,8 +103,13 @@ def paired_latency(candidate: Forward, reference: Forward, device: torch.device,
         ratios.append(tc / tr)
         cand_ms.append(1000 * tc / calls)
         ref_ms.append(1000 * tr / calls)
+        if len(ratios) == target and target < settings.max_rounds:
+            lo, hi = median_ci(ratios)
+            if hi / lo > settings.target_ci:
+                target = min(settings.max_rounds, target + 4)
+    lo, hi = median_ci(ratios)
     return PairedTiming(statistics.median(ratios), max(ratios) / min(ratios), statistics.median(cand_ms),
-                        statistics.median(ref_ms), settings.rounds, calls)
+                        statistics.median(ref_ms), len(ratios), calls, hi / lo)
 
 
 def solo_latency_ms(forward: Forward, device: torch.device, rounds: int = 15,

@@ -24,7 +24,7 @@ def worker_command(config: SearchConfig, study: str, url: str, run_id: str, devi
                    threads: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "autoprec", "search", config.model, "--storage", url, "--study", study,
            "--join", run_id, "--seed", str(config.seed + index), "--no-progress", "--no-retime",
-           "--strategy", config.strategy]
+           "--strategy", config.strategy, "--max-rounds", str(config.timing.max_rounds)]
     if config.space:
         cmd += ["--space", config.space]
     if device:

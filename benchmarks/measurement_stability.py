@@ -7,9 +7,10 @@ policy's latency_ms values and their spread (max/min; target <= 1.03), the secon
 costs, and memory_bytes beside the size of the same applied model's state_dict serialized with
 torch.save into io.BytesIO (target: within 2%).
 
-With --sweep ROUNDS:MIN_ROUND_S,... the same repeats are run for each TimingSettings in turn on
-the same Evaluator (same fp32 reference latency), to find a setting that meets the target and
-what it costs.
+By default autoprec's TimingSettings: at least 9 rounds, more (4 at a time, up to 45) until the
+median ratio's ~90% confidence interval is within 2%. With --sweep ROUNDS:MIN_ROUND_S,... the
+same repeats are run for each fixed round count in turn on the same Evaluator (same fp32
+reference latency), to compare what fixed settings give and cost.
 
     .venv/bin/python benchmarks/measurement_stability.py [--repeats 5] [--rounds 9 --min-round-s 0.05]
     .venv/bin/python benchmarks/measurement_stability.py --sweep 9:0.05,21:0.05,41:0.05 [--threads 1]
@@ -93,7 +94,7 @@ def parse_sweep(text: str) -> list[TimingSettings]:
     out = []
     for item in text.split(","):
         rounds, _, min_s = item.partition(":")
-        out.append(TimingSettings(rounds=int(rounds), min_round_s=float(min_s or 0.05)))
+        out.append(TimingSettings(rounds=int(rounds), min_round_s=float(min_s or 0.05), max_rounds=int(rounds)))
     return out
 
 
@@ -115,7 +116,7 @@ def run_setting(ev: E.Evaluator, policies: dict[str, Policy], settings: TimingSe
                 m = ev.measure(policy)
                 if not m.feasible:
                     raise SystemExit(f"{name}: infeasible: {m.reason}")
-                assert len(_raw_pairs) == 1 and len(_raw_pairs[0]) == settings.rounds, "round times not captured"
+                assert len(_raw_pairs) == 1 and len(_raw_pairs[0]) == m.latency_rounds, "round times not captured"
                 assert abs(_median_of_ratios(_raw_pairs[0]) - m.latency_ratio) < 1e-9
                 results[label(name, t)].append((m, time.perf_counter() - start, sum(_timing_seconds),
                                                 {"wall": _raw_pairs[0], "cpu": _cpu_pairs[0]}, policy))
@@ -182,13 +183,14 @@ def main() -> None:
             digits = 1 if len(threads) == 1 else 3
             rows.append([name, " ".join(f"{x:.{digits}f}" for x in ms), f"{statistics.median(ms):.{digits}f}",
                          f"**{spread:.3f}**", "ok" if spread <= SPREAD_TARGET else "MISSED",
-                         f"{runs[0][0].latency_runs}", f"{inner:.2f}", f"{timing_s:.1f}", f"{wall:.1f}"])
+                         " ".join(str(m.latency_rounds) for m, *_ in runs), f"{inner:.2f}", f"{timing_s:.1f}", f"{wall:.1f}"])
             summary.append((settings, name, spread, timing_s, wall))
-        print(f"#### TimingSettings(rounds={settings.rounds}, min_round_s={settings.min_round_s}, "
+        print(f"#### TimingSettings(rounds={settings.rounds}, max_rounds={settings.max_rounds}, "
+              f"target_ci={settings.target_ci}, min_round_s={settings.min_round_s}, "
               f"warmup_calls={settings.warmup_calls})\n")
         values = "latency_ms" if len(threads) == 1 else "latency_ratio (vs fp32 at the same threads)"
         print(C.table(["policy", f"{values} x {args.repeats}", "median", "spread max/min",
-                       f"<= {SPREAD_TARGET}", "candidate calls per measure", "within-measure round ratio max/min",
+                       f"<= {SPREAD_TARGET}", "rounds per measure", "within-measure round ratio max/min",
                        "s in paired_latency", "s per measure (all)"], rows))
         print()
         est_rows = []

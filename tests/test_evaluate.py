@@ -17,7 +17,7 @@ from autoprec.userspec import ModelSpec, load_spec
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPECS = Path(__file__).parent / "specs"
-FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1)
+FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
 
 
 def make_spec(build, example, **optional) -> ModelSpec:

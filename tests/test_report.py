@@ -32,7 +32,7 @@ def study_url(tmp_path_factory):
     threads = torch.get_num_threads()
     url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'study.db'}"
     options = dict(model=str(SPEC), trials=7, storage=url, study=STUDY, max_drop=5e-5, seed=3, threads=1,
-                   progress=False, timing=TimingSettings(rounds=3, min_round_s=0.002, warmup_calls=1),
+                   progress=False, timing=TimingSettings(rounds=3, min_round_s=0.002, warmup_calls=1, max_rounds=3),
                    # plain TPE and no re-timing: the profile is tested with a profile set by hand below
                    strategy="tpe", retime_front=False)
     fields = SearchConfig.__dataclass_fields__

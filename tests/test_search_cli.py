@@ -40,7 +40,7 @@ def searched(tmp_path_factory):
     """One 8-trial search of the tiny MLP in a fresh SQLite file."""
     folder = tmp_path_factory.mktemp("search")
     url = f"sqlite:///{folder / 'study.db'}"
-    proc = autoprec_cli("search", str(TINY), "--trials", "8", "--storage", url, "--seed", "1", "--no-progress",
+    proc = autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "8", "--storage", url, "--seed", "1", "--no-progress",
                         "--max-drop", "0.001")
     return folder, url, proc
 
@@ -123,10 +123,10 @@ def test_studies_and_profile_commands(searched):
 
 def test_resume_adds_trials_and_refuses_a_changed_space(searched):
     folder, url, _ = searched
-    autoprec_cli("search", str(TINY), "--trials", "4", "--storage", url, "--no-progress")
+    autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "4", "--storage", url, "--no-progress")
     study = _study(url, "tiny_mlp")
     assert len([t for t in study.trials if t.state.is_finished()]) == 12
-    refused = autoprec_cli("search", str(TINY), "--trials", "1", "--storage", url, "--space", "cpu",
+    refused = autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "1", "--storage", url, "--space", "cpu",
                            "--no-progress", check=False)
     assert refused.returncode == 2
     assert "space" in refused.stderr and "--study" in refused.stderr
@@ -138,7 +138,7 @@ def test_broken_spec_leaves_no_study(tmp_path):
     bad.write_text("import torch\ndef build_model():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
                    "def example_inputs():\n    return torch.randn(2, 5)\n")
     url = f"sqlite:///{tmp_path / 's.db'}"
-    proc = autoprec_cli("search", str(bad), "--trials", "2", "--storage", url, check=False)
+    proc = autoprec_cli("search", str(bad), "--max-rounds", "9", "--trials", "2", "--storage", url, check=False)
     assert proc.returncode == 2
     assert "example_inputs" in proc.stderr and str(bad) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -150,7 +150,7 @@ def test_sigkill_mid_trial_then_resume_fails_the_stale_trial(tmp_path):
     log = tmp_path / "calls.log"
     env = {"SLOW_MLP_LOG": str(log), "SLOW_MLP_SLEEP": "1.5", "AUTOPREC_HEARTBEAT_S": "1", "AUTOPREC_GRACE_S": "2"}
     url = f"sqlite:///{tmp_path / 's.db'}"
-    args = [sys.executable, "-m", "autoprec", "search", str(SPECS / "slow_mlp.py"), "--storage", url,
+    args = [sys.executable, "-m", "autoprec", "search", str(SPECS / "slow_mlp.py"), "--max-rounds", "9", "--storage", url,
             "--no-progress", "--study", "slow"]
     proc = subprocess.Popen([*args, "--trials", "6"], env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,7 +19,7 @@ def _complete(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 def test_fp16_with_loss_scale_1_loses_small_gradients_and_a_large_scale_keeps_them(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    autoprec_cli("search", str(SPECS / "underflow.py"), "--space", str(SPECS / "underflow_space.yaml"),
+    autoprec_cli("search", str(SPECS / "underflow.py"), "--max-rounds", "9", "--space", str(SPECS / "underflow_space.yaml"),
                  "--storage", url, "--strategy", "random", "--trials", "6", "--seed", "0", "--no-progress",
                  "--no-retime", "--max-drop", "1.0")
     by_scale: dict[float, list[dict[str, float]]] = {}
@@ -38,7 +38,7 @@ def _scores(url: str) -> list[tuple]:
 
 
 def test_seeded_training_search_is_reproducible(tmp_path):
-    args = ["search", str(SPECS / "tiny_train.py"), "--space", str(SPECS / "train_space.yaml"), "--strategy",
+    args = ["search", str(SPECS / "tiny_train.py"), "--max-rounds", "9", "--space", str(SPECS / "train_space.yaml"), "--strategy",
             "random", "--trials", "5", "--seed", "3", "--no-progress", "--no-retime", "--max-drop", "0.2"]
     first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     autoprec_cli(*args, "--storage", first)
@@ -48,6 +48,8 @@ def test_seeded_training_search_is_reproducible(tmp_path):
     trial = _complete(first, "tiny_train")[0]
     training = trial.user_attrs["measurement"]["training"]
     assert training["steps"] == 12 and training["step_ms"] > 0 and len(training["losses"]) >= 2
+    # the step time beside an fp32 step, timed interleaved: a ratio with its confidence interval
+    assert training["step_ratio"] > 0 and training["step_ratio_ci"] >= 1.0
     # the exported policy carries its training section and trains in a user's own loop
     target = tmp_path / "policy.json"
     autoprec_cli("export", "--storage", first, "--study", "tiny_train", "--pick", "best-score", "-o", str(target))
@@ -69,7 +71,7 @@ def test_seeded_training_search_is_reproducible(tmp_path):
 
 
 def test_training_space_without_train_batches_is_refused(tmp_path):
-    proc = autoprec_cli("search", str(SPECS / "tiny_mlp.py"), "--space", str(SPECS / "train_space.yaml"),
+    proc = autoprec_cli("search", str(SPECS / "tiny_mlp.py"), "--max-rounds", "9", "--space", str(SPECS / "train_space.yaml"),
                         "--storage", f"sqlite:///{tmp_path / 's.db'}", "--trials", "1", check=False)
     assert proc.returncode == 2 and "train_batches" in proc.stderr
 

@@ -19,7 +19,7 @@ from autoprec.userspec import call_model, first_float_tensor, load_spec, move_in
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPECS = Path(__file__).parent / "specs"
-FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1)
+FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
 
 GOOD_MODEL = """
 import torch

@@ -35,7 +35,7 @@ def _front_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
 @pytest.mark.postgres
 def test_three_workers_share_a_24_trial_study():
     study_name = f"workers-{uuid.uuid4().hex[:8]}"
-    autoprec_cli("search", str(TINY), "--storage", PG_URL, "--study", study_name, "--workers", "3",
+    autoprec_cli("search", str(TINY), "--max-rounds", "9", "--storage", PG_URL, "--study", study_name, "--workers", "3",
                  "--trials", "24", "--no-progress", "--no-retime", "--strategy", "tpe")
     study = optuna.load_study(study_name=study_name, storage=PG_URL)
     trials = study.trials
@@ -58,7 +58,7 @@ def _children(pid: int) -> list[int]:
 def test_a_worker_killed_mid_trial_is_retried_and_nothing_is_lost(tmp_path):
     study_name = f"kill-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, **FAST_HEARTBEAT, "SLOW_MLP_LOG": str(tmp_path / "calls.log"), "SLOW_MLP_SLEEP": "1.0"}
-    launcher = subprocess.Popen([sys.executable, "-m", "autoprec", "search", str(SPECS / "slow_mlp.py"),
+    launcher = subprocess.Popen([sys.executable, "-m", "autoprec", "search", str(SPECS / "slow_mlp.py"), "--max-rounds", "9",
                                  "--storage", PG_URL, "--study", study_name, "--workers", "3", "--trials", "9",
                                  "--no-progress", "--no-retime", "--strategy", "tpe"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -93,13 +93,13 @@ def test_a_worker_killed_mid_trial_is_retried_and_nothing_is_lost(tmp_path):
 
 def test_several_workers_on_sqlite_are_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    proc = autoprec_cli("search", str(TINY), "--storage", url, "--workers", "2", "--trials", "2", check=False)
+    proc = autoprec_cli("search", str(TINY), "--max-rounds", "9", "--storage", url, "--workers", "2", "--trials", "2", check=False)
     assert proc.returncode == 2
     assert "postgresql" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unreachable_store_is_one_line():
-    proc = autoprec_cli("search", str(TINY), "--storage", "postgresql://nobody@127.0.0.1:1/none", "--trials", "1",
+    proc = autoprec_cli("search", str(TINY), "--max-rounds", "9", "--storage", "postgresql://nobody@127.0.0.1:1/none", "--trials", "1",
                         check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

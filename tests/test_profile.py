@@ -1,0 +1,117 @@
+"""The sensitivity profile's drops: the linearized estimate against whole-model forwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprec.precision.layers import searchable_layers
+from autoprec.profile import build_profile, exact_drops, linearized_drops
+from autoprec.userspec import load_spec
+
+SPECS = Path(__file__).parent / "specs"
+CPU = torch.device("cpu")
+
+
+def _setup(name: str):
+    spec = load_spec(SPECS / name)
+    model = spec.new_model()
+    names = [layer.name for layer in searchable_layers(model)]
+    return spec, model, spec.example(), names, {n: ("fp32", "bf16", "int8") for n in names}
+
+
+def test_linearized_drops_agree_with_whole_model_forwards():
+    torch.manual_seed(0)
+    spec, model, example, names, choices = _setup("residual_block.py")
+    linear, skipped = linearized_drops(spec, model, example, names, choices, CPU, probes=16)
+    exact = exact_drops(spec, model, example, names, choices, CPU)
+    assert skipped == []
+    for fmt in ("bf16", "int8"):
+        a = np.array([linear[n][fmt] for n in names])
+        b = np.array([exact[n][fmt] for n in names])
+        assert (b > 0).all()
+        # what the cost model uses: the sum (calibrated later) and the layers' sizes relative to each other
+        assert 0.8 < a.sum() / b.sum() < 1.25, (fmt, a, b)
+        assert np.corrcoef(np.log(a), np.log(b))[0, 1] > 0.9, (fmt, a, b)
+        assert np.all((a / b > 0.5) & (a / b < 2.0)), (fmt, a / b)
+    assert all(linear[n]["fp32"] == 0.0 for n in names)
+
+
+def test_linearized_profile_is_seeded_and_leaves_the_model_unchanged():
+    spec, model, example, names, choices = _setup("residual_block.py")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = build_profile(spec, model, example, choices, ("fp32",), CPU)
+    second = build_profile(spec, model, example, choices, ("fp32",), CPU)
+    assert first.method == "linearized"
+    assert {n: {f: v["drop"] for f, v in d.items()} for n, d in first.layers.items()} == \
+        {n: {f: v["drop"] for f, v in d.items()} for n, d in second.layers.items()}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Detached(nn.Module):
+    """Its output has no gradient path to the layers: the profile must fall back to exact drops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.b(torch.relu(self.a(x)))
+
+
+class _Shared(nn.Module):
+    """One layer called twice: measured exactly, the others linearized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        self.b(x)
+        return self.a(x)
+
+
+class _Spec:
+    path = "inline"
+    output = None
+
+    def compared_tensor(self, outputs):
+        return outputs
+
+
+def test_profile_falls_back_to_exact_drops_where_no_gradient_reaches():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    choices = {"a": ("fp32", "int8"), "b": ("fp32", "int8")}
+    model = _Detached().eval()
+    profile = build_profile(_Spec(), model, x, choices, ("fp32",), CPU)
+    assert profile.method.startswith("exact (linearized failed")
+    exact = exact_drops(_Spec(), model, x, list(choices), choices, CPU)
+    assert {n: profile.layers[n]["int8"]["drop"] for n in choices} == {n: exact[n]["int8"] for n in choices}
+
+    shared = _Shared().eval()
+    drops, skipped = linearized_drops(_Spec(), shared, x, list(choices), choices, CPU)
+    assert skipped == ["a"] and "b" in drops
+    # a layer whose output is not used gets no gradient: measured exactly (drop 0), not guessed
+    unused = _Unused().eval()
+    drops, skipped = linearized_drops(_Spec(), unused, x, list(choices), choices, CPU)
+    assert skipped == ["b"] and drops["a"]["int8"] > 0
+    profile = build_profile(_Spec(), shared, x, choices, ("fp32",), CPU)
+    assert profile.layers["a"]["int8"]["drop"] == exact_drops(_Spec(), shared, x, ["a"], choices, CPU)["a"]["int8"]
