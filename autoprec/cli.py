@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip re-timing the front beside fp32 at the end")
     p.add_argument("--max-rounds", type=int, default=None, dest="max_rounds",
                    help="timing effort: interleaved rounds per measurement go from 9 up to this until the median "
-                        "is known within 2%% (default 45; lower it for a quick look on a busy machine)")
+                        "is known within 3%% (default 33; lower it for a quick look on a busy machine)")
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes sharing the study (needs a server database, e.g. PostgreSQL)")
     p.add_argument("--devices", default=None, help="comma-separated devices, one worker each (cuda:0,cuda:1)")

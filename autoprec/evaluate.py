@@ -38,7 +38,7 @@ METHODS = {
     "score_fidelity": "mean per-sample cosine similarity of the compared output to the fp32 model",
     "score_user": "model.py evaluate(model, device)",
     "latency": ("median over interleaved rounds (ABBA) of candidate/fp32 time (9 rounds or more, until its "
-                "~90% confidence interval is within 2%), times the study's fp32 latency"),
+                "~90% confidence interval spans at most 3%), times the study's fp32 latency"),
     "memory": "bytes of all parameters and buffers as applied (int8 packed weights, scales and zero points)",
     "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
     "peak_cuda": "torch.cuda.max_memory_allocated over one forward",

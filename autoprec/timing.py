@@ -52,8 +52,8 @@ class TimingSettings:
     rounds: int = 9  # at least this many rounds
     min_round_s: float = 0.05  # each side of a round runs at least this long
     warmup_calls: int = 2
-    max_rounds: int = 45  # rounds are added, 4 at a time, until the median is known to within
-    target_ci: float = 1.02  # this ratio (upper / lower end of its ~90% confidence interval)
+    max_rounds: int = 33  # rounds are added, 4 at a time, until the median is known to within
+    target_ci: float = 1.03  # this ratio (upper / lower end of its ~90% confidence interval)
 
 
 @dataclass

@@ -14,6 +14,7 @@ reference latency), to compare what fixed settings give and cost.
 
     .venv/bin/python benchmarks/measurement_stability.py [--repeats 5] [--rounds 9 --min-round-s 0.05]
     .venv/bin/python benchmarks/measurement_stability.py --sweep 9:0.05,21:0.05,41:0.05 [--threads 1]
+    .venv/bin/python benchmarks/measurement_stability.py --target-ci 1.02,1.03
 
 Besides autoprec's estimator (median of per-round candidate/reference ratios), the same raw round
 times (recorded by wrapping autoprec.timing.time_calls, which changes nothing) are also summarised
@@ -129,7 +130,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=None, help="TimingSettings.rounds (default: autoprec's)")
     parser.add_argument("--min-round-s", type=float, default=None, help="TimingSettings.min_round_s")
-    parser.add_argument("--sweep", default=None, help="ROUNDS:MIN_ROUND_S,... settings to try in turn")
+    parser.add_argument("--sweep", default=None, help="ROUNDS:MIN_ROUND_S,... fixed settings to try in turn")
+    parser.add_argument("--target-ci", default=None,
+                        help="comma list of TimingSettings.target_ci values to try in turn (adaptive rounds)")
     parser.add_argument("--spec", default=str(C.MINILM), help="model.py to measure (default: MiniLM)")
     parser.add_argument("--threads", default=None,
                         help="Evaluator(threads=...) (default: autoprec's, all usable cores); a list such as "
@@ -140,6 +143,8 @@ def main() -> None:
     default = TimingSettings()
     if args.sweep:
         sweep = parse_sweep(args.sweep)
+    elif args.target_ci:
+        sweep = [TimingSettings(target_ci=float(x)) for x in args.target_ci.split(",")]
     else:
         sweep = [TimingSettings(rounds=args.rounds or default.rounds,
                                 min_round_s=args.min_round_s if args.min_round_s is not None else default.min_round_s)]
@@ -229,7 +234,8 @@ def main() -> None:
         for settings in sweep:
             mine = [s for s in summary if s[0] == settings]
             worst = max(s[2] for s in mine)
-            rows.append([f"rounds={settings.rounds}, min_round_s={settings.min_round_s}", f"{worst:.3f}",
+            rows.append([f"rounds={settings.rounds}..{settings.max_rounds}, target_ci={settings.target_ci}, "
+                         f"min_round_s={settings.min_round_s}", f"{worst:.3f}",
                          "ok" if worst <= SPREAD_TARGET else "MISSED",
                          " / ".join(f"{s[3]:.1f}" for s in mine), " / ".join(f"{s[4]:.1f}" for s in mine)])
         print(C.table(["TimingSettings", "worst spread", f"<= {SPREAD_TARGET}",
