@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # torchao (imported by transformers when installed) registers Enums with torch's pytree, and
+    # torch 2.14 logs a deprecation warning per Enum at import: noise for a user, not an error
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         args._commands[args.command](args)
     except AutoprecError as exc:

@@ -132,7 +132,7 @@ def policy_from_json(data: Any, where: str = "policy") -> Policy:
         raise PolicyError(f"{where}: field 'format' is {data.get('format')!r}, expected {POLICY_FORMAT!r} "
                           "(is this an autoprec policy file?)")
     version = data.get("version")
-    if version != POLICY_VERSION or isinstance(version, bool):
+    if version != POLICY_VERSION or not isinstance(version, int) or isinstance(version, bool):
         raise PolicyError(f"{where}: field 'version' is {version!r}; this autoprec reads version "
                           f"{POLICY_VERSION} (upgrade autoprec for newer files)")
     if "layers" not in data:

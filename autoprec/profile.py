@@ -123,6 +123,16 @@ def exact_drops(spec: ModelSpec, model: nn.Module, example: Any, names: list[str
     return drops
 
 
+def _detached_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached_copy(v) for k, v in value.items()}
+    return value
+
+
 class _NotLinearizable(Exception):
     """The model's compared output has no gradient path to the layers: use exact drops."""
 
@@ -154,7 +164,8 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
                 return None
             if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
                 out = out.detach().requires_grad_()
-            captured[name].append((args, kwargs, out))
+            # inputs copied: the model may change them in place after this layer ran
+            captured[name].append((_detached_copy(args), _detached_copy(kwargs), out))
             return out
         handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
     try:
@@ -182,6 +193,8 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
         grads = torch.autograd.grad((flat * weight).sum(), outs, retain_graph=k < probes - 1, allow_unused=True)
         grads_per_probe.append(tuple(None if g is None else g.detach() for g in grads))
     del y, flat, outs
+    for name in usable:  # the graph is no longer needed
+        captured[name][0] = captured[name][0][:2] + (None,)
     # No gradient at all: the output does not use the layer, or the model cuts the graph (detach,
     # no_grad) after it. Only a whole-model forward tells which, so those layers are measured exactly.
     no_gradient = {n for i, n in enumerate(usable) if all(g[i] is None for g in grads_per_probe)}
@@ -191,15 +204,16 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
         for index, name in enumerate(usable):
             if name in no_gradient:
                 continue
-            args, kwargs, out = captured[name][0]
-            out = out.detach()
+            args, kwargs, _ = captured[name][0]
+            layer = model.get_submodule(name)
+            out = layer(*args, **kwargs)  # fp32, recomputed: the forward's own output may have changed in place
             per_sample = out.dim() > 0 and out.shape[0] == samples
             drops[name] = {}
             for fmt in choices[name]:
                 if fmt == "fp32":
                     drops[name][fmt] = 0.0
                     continue
-                converted, io_dtype = _converted(model.get_submodule(name), fmt, device)
+                converted, io_dtype = _converted(layer, fmt, device)
                 delta = (_run_converted(converted, io_dtype, args, kwargs, out).float() - out.float())
                 if not torch.isfinite(delta).all():
                     drops[name][fmt] = float("inf")

@@ -93,6 +93,7 @@ BAD_DOCUMENTS = {
     "missing_format": ({k: v for k, v in valid_document().items() if k != "format"}, r"field 'format' is None"),
     "unknown_version": (valid_document(version=2), r"field 'version' is 2; this autoprec reads version 1"),
     "bool_version": (valid_document(version=True), r"field 'version' is True"),
+    "float_version": (valid_document(version=1.0), r"field 'version' is 1\.0"),
     "unknown_dtype": (valid_document(layers={"0": "int4"}), r"layer '0' has format 'int4'; use one of fp32, fp16"),
     "unknown_default": (valid_document(default="fp8"), r"field 'default' is 'fp8'; use one of fp32, fp16, bf16"),
     "int8_default": (valid_document(default="int8"), r"field 'default' is 'int8'"),
