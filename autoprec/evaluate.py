@@ -164,8 +164,9 @@ class Evaluator:
                 if out.shape != ref.shape:
                     raise SpecError(f"{self.spec.path}: output: the compared tensor changed shape "
                                     f"{tuple(ref.shape)} -> {tuple(out.shape)} under a policy")
-                a, b = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
-                sims.append(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).double().cpu())
+                # in float64: float32 resolves a cosine only to ~6e-8, the size of a one-layer bf16 drop
+                a, b = out.reshape(out.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()
+                sims.append(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).cpu())
         return float(torch.cat(sims).mean())
 
     def candidate(self, policy: Policy) -> nn.Module:

@@ -62,8 +62,8 @@ def _compared(spec: ModelSpec, outputs: Any) -> torch.Tensor:
 def _fidelity_drop(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
-    a, b = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
-    return float(1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).double().mean())
+    a, b = out.reshape(out.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()  # see evaluate._score
+    return float(1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())
 
 
 def capture_layer_inputs(model: nn.Module, names: list[str], inputs: Any) -> dict[str, tuple[tuple, dict]]:

@@ -1,6 +1,6 @@
 """Linearized profile drops against whole-model forwards, per layer, and what each costs.
 
-    HF_HUB_OFFLINE=1 python benchmarks/profile_drops.py [--models minilm,bert6,bert24] [--probes 8]
+    HF_HUB_OFFLINE=1 python benchmarks/profile_drops.py [--models minilm,resnet,bert6,bert24] [--probes 8]
 
 For every searchable layer and format (bf16, int8) of each model, the fidelity drop with only that
 layer changed, computed both ways on the model's example_inputs():
@@ -25,8 +25,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MINILM, REPO, machine_header, quiet, table  # noqa: E402
 
-MODELS = {"minilm": MINILM, "bert6": REPO / "benchmarks" / "models" / "bert6.py",
-          "bert24": REPO / "benchmarks" / "models" / "bert24.py"}
+MODELS = {"minilm": MINILM, "resnet": REPO / "studies" / "resnet" / "model.py",
+          "bert6": REPO / "benchmarks" / "models" / "bert6.py", "bert24": REPO / "benchmarks" / "models" / "bert24.py"}
 FORMATS = ("bf16", "int8")
 
 
@@ -45,14 +45,14 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="minilm,bert6,bert24")
+    parser.add_argument("--models", default="minilm,resnet,bert6,bert24")
     parser.add_argument("--probes", type=int, default=8)
     args = parser.parse_args()
     quiet()
     import torch
 
-    from autoprec.precision.layers import searchable_layers
     from autoprec.profile import exact_drops, linearized_drops
+    from autoprec.space import load_space
     from autoprec.timing import default_threads
     from autoprec.userspec import load_spec
 
@@ -66,9 +66,10 @@ def main() -> int:
         spec = load_spec(MODELS[key])
         model = spec.new_model()
         example = spec.example()
-        names = [layer.name for layer in searchable_layers(model)]
-        choices = {n: ("fp32", *FORMATS) for n in names}
+        # the formats each layer can take here (ResNet's convolutions have no int8 kernel)
+        choices = load_space("cpu").choices(model, device)
         start = time.perf_counter()
+        names = list(choices)
         linear, skipped = linearized_drops(spec, model, example, names, choices, device, probes=args.probes)
         linear_s = time.perf_counter() - start
         if skipped:
@@ -78,7 +79,9 @@ def main() -> int:
         exact = exact_drops(spec, model, example, names, choices, device)
         exact_s = time.perf_counter() - start
         for fmt in FORMATS:
-            both = [(linear[n][fmt], exact[n][fmt]) for n in names if exact[n][fmt] > 1e-8]
+            both = [(linear[n][fmt], exact[n][fmt]) for n in names if fmt in exact[n] and exact[n][fmt] > 1e-8]
+            if not both:
+                continue
             a, b = [x for x, _ in both], [y for _, y in both]
             ratios = sorted(x / y for x, y in both)
             rows.append([key, len(names), fmt, f"{linear_s:.1f}", f"{exact_s:.1f}", f"{exact_s / linear_s:.1f}x",
