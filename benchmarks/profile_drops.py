@@ -85,7 +85,7 @@ def main() -> int:
             a, b = [x for x, _ in both], [y for _, y in both]
             ratios = sorted(x / y for x, y in both)
             rows.append([key, len(names), fmt, f"{linear_s:.1f}", f"{exact_s:.1f}", f"{exact_s / linear_s:.1f}x",
-                         f"{sum(a):.3e}", f"{sum(b):.3e}", f"{sum(a) / sum(b):.3f}", f"{_spearman(a, b):.3f}",
+                         f"{sum(a):.3e}", f"{sum(b):.3e}", f"{sum(a) / sum(b):.3f}", f"{_spearman(a, b):.3f}" if len(both) > 2 else "-",
                          f"{ratios[len(ratios) // 10]:.2f} / {statistics.median(ratios):.2f} / "
                          f"{ratios[-1 - len(ratios) // 10]:.2f}", len(skipped)])
         print(f"  {key}: done", file=sys.stderr)
