@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MINILM, REPO, machine_header, quiet, table  # noqa: E402
 
 MODELS = {"minilm": MINILM, "resnet": REPO / "studies" / "resnet" / "model.py",
-          "bert6": REPO / "benchmarks" / "models" / "bert6.py", "bert24": REPO / "benchmarks" / "models" / "bert24.py"}
+          "gpt2": REPO / "benchmarks" / "models" / "gpt2_small.py", "bert6": REPO / "benchmarks" / "models" / "bert6.py",
+          "bert24": REPO / "benchmarks" / "models" / "bert24.py"}
 FORMATS = ("bf16", "int8")
 
 
