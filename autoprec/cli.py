@@ -190,6 +190,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
         print(f"cost model on {e['trials']} measured non-uniform trials: latency error median "
               f"{100 * e['latency_rel_median']:.1f}% (max {100 * e['latency_rel_max']:.1f}%), memory "
               f"{100 * e['memory_rel_median']:.2f}%, drop {e['drop_abs_median']:.1e} absolute (median)")
+        r = summary.get("error_refit") or {}
+        if r.get("trials"):
+            print(f"re-fitted on the trials as they come (each predicted from the others): latency error median "
+                  f"{100 * r['latency_rel_median']:.1f}% (max {100 * r['latency_rel_max']:.1f}%)")
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:

@@ -70,6 +70,19 @@ class CostModel:
                 self.profile.layers[n][f]["memory_bytes"] for n, f in layers.items())
             self.rest_drop[default] = max(0.0, measured["drop"] - sum(self.layer_drop(n, f) for n, f in layers.items()))
 
+    def refit_rest_latency(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> None:
+        """Re-fit `rest_latency[D]` on every measured trial of default D (uniform ones included): the
+        median of measured latency minus the layers' summed latencies. The uniform trials alone fix
+        it from one whole-model timing per default; the trials as they come add more."""
+        residuals: dict[str, list[float]] = {}
+        for default, layers, m in measured:
+            lat = self.profile.latency_by_default.get(default)
+            if lat is None or default not in self.rest_latency:
+                continue
+            residuals.setdefault(default, []).append(m["latency_ms"] - sum(lat[n][f] for n, f in layers.items()))
+        for default, values in residuals.items():
+            self.rest_latency[default] = statistics.median(values)
+
     def error(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
         """Median relative error of predicted latency and memory, and of drop in absolute terms."""
         lat, mem, drop = [], [], []

@@ -8,6 +8,7 @@ Kept on the study as user attributes so resumed runs and other workers reuse the
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import optuna
@@ -46,10 +47,35 @@ def calibrated_model(study: optuna.Study, profile: Profile, choices: dict[str, t
     return model
 
 
+def _refit_error(model: CostModel, measured: list[tuple[str, str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
+    """Latency error of the model re-fitted on the trials as they come, each non-uniform trial
+    predicted by a model fitted on all the other trials (leave one out: no trial grades itself)."""
+    errors = []
+    everything = [(d, layers, m) for _, d, layers, m in measured]
+    for i, (origin, default, layers, m) in enumerate(measured):
+        if origin.startswith("uniform "):
+            continue
+        refit = CostModel(model.profile, model.choices, dict(model.rest_latency), model.rest_memory,
+                          model.rest_drop, model.drop_scale)
+        refit.refit_rest_latency(everything[:i] + everything[i + 1:])
+        predicted = refit.predict(default, layers)
+        if predicted is not None:
+            errors.append(abs(predicted["latency_ms"] - m["latency_ms"]) / m["latency_ms"])
+    if not errors:
+        return {"trials": 0}
+    return {"trials": len(errors), "latency_rel_median": statistics.median(errors), "latency_rel_max": max(errors)}
+
+
 def record_model_error(study: optuna.Study, model: CostModel, reference_score: float) -> dict[str, Any]:
-    others = [(d, layers, m) for origin, d, layers, m in _measured(study, reference_score)
-              if not origin.startswith("uniform ")]
-    summary = {"error": model.error(others), "rest_latency_ms": model.rest_latency,
+    """The model's error on the non-uniform trials, calibrated on the uniform ones (as the proposals
+    were made) and re-fitted on the trials as they come (leave one out); the re-fitted rest terms."""
+    measured = _measured(study, reference_score)
+    others = [(d, layers, m) for origin, d, layers, m in measured if not origin.startswith("uniform ")]
+    refit = CostModel(model.profile, model.choices, dict(model.rest_latency), model.rest_memory,
+                      model.rest_drop, model.drop_scale)
+    refit.refit_rest_latency([(d, layers, m) for _, d, layers, m in measured])
+    summary = {"error": model.error(others), "error_refit": _refit_error(model, measured),
+               "rest_latency_ms": model.rest_latency, "rest_latency_ms_refit": refit.rest_latency,
                "rest_memory_bytes": model.rest_memory, "rest_drop": model.rest_drop, "drop_scale": model.drop_scale}
     study.set_user_attr(COSTMODEL_ATTR, summary)
     return summary

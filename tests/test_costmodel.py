@@ -77,3 +77,21 @@ def test_proposals_respect_budgets_and_are_distinct():
     assert len(keys) == len(set(keys))
     for default, layers, _ in proposals:
         assert model.predict(default, layers)["drop"] <= 0.8 * 1e-3 + 1e-15
+
+
+def test_refit_on_trials_as_they_come_corrects_a_biased_rest_term():
+    model = _random_model(3)
+    lat = model.profile.latency_by_default["fp32"]
+    names = list(model.choices)
+    rng = random.Random(7)
+    # the machine adds 2 ms the uniform calibration did not see (rest_latency says 5, the truth is 7)
+    measured = []
+    for _ in range(9):
+        layers = {n: rng.choice(model.choices[n]) for n in names}
+        measured.append(("fp32", layers, {"latency_ms": 7.0 + sum(lat[n][f] for n, f in layers.items()),
+                                          "memory_bytes": 1.0, "drop": 0.0}))
+    before = model.error(measured)["latency_rel_median"]
+    model.refit_rest_latency(measured)
+    assert model.rest_latency["fp32"] == pytest.approx(7.0)
+    assert model.error(measured)["latency_rel_median"] < before / 100
+    assert model.rest_latency.keys() == {"fp32"}  # defaults never measured are left alone

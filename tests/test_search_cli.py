@@ -119,6 +119,9 @@ def test_studies_and_profile_commands(searched):
     assert "tiny_mlp" in out
     out = autoprec_cli("profile", "--storage", url, "--study", "tiny_mlp").stdout
     assert "int8 drop / ms" in out and "cost model" in out
+    assert "profile drops: linearized" in out and "re-fitted on the trials as they come" in out
+    summary = _study(url, "tiny_mlp").user_attrs["autoprec_costmodel"]
+    assert summary["error_refit"]["trials"] == summary["error"]["trials"] > 0
 
 
 def test_resume_adds_trials_and_refuses_a_changed_space(searched):
