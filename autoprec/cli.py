@@ -165,7 +165,7 @@ def cmd_trials(args: argparse.Namespace) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from autoprec.guide import COSTMODEL_ATTR, stored_profile
+    from autoprec.guide import COSTMODEL_ATTR, PROFILE_SOURCE_ATTR, stored_profile
     from autoprec.tables import format_table
 
     study = _open_study(args)
@@ -184,6 +184,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
         rows.append(row)
     print(format_table(["layer", "fp32 ms"] + [f"{f} drop / ms" for f in fmts], rows))
     print(f"\nprofile drops: {profile.method}; time: " + ", ".join(f"{k} {v:.1f} s" for k, v in profile.seconds.items()))
+    if study.user_attrs.get(PROFILE_SOURCE_ATTR):
+        print(f"profile reused from study {study.user_attrs[PROFILE_SOURCE_ATTR]!r} (same model, space and machine)")
     summary = study.user_attrs.get(COSTMODEL_ATTR)
     if summary and summary["error"].get("trials"):
         e = summary["error"]

@@ -4,6 +4,7 @@ Kept on the study as user attributes so resumed runs and other workers reuse the
 - "autoprec_profile": the Profile (see profile.py)
 - "autoprec_proposals": the proposals enqueued, with their predictions
 - "autoprec_costmodel": the calibration and the model's error on measured trials
+- "autoprec_profile_from": where the profile was reused from another study of the same model
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from autoprec.profile import PROFILE_ATTR, Profile
 
 PROPOSALS_ATTR = "autoprec_proposals"
 COSTMODEL_ATTR = "autoprec_costmodel"
+PROFILE_SOURCE_ATTR = "autoprec_profile_from"  # the study a reused profile was copied from
 LAYER_PARAM = "layer:"
 DEFAULT_PARAM = "default"
 
@@ -25,6 +27,22 @@ DEFAULT_PARAM = "default"
 def stored_profile(study: optuna.Study) -> Profile | None:
     data = study.user_attrs.get(PROFILE_ATTR)
     return Profile.from_json(data) if isinstance(data, dict) else None
+
+
+def sibling_profile(storage: optuna.storages.BaseStorage, study_name: str,
+                    info: dict[str, Any]) -> tuple[Profile, str] | None:
+    """A profile stored on another study of the same model, space and environment (the same search at
+    another --max-drop, say): the drops, latencies and sizes it holds do not depend on the drop."""
+    from autoprec.store import STUDY_ATTR
+
+    keys = ("model_fingerprint", "space_fingerprint", "device_type", "environment")
+    for other in storage.get_all_studies():
+        their = other.user_attrs.get(STUDY_ATTR)
+        data = other.user_attrs.get(PROFILE_ATTR)
+        if (other.study_name != study_name and isinstance(their, dict) and isinstance(data, dict)
+                and all(their.get(k) == info.get(k) for k in keys)):
+            return Profile.from_json(data), other.study_name
+    return None
 
 
 def _measured(study: optuna.Study, reference_score: float) -> list[tuple[str, str, dict[str, str], dict[str, float]]]:

@@ -291,6 +291,11 @@ class Search:
         try:
             started = time.perf_counter()
             profile = guide.stored_profile(self.study)
+            reused = None if profile is not None else guide.sibling_profile(self.storage, self.study_name, self.info)
+            if reused is not None:
+                profile, source = reused
+                self.study.set_user_attr(guide.PROFILE_ATTR, profile.to_json())
+                self.study.set_user_attr(guide.PROFILE_SOURCE_ATTR, source)
             if profile is None:
                 profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example, self.choices,
                                         self.space.default_dtypes, self.device)

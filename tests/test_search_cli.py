@@ -124,6 +124,18 @@ def test_studies_and_profile_commands(searched):
     assert summary["error_refit"]["trials"] == summary["error"]["trials"] > 0
 
 
+def test_a_second_study_of_the_same_model_reuses_the_profile(searched):
+    _, url, _ = searched
+    autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "5", "--storage", url, "--study", "tiny_loose",
+                 "--max-drop", "0.05", "--no-progress", "--no-retime")
+    first, second = _study(url, "tiny_mlp"), _study(url, "tiny_loose")
+    assert second.user_attrs["autoprec_profile_from"] == "tiny_mlp"
+    assert second.user_attrs["autoprec_profile"] == first.user_attrs["autoprec_profile"]
+    assert any(str(t.user_attrs.get("origin", "")).startswith("knapsack") for t in second.trials)
+    out = autoprec_cli("profile", "--storage", url, "--study", "tiny_loose").stdout
+    assert "profile reused from study 'tiny_mlp'" in out
+
+
 def test_resume_adds_trials_and_refuses_a_changed_space(searched):
     folder, url, _ = searched
     autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "4", "--storage", url, "--no-progress")
