@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
-from autoprec.finetune import TrainingDiverged, fine_tune, paired_step_ratio
+from autoprec.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
 from autoprec.timing import (
@@ -201,8 +201,9 @@ class Evaluator:
         tuned = None
         if training is not None:
             model = copy.deepcopy(self.model)
-            tuned = fine_tune(self.spec, model, policy, training, self.device, seed)
-            steps = paired_step_ratio(self.spec, self.model, policy, training, self.device, self.timing)
+            batches = load_train_batches(self.spec)
+            tuned = fine_tune(self.spec, model, policy, training, self.device, seed, batches)
+            steps = paired_step_ratio(self.spec, self.model, policy, training, self.device, self.timing, batches[0])
             tuned.step_ratio, tuned.step_ratio_ci = steps.ratio, steps.ratio_ci
             model = apply_formats(model, policy.layers, policy.default, self.device)
         else:

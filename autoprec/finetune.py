@@ -50,22 +50,25 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def _first_batch(spec: ModelSpec, device: torch.device) -> tuple[Any, Any]:
+def load_train_batches(spec: ModelSpec) -> list[tuple[Any, Any]]:
+    """The spec's `train_batches()` as a list of (inputs, targets) pairs, or its one-line error."""
     try:
-        inputs, targets = next(iter(spec.train_batches()))
+        batches = list(spec.train_batches())
     except Exception as exc:
         raise spec.error("train_batches", f"raised {type(exc).__name__}: {exc}") from exc
-    return move_inputs(inputs, device), move_inputs(targets, device)
+    if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
+        raise spec.error("train_batches", "must give at least one (inputs, targets) pair")
+    return batches
 
 
 def paired_step_ratio(spec: ModelSpec, fp32_model: nn.Module, policy: Policy, settings: TrainingSettings,
-                      device: torch.device, timing: TimingSettings) -> PairedTiming:
+                      device: torch.device, timing: TimingSettings, batch: tuple[Any, Any]) -> PairedTiming:
     """Time one training step under `policy` against one fp32 training step, interleaved.
 
     Both run on their own copy of `fp32_model` (left unchanged) with their own optimizer and
-    scaler, on the first training batch: forward, backward, optimizer step, as in fine_tune."""
-    assert spec.train_batches is not None and spec.loss is not None
-    inputs, targets = _first_batch(spec, device)
+    scaler, on `batch`: forward, backward, optimizer step, as in fine_tune."""
+    assert spec.loss is not None
+    inputs, targets = move_inputs(batch[0], device), move_inputs(batch[1], device)
 
     def stepper(use_policy: bool):
         model = copy.deepcopy(fp32_model).train()
@@ -85,16 +88,13 @@ def paired_step_ratio(spec: ModelSpec, fp32_model: nn.Module, policy: Policy, se
 
 
 def fine_tune(spec: ModelSpec, model: nn.Module, policy: Policy, settings: TrainingSettings,
-              device: torch.device, seed: int = 0) -> FineTuneResult:
-    """Train `model` (fp32 weights, on `device`) in place for `settings.steps` steps under `policy`."""
+              device: torch.device, seed: int = 0, batches: list[tuple[Any, Any]] | None = None) -> FineTuneResult:
+    """Train `model` (fp32 weights, on `device`) in place for `settings.steps` steps under `policy`,
+    on `batches` (default: load_train_batches(spec))."""
     assert spec.train_batches is not None and spec.loss is not None
     torch.manual_seed(seed)
-    try:
-        batches = list(spec.train_batches())
-    except Exception as exc:
-        raise spec.error("train_batches", f"raised {type(exc).__name__}: {exc}") from exc
-    if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
-        raise spec.error("train_batches", "must give at least one (inputs, targets) pair")
+    if batches is None:
+        batches = load_train_batches(spec)
     steps = settings.steps or len(batches)
     model.train()
     optimizer = make_optimizer(model, settings)

@@ -9,6 +9,7 @@ Kept on the study as user attributes so resumed runs and other workers reuse the
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any
 
@@ -65,6 +66,11 @@ def calibrated_model(study: optuna.Study, profile: Profile, choices: dict[str, t
     return model
 
 
+def _copy(model: CostModel) -> CostModel:
+    """A copy whose rest_latency can be re-fitted without touching `model`'s."""
+    return dataclasses.replace(model, rest_latency=dict(model.rest_latency))
+
+
 def _refit_error(model: CostModel, measured: list[tuple[str, str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
     """Latency error of the model re-fitted on the trials as they come, each non-uniform trial
     predicted by a model fitted on all the other trials (leave one out: no trial grades itself)."""
@@ -73,8 +79,7 @@ def _refit_error(model: CostModel, measured: list[tuple[str, str, dict[str, str]
     for i, (origin, default, layers, m) in enumerate(measured):
         if origin.startswith("uniform "):
             continue
-        refit = CostModel(model.profile, model.choices, dict(model.rest_latency), model.rest_memory,
-                          model.rest_drop, model.drop_scale)
+        refit = _copy(model)
         refit.refit_rest_latency(everything[:i] + everything[i + 1:])
         predicted = refit.predict(default, layers)
         if predicted is not None:
@@ -89,8 +94,7 @@ def record_model_error(study: optuna.Study, model: CostModel, reference_score: f
     were made) and re-fitted on the trials as they come (leave one out); the re-fitted rest terms."""
     measured = _measured(study, reference_score)
     others = [(d, layers, m) for origin, d, layers, m in measured if not origin.startswith("uniform ")]
-    refit = CostModel(model.profile, model.choices, dict(model.rest_latency), model.rest_memory,
-                      model.rest_drop, model.drop_scale)
+    refit = _copy(model)
     refit.refit_rest_latency([(d, layers, m) for _, d, layers, m in measured])
     summary = {"error": model.error(others), "error_refit": _refit_error(model, measured),
                "rest_latency_ms": model.rest_latency, "rest_latency_ms_refit": refit.rest_latency,

@@ -250,16 +250,6 @@ def _worker(url: str, study_name: str, run_id: str, index: int, opts: dict, go: 
 
 # ---------------------------------------------------------------- launcher side
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _versions(pg_url: str | None) -> dict[str, str]:
     import sqlite3
 
@@ -414,6 +404,8 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 
 def main() -> None:
+    from _common import cpu_model  # here, not at the top: it imports torch, which workers do not need
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--trials-per-worker", type=int, default=200)
@@ -446,7 +438,7 @@ def main() -> None:
     except OSError:
         load = "?"
     header = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-              "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores)",
+              "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores)",
               "load average at start (1/5/15 min)": load}
     header.update(_versions(args.postgres_url if "postgres" in backends else None))
     header["settings"] = (f"{args.workers} workers x {args.trials_per_worker} trials (quota {quota}) in one run; "
