@@ -249,3 +249,12 @@ def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
     lo = max(0, math.floor(n / 2 - half) - 1)  # 1-based ranks j = floor(n/2 - z sqrt(n)/2),
     hi = min(n - 1, math.ceil(1 + n / 2 + half) - 1)  # k = ceil(1 + n/2 + z sqrt(n)/2)
     return v[lo], v[hi]
+
+
+def three_policies(model: nn.Module) -> dict:
+    """fp32, all-bf16 and all-int8 over `model`'s searchable layers: the stability benchmarks' set."""
+    from autoprec import Policy
+
+    names = searchable_names(model)
+    return {"fp32": Policy(), "all-bf16": Policy(default="bf16", layers={n: "bf16" for n in names}),
+            "all-int8": Policy(layers={n: "int8" for n in names})}

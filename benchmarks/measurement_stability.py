@@ -156,12 +156,7 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [T.default_threads()]
     ev = E.Evaluator(spec, "cpu", threads=threads[0], timing=sweep[0], measure_peak=not args.no_peak)
     setup_s = time.perf_counter() - start
-    searchable = C.searchable_names(ev.model)
-    policies = {
-        "fp32": Policy(),
-        "all-bf16": Policy(default="bf16", layers={n: "bf16" for n in searchable}),
-        "all-int8": Policy(layers={n: "int8" for n in searchable}),
-    }
+    policies = C.three_policies(ev.model)
 
     print(f"### Measurement stability: Evaluator(spec, 'cpu').measure on {os.path.relpath(args.spec, C.REPO)}\n")
     print(C.machine_header({

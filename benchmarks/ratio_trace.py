@@ -29,7 +29,6 @@ C.quiet()
 import torch  # noqa: E402
 
 import autoprec.evaluate as E  # noqa: E402
-from autoprec import Policy  # noqa: E402
 from autoprec.timing import time_calls  # noqa: E402
 from autoprec.userspec import load_spec  # noqa: E402
 
@@ -67,10 +66,7 @@ def main() -> None:
 
     spec = load_spec(str(C.MINILM))
     ev = E.Evaluator(spec, "cpu", threads=args.threads, measure_peak=False, reference_latency_ms=1.0)
-    names = C.searchable_names(ev.model)
-    models = {"fp32": ev.candidate(Policy()),
-              "all-bf16": ev.candidate(Policy(default="bf16", layers={n: "bf16" for n in names})),
-              "all-int8": ev.candidate(Policy(layers={n: "int8" for n in names}))}
+    models = {k: ev.candidate(p) for k, p in C.three_policies(ev.model).items()}
     forwards = {k: ev._forward(m) for k, m in models.items()}
     reference = ev._forward(ev.model)
 
