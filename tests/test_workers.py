@@ -53,11 +53,18 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def _worker_pid(trial: optuna.trial.FrozenTrial) -> int | None:
+    worker = trial.user_attrs.get("worker", "")
+    return int(worker.rsplit(":", 1)[1]) if ":" in worker else None
+
+
 @needs_postgres
 @pytest.mark.postgres
 def test_a_worker_killed_mid_trial_is_retried_and_nothing_is_lost(tmp_path):
     study_name = f"kill-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, **FAST_HEARTBEAT, "SLOW_MLP_LOG": str(tmp_path / "calls.log"), "SLOW_MLP_SLEEP": "1.0"}
+    hold = tmp_path / "hold"
+    env = {**os.environ, **FAST_HEARTBEAT, "SLOW_MLP_LOG": str(tmp_path / "calls.log"), "SLOW_MLP_SLEEP": "1.0",
+           "SLOW_MLP_HOLD": str(hold)}
     launcher = subprocess.Popen([sys.executable, "-m", "autoprec", "search", str(SPECS / "slow_mlp.py"), "--max-rounds", "9",
                                  "--storage", PG_URL, "--study", study_name, "--workers", "3", "--trials", "9",
                                  "--no-progress", "--no-retime", "--strategy", "tpe"], env=env,
@@ -71,12 +78,19 @@ def test_a_worker_killed_mid_trial_is_retried_and_nothing_is_lost(tmp_path):
         except KeyError:
             continue
         children = set(_children(launcher.pid))
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            worker = t.user_attrs.get("worker", "")
-            pid = int(worker.rsplit(":", 1)[1]) if ":" in worker else None
-            if pid in children and len([c for c in study.trials if c.state.is_finished()]) >= 2:
-                victim, killed_trial = pid, t.number
-                break
+        trials = study.get_trials(deepcopy=False)
+        workers_in_trials = {_worker_pid(t) for t in trials}
+        finished = [t for t in trials if t.state.is_finished()]
+        # Every worker is past its reference evaluation, so the next evaluate() to take the hold is inside
+        # a trial, and it never returns: the kill cannot race the trial's end.
+        if not hold.exists() and not list(tmp_path.glob("hold.*")) and children and children <= workers_in_trials \
+                and len(finished) >= 2:
+            hold.touch()
+        for taken in tmp_path.glob("hold.*"):
+            pid = int(taken.suffix[1:])
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and _worker_pid(t) == pid]
+            if pid in children and running:
+                victim, killed_trial = pid, running[0].number
     assert victim is not None, "no worker was caught mid-trial"
     os.kill(victim, signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=300)
