@@ -19,6 +19,9 @@ from torch import nn
 
 from autoprec.errors import SpecError
 
+# sys.exit() or argparse in a user's model.py is a mistake to report in one line, not our exit.
+USER_CODE_ERRORS = (Exception, SystemExit)
+
 Inputs = Any  # a tensor, a tuple of positional inputs or a dict of keyword inputs
 
 _REQUIRED = {
@@ -113,7 +116,7 @@ class ModelSpec:
     def new_model(self) -> nn.Module:
         try:
             model = self.build_model()
-        except Exception as exc:
+        except USER_CODE_ERRORS as exc:
             raise self.error("build_model", f"raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):
             raise self.error("build_model", f"returned {type(model).__name__}, not a torch.nn.Module")
@@ -129,7 +132,7 @@ class ModelSpec:
     def _inputs(self, name: str, fn: Callable[[], Any]) -> Inputs:
         try:
             value = fn()
-        except Exception as exc:
+        except USER_CODE_ERRORS as exc:
             raise self.error(name, f"raised {type(exc).__name__}: {exc}") from exc
         if not _check_inputs(value):
             raise self.error(name, f"returned {type(value).__name__}, not a tensor, a tuple of tensors "
@@ -142,7 +145,7 @@ class ModelSpec:
             return [self.example()]
         try:
             batches = list(self.eval_inputs())
-        except Exception as exc:
+        except USER_CODE_ERRORS as exc:
             raise self.error("eval_inputs", f"raised {type(exc).__name__}: {exc}") from exc
         if not batches:
             raise self.error("eval_inputs", "gave no batches")
@@ -156,7 +159,7 @@ class ModelSpec:
         if self.output is not None:
             try:
                 value = self.output(outputs)
-            except Exception as exc:
+            except USER_CODE_ERRORS as exc:
                 raise self.error("output", f"raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise self.error("output", f"returned {type(value).__name__}, not a floating tensor")
@@ -171,7 +174,7 @@ class ModelSpec:
         assert self.evaluate is not None
         try:
             value = self.evaluate(model, device)
-        except Exception as exc:
+        except USER_CODE_ERRORS as exc:
             raise self.error("evaluate", f"raised {type(exc).__name__}: {exc}") from exc
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
@@ -202,7 +205,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     sys.path.insert(0, folder)  # so model.py can import its neighbours
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise SpecError(one_line(f"{path}: importing it raised {type(exc).__name__}: {exc}; fix the import "
                                  "(is every package it needs installed?)")) from None
     finally:
