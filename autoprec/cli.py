@@ -31,17 +31,19 @@ def cmd_layers(args: argparse.Namespace) -> None:
 def cmd_apply(args: argparse.Namespace) -> None:
     from autoprec.report_apply import apply_and_compare
 
-    print(apply_and_compare(args.policy, args.model, device=args.device))
+    print(apply_and_compare(args.policy, args.model, device=args.device, threads=args.threads,
+                            timing=timing_settings(None, args.malloc_defaults)))
 
 
-def timing_settings(max_rounds: int | None):
+def timing_settings(max_rounds: int | None, malloc_defaults: bool):
     from autoprec.timing import TimingSettings
 
+    keep = not malloc_defaults
     if max_rounds is None:
-        return TimingSettings()
+        return TimingSettings(keep_freed_memory=keep)
     if max_rounds < 1:
         raise AutoprecError(f"--max-rounds {max_rounds}: give at least 1")
-    return TimingSettings(rounds=min(TimingSettings.rounds, max_rounds), max_rounds=max_rounds)
+    return TimingSettings(rounds=min(TimingSettings.rounds, max_rounds), max_rounds=max_rounds, keep_freed_memory=keep)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -53,7 +55,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                           study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
                           seed=args.seed, threads=args.threads, progress=not args.no_progress,
                           strategy=args.strategy, retime_front=not args.no_retime,
-                          timing=timing_settings(args.max_rounds))
+                          timing=timing_settings(args.max_rounds, args.malloc_defaults))
     if args.workers > 1 and storage_url(args.storage).startswith("sqlite"):
         raise AutoprecError(f"--workers {args.workers} with SQLite ({storage_url(args.storage)}): SQLite lets one "
                             "process write at a time, so several workers may fail with 'database is locked'; use "
@@ -203,6 +205,13 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
                                      "sqlite:///autoprec.db)")
 
 
+def _add_malloc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--malloc-defaults", action="store_true", dest="malloc_defaults",
+                   help="time on the CPU with the C library's default malloc settings (glibc hands large freed "
+                        "blocks back, so each forward page-faults its activations in again); by default freed "
+                        "memory is kept for reuse, as jemalloc/tcmalloc deployments do")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoprec", description="Search per-layer numeric formats "
                                      "(fp32/fp16/bf16/int8) for a PyTorch model.")
@@ -219,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("policy", help="policy JSON written by `autoprec export`")
     p.add_argument("model", help="path to model.py")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    _add_malloc(p)
     commands["apply"] = cmd_apply
 
     p = sub.add_parser("search", help="run or resume a study")
@@ -240,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=None, dest="max_rounds",
                    help="timing effort: interleaved rounds per measurement go from 9 up to this until the median "
                         "is known within 3%% (default 33; lower it for a quick look on a busy machine)")
+    _add_malloc(p)
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes sharing the study (needs a server database, e.g. PostgreSQL)")
     p.add_argument("--devices", default=None, help="comma-separated devices, one worker each (cuda:0,cuda:1)")

@@ -20,6 +20,7 @@ import optuna
 import torch
 
 from autoprec import guide
+from autoprec.cpu_malloc import KEPT, allocator_state, keep_freed_memory
 from autoprec.errors import AutoprecError, StoreError
 from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, TrainingSettings, model_fingerprint
@@ -105,7 +106,7 @@ def policy_from_params(params: dict[str, Any], space: SearchSpace | None = None)
 
 
 def _check_resume(info: dict[str, Any], fingerprint: str, space: SearchSpace, device: torch.device,
-                  max_drop: float | None, name: str) -> None:
+                  max_drop: float | None, name: str, freed_memory_kept: bool) -> None:
     way_out = f"start a new study with --study NEW_NAME (this one is {name!r})"
     if info.get("model_fingerprint") != fingerprint:
         raise StoreError(f"study {name!r} was made for a different model ({info.get('model_class')}, "
@@ -115,6 +116,10 @@ def _check_resume(info: dict[str, Any], fingerprint: str, space: SearchSpace, de
                          f"and this run's space {space.name!r} differs; {way_out}")
     if info.get("device_type") != device.type:
         raise StoreError(f"study {name!r} was measured on {info.get('device_type')}, not {device.type}; {way_out}")
+    if device.type == "cpu" and info.get("cpu_freed_memory_kept", freed_memory_kept) != freed_memory_kept:
+        was, flag = ("kept", "drop --malloc-defaults") if info["cpu_freed_memory_kept"] else ("returned", "add --malloc-defaults")
+        raise StoreError(f"study {name!r} was timed with the CPU allocator's freed memory {was}, which changes "
+                         f"latencies; {flag} to match it, or {way_out}")
     if max_drop is not None and abs(max_drop - info["max_drop"]) > 1e-15:
         raise StoreError(f"study {name!r} uses --max-drop {info['max_drop']}, not {max_drop}; "
                          f"`autoprec front --max-drop` filters an existing study, or {way_out}")
@@ -158,13 +163,19 @@ class Search:
         if info is None:
             info = self._create_or_wait()
         if self.evaluator is None:
-            _check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name)
+            _check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
+                          self._freed_memory_kept())
             self.evaluator = Evaluator(self.spec, self.device, threads=config.threads, timing=config.timing,
                                        reference_latency_ms=info["reference"]["latency_ms"])
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
         self.info = info
         self.max_drop = float(info["max_drop"])
         self.reference_score = float(info["reference"]["score"])
+
+    def _freed_memory_kept(self) -> bool:
+        if self.config.timing.keep_freed_memory:
+            keep_freed_memory()
+        return allocator_state() == KEPT
 
     def _ready_info(self) -> dict[str, Any] | None:
         if self.study_name not in study_names(self.storage):
@@ -214,6 +225,7 @@ class Search:
             "space_fingerprint": self.space.fingerprint(),
             "device_type": self.device.type,
             "environment": environment(self.device),
+            "cpu_freed_memory_kept": self._freed_memory_kept(),
             "max_drop": DEFAULT_MAX_DROP if self.config.max_drop is None else self.config.max_drop,
             "reference": {"score": self.evaluator.reference_score,
                           "latency_ms": self.evaluator.reference_latency_ms,

@@ -54,6 +54,7 @@ class TimingSettings:
     warmup_calls: int = 2
     max_rounds: int = 33  # rounds are added, 4 at a time, until the median is known to within
     target_ci: float = 1.03  # this ratio (upper / lower end of its ~90% confidence interval)
+    keep_freed_memory: bool = True  # on the CPU, glibc keeps freed memory (see autoprec.cpu_malloc)
 
 
 @dataclass

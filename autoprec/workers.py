@@ -33,6 +33,8 @@ def worker_command(config: SearchConfig, study: str, url: str, run_id: str, devi
         cmd += ["--threads", str(threads)]
     if config.timeout is not None:
         cmd += ["--timeout", str(config.timeout)]
+    if not config.timing.keep_freed_memory:
+        cmd += ["--malloc-defaults"]
     return cmd
 
 

@@ -7,8 +7,8 @@ policy's latency_ms values and their spread (max/min; target <= 1.03), the secon
 costs, and memory_bytes beside the size of the same applied model's state_dict serialized with
 torch.save into io.BytesIO (target: within 2%).
 
-By default autoprec's TimingSettings: at least 9 rounds, more (4 at a time, up to 45) until the
-median ratio's ~90% confidence interval is within 2%. With --sweep ROUNDS:MIN_ROUND_S,... the
+By default autoprec's TimingSettings: at least 9 rounds, more (4 at a time, up to 33) until the
+median ratio's ~90% confidence interval is within 3%. With --sweep ROUNDS:MIN_ROUND_S,... the
 same repeats are run for each fixed round count in turn on the same Evaluator (same fp32
 reference latency), to compare what fixed settings give and cost.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import _common as C
@@ -34,6 +35,7 @@ import _common as C
 C.quiet()
 
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import autoprec.evaluate as E  # noqa: E402
 import autoprec.timing as T  # noqa: E402
@@ -106,10 +108,12 @@ def run_setting(ev: E.Evaluator, policies: dict[str, Policy], settings: TimingSe
     ev.timing = settings
     label = (lambda name, t: name) if len(threads) == 1 else (lambda name, t: f"{name} @ {t} thread(s)")
     results = {label(name, t): [] for t in threads for name in policies}
+    bar = tqdm(total=repeats * len(threads) * len(policies), desc="measurements", unit="measure", file=sys.stderr)
     for _ in range(repeats):
         for t in threads:
             torch.set_num_threads(t)
             for name, policy in policies.items():
+                bar.set_postfix_str(label(name, t) if len(threads) > 1 else name)
                 start = time.perf_counter()
                 _timing_seconds.clear()
                 _raw_pairs.clear()
@@ -121,6 +125,8 @@ def run_setting(ev: E.Evaluator, policies: dict[str, Policy], settings: TimingSe
                 assert abs(_median_of_ratios(_raw_pairs[0]) - m.latency_ratio) < 1e-9
                 results[label(name, t)].append((m, time.perf_counter() - start, sum(_timing_seconds),
                                                 {"wall": _raw_pairs[0], "cpu": _cpu_pairs[0]}, policy))
+                bar.update()
+    bar.close()
     torch.set_num_threads(threads[0])
     return results
 
@@ -137,6 +143,8 @@ def main() -> None:
     parser.add_argument("--threads", default=None,
                         help="Evaluator(threads=...) (default: autoprec's, all usable cores); a list such as "
                              "1,2 measures every policy at each thread count in turn, side by side")
+    parser.add_argument("--policies", default="fp32,all-bf16,all-int8",
+                        help="which of fp32, all-bf16, all-int8 to measure (bf16 is slow where the CPU lacks avx512_bf16)")
     parser.add_argument("--no-peak", action="store_true", help="Evaluator(measure_peak=False)")
     args = parser.parse_args()
 
@@ -156,7 +164,7 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [T.default_threads()]
     ev = E.Evaluator(spec, "cpu", threads=threads[0], timing=sweep[0], measure_peak=not args.no_peak)
     setup_s = time.perf_counter() - start
-    policies = C.three_policies(ev.model)
+    policies = {k: p for k, p in C.three_policies(ev.model).items() if k in args.policies.split(",")}
 
     print(f"### Measurement stability: Evaluator(spec, 'cpu').measure on {os.path.relpath(args.spec, C.REPO)}\n")
     print(C.machine_header({

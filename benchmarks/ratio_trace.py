@@ -93,8 +93,9 @@ def main() -> None:
 
     header = ["t (s)"] + [f"{k} ms / ref ms (ratio)" for k in forwards]
     rows, window_ratios = [], {k: [] for k in forwards}
-    for j in range(0, len(pairs) - args.window + 1, args.window):
-        chunk = pairs[j:j + args.window]
+    window = max(1, min(args.window, len(pairs)))  # a short trace of slow policies is one window
+    for j in range(0, len(pairs) - window + 1, window):
+        chunk = pairs[j:j + window]
         cells = [f"{chunk[0]['t']:.0f}"]
         for k in forwards:
             ratio = statistics.median(p[k] for p in chunk)
@@ -104,7 +105,7 @@ def main() -> None:
         rows.append(cells)
     rows.append(["**spread max/min of the window ratios**"]
                 + [f"**{max(v) / min(v):.3f}**" for v in window_ratios.values()])
-    print(f"{len(pairs)} ABBA pairs per policy in {args.seconds:.0f} s, median per window of {args.window}:\n")
+    print(f"{len(pairs)} ABBA pairs per policy in {args.seconds:.0f} s, median per window of {window}:\n")
     print(C.table(header, rows))
     print()
 

@@ -99,7 +99,7 @@ def test_export_writes_a_policy_that_reproduces_the_stored_score(searched):
     model = autoprec.apply_policy(spec.build_model(), target)
     assert not any(isinstance(m, type(None)) for m in model.modules())
     out = autoprec_cli("apply", str(target), str(TINY), "--device", "cpu").stdout
-    assert "latency_ms" in out and "score" in out
+    assert "latency_ms" in out and "score" in out and "freed memory kept" in out
 
 
 def test_load_study_shows_metric_names_and_every_policy(searched):
@@ -145,6 +145,11 @@ def test_resume_adds_trials_and_refuses_a_changed_space(searched):
                            "--no-progress", check=False)
     assert refused.returncode == 2
     assert "space" in refused.stderr and "--study" in refused.stderr
+    assert _study(url, "tiny_mlp").user_attrs["autoprec"]["cpu_freed_memory_kept"] is True
+    other_malloc = autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "1", "--storage", url,
+                                "--malloc-defaults", "--no-progress", check=False)
+    assert other_malloc.returncode == 2 and len(other_malloc.stderr.strip().splitlines()) == 1
+    assert "freed memory kept" in other_malloc.stderr and "drop --malloc-defaults" in other_malloc.stderr
     assert len(_study(url, "tiny_mlp").trials) == 12
 
 
