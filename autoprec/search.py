@@ -117,7 +117,8 @@ def _check_resume(info: dict[str, Any], fingerprint: str, space: SearchSpace, de
     if info.get("device_type") != device.type:
         raise StoreError(f"study {name!r} was measured on {info.get('device_type')}, not {device.type}; {way_out}")
     if device.type == "cpu" and info.get("cpu_freed_memory_kept", freed_memory_kept) != freed_memory_kept:
-        was, flag = ("kept", "drop --malloc-defaults") if info["cpu_freed_memory_kept"] else ("returned", "add --malloc-defaults")
+        kept = info["cpu_freed_memory_kept"]
+        was, flag = ("kept", "drop --malloc-defaults") if kept else ("returned", "add --malloc-defaults")
         raise StoreError(f"study {name!r} was timed with the CPU allocator's freed memory {was}, which changes "
                          f"latencies; {flag} to match it, or {way_out}")
     if max_drop is not None and abs(max_drop - info["max_drop"]) > 1e-15:

@@ -15,6 +15,11 @@ reference latency), to compare what fixed settings give and cost.
     .venv/bin/python benchmarks/measurement_stability.py [--repeats 5] [--rounds 9 --min-round-s 0.05]
     .venv/bin/python benchmarks/measurement_stability.py --sweep 9:0.05,21:0.05,41:0.05 [--threads 1]
     .venv/bin/python benchmarks/measurement_stability.py --target-ci 1.02,1.03
+    .venv/bin/python benchmarks/measurement_stability.py --threads 1,2 --policies fp32,all-int8 --malloc-defaults
+
+Timing keeps freed memory in the process as autoprec does (autoprec.cpu_malloc); --malloc-defaults
+measures under glibc's defaults instead, for comparison (run it as its own process: mallopt is
+process-wide and one-way).
 
 Besides autoprec's estimator (median of per-round candidate/reference ratios), the same raw round
 times (recorded by wrapping autoprec.timing.time_calls, which changes nothing) are also summarised
@@ -25,6 +30,7 @@ which estimator is steadiest on a shared machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -145,6 +151,8 @@ def main() -> None:
                              "1,2 measures every policy at each thread count in turn, side by side")
     parser.add_argument("--policies", default="fp32,all-bf16,all-int8",
                         help="which of fp32, all-bf16, all-int8 to measure (bf16 is slow where the CPU lacks avx512_bf16)")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="time with glibc's default malloc settings (autoprec keeps freed memory by default)")
     parser.add_argument("--no-peak", action="store_true", help="Evaluator(measure_peak=False)")
     args = parser.parse_args()
 
@@ -157,6 +165,8 @@ def main() -> None:
         sweep = [TimingSettings(rounds=args.rounds or default.rounds,
                                 min_round_s=args.min_round_s if args.min_round_s is not None else default.min_round_s)]
 
+    sweep = [dataclasses.replace(t, keep_freed_memory=not args.malloc_defaults) for t in sweep]
+    from autoprec.cpu_malloc import allocator_state
     from autoprec.userspec import load_spec
 
     spec = load_spec(args.spec)
@@ -173,6 +183,7 @@ def main() -> None:
         "Evaluator setup": f"{setup_s:.1f} s (fp32 reference latency {ev.reference_latency_ms:.1f} ms, "
                            f"solo, {2 * sweep[0].rounds} rounds)",
         "measure_peak": not args.no_peak,
+        "cpu allocator": allocator_state(),
         "order": f"for repeat in {args.repeats}: for policy in {list(policies)}",
     }))
     print()

@@ -7,7 +7,7 @@ against the fp32 reference in back-to-back ABBA pairs of single forwards, contin
 instances run the same inputs, the cause is the machine, not the measurement method.
 
 Then minor page faults per forward (getrusage) under glibc's default allocator and after
-`mallopt` keeps freed memory in the process (what a server with tcmalloc/jemalloc does), with the
+`autoprec.cpu_malloc.keep_freed_memory()` (what a server with tcmalloc/jemalloc does), with the
 median ms of 7 forwards each: a forward that faults its activations in on every call pays the
 kernel for it, and that cost moves with the machine's memory state.
 
@@ -17,7 +17,6 @@ kernel for it, and that cost moves with the machine's memory state.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import resource
 import statistics
 import time
@@ -29,18 +28,9 @@ C.quiet()
 import torch  # noqa: E402
 
 import autoprec.evaluate as E  # noqa: E402
-from autoprec.timing import time_calls  # noqa: E402
+from autoprec.cpu_malloc import KEPT, keep_freed_memory  # noqa: E402
+from autoprec.timing import TimingSettings, time_calls  # noqa: E402
 from autoprec.userspec import load_spec  # noqa: E402
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from handing freed blocks back to the kernel (no mmap per large tensor, no trim)."""
-    libc = ctypes.CDLL("libc.so.6")
-    if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)):
-        raise SystemExit("mallopt refused")
-
 
 def faults_and_ms(forward, calls: int = 7) -> tuple[float, float]:
     forward()
@@ -65,7 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = load_spec(str(C.MINILM))
-    ev = E.Evaluator(spec, "cpu", threads=args.threads, measure_peak=False, reference_latency_ms=1.0)
+    # The Evaluator would keep freed memory itself; here the trace chooses, and the defaults go first.
+    ev = E.Evaluator(spec, "cpu", threads=args.threads, measure_peak=False, reference_latency_ms=1.0,
+                     timing=TimingSettings(keep_freed_memory=False))
     models = {k: ev.candidate(p) for k, p in C.three_policies(ev.model).items()}
     forwards = {k: ev._forward(m) for k, m in models.items()}
     reference = ev._forward(ev.model)
@@ -75,8 +67,8 @@ def main() -> None:
                             "trace allocator": "glibc, freed memory kept (mallopt)" if args.keep_freed_memory
                             else "glibc defaults"}))
     print()
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    if args.keep_freed_memory and keep_freed_memory() != KEPT:
+        raise SystemExit("this C library has no mallopt thresholds to set (not glibc)")
 
     pairs: list[dict[str, float]] = []
     start = time.time()
