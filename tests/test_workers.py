@@ -118,3 +118,18 @@ def test_unreachable_store_is_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot open the study store" in lines[0]
+
+
+@pytest.mark.parametrize("malloc_defaults", [False, True])
+def test_workers_are_started_with_the_launchers_timing_settings(malloc_defaults):
+    from autoprec.cli import build_parser, timing_settings
+    from autoprec.search import SearchConfig
+    from autoprec.workers import worker_command
+
+    timing = timing_settings(13, malloc_defaults)
+    config = SearchConfig(model=str(TINY), storage="postgresql://x@h/db", timing=timing, space="cpu")
+    cmd = worker_command(config, "s", "postgresql://x@h/db", "run1", None, index=2, threads=1)
+    assert cmd[1:3] == ["-m", "autoprec"]
+    args = build_parser().parse_args(cmd[3:])
+    assert timing_settings(args.max_rounds, args.malloc_defaults) == timing
+    assert (args.join, args.seed, args.threads, args.space) == ("run1", 2, 1, "cpu")
