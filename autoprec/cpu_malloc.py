@@ -39,3 +39,10 @@ def keep_freed_memory() -> str:
         if mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _THRESHOLD):
             _state = KEPT
     return allocator_state()
+
+
+def prepare(keep: bool) -> bool:
+    """Keep freed memory from now on where `keep`; True when this process's freed memory is kept."""
+    if keep:
+        keep_freed_memory()
+    return allocator_state() == KEPT

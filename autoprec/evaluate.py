@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprec.cpu_malloc import allocator_state, keep_freed_memory
+from autoprec import cpu_malloc
 from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
 from autoprec.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
 from autoprec.policy import Policy, TrainingSettings
@@ -78,7 +78,7 @@ def environment(device: torch.device) -> dict[str, str]:
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
         env["device_name"] = platform.processor() or platform.machine()
-        env["cpu_allocator"] = allocator_state()
+        env["cpu_allocator"] = cpu_malloc.allocator_state()
     return env
 
 
@@ -121,8 +121,7 @@ class Evaluator:
         self.measure_peak = measure_peak
         if self.device.type == "cpu":
             torch.set_num_threads(threads or default_threads())
-            if timing.keep_freed_memory:
-                keep_freed_memory()
+            cpu_malloc.prepare(timing.keep_freed_memory)
         self.model = spec.new_model().to(self.device)
         self.example = move_inputs(spec.example(), self.device)
         self._batches = [move_inputs(b, self.device) for b in spec.eval_batches()] if spec.evaluate is None else []

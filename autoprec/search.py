@@ -19,8 +19,7 @@ from typing import Any
 import optuna
 import torch
 
-from autoprec import guide
-from autoprec.cpu_malloc import KEPT, allocator_state, keep_freed_memory
+from autoprec import cpu_malloc, guide
 from autoprec.errors import AutoprecError, StoreError
 from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, TrainingSettings, model_fingerprint
@@ -165,18 +164,13 @@ class Search:
             info = self._create_or_wait()
         if self.evaluator is None:
             _check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
-                          self._freed_memory_kept())
+                          cpu_malloc.prepare(self.config.timing.keep_freed_memory))
             self.evaluator = Evaluator(self.spec, self.device, threads=config.threads, timing=config.timing,
                                        reference_latency_ms=info["reference"]["latency_ms"])
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
         self.info = info
         self.max_drop = float(info["max_drop"])
         self.reference_score = float(info["reference"]["score"])
-
-    def _freed_memory_kept(self) -> bool:
-        if self.config.timing.keep_freed_memory:
-            keep_freed_memory()
-        return allocator_state() == KEPT
 
     def _ready_info(self) -> dict[str, Any] | None:
         if self.study_name not in study_names(self.storage):
@@ -226,7 +220,7 @@ class Search:
             "space_fingerprint": self.space.fingerprint(),
             "device_type": self.device.type,
             "environment": environment(self.device),
-            "cpu_freed_memory_kept": self._freed_memory_kept(),
+            "cpu_freed_memory_kept": cpu_malloc.prepare(self.config.timing.keep_freed_memory),
             "max_drop": DEFAULT_MAX_DROP if self.config.max_drop is None else self.config.max_drop,
             "reference": {"score": self.evaluator.reference_score,
                           "latency_ms": self.evaluator.reference_latency_ms,
