@@ -187,7 +187,8 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
     generator = torch.Generator(device="cpu").manual_seed(seed)
     grads_per_probe: list[tuple] = []
     for k in range(probes):
-        r = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
+        # drawn on the CPU so that a seed gives the same probes on every device
+        r = torch.randn(ref.shape, generator=generator, dtype=torch.float64).to(ref.device)
         r = r - (r * unit).sum(1, keepdim=True) * unit
         weight = (r / norm).to(device=flat.device, dtype=flat.dtype)
         grads = torch.autograd.grad((flat * weight).sum(), outs, retain_graph=k < probes - 1, allow_unused=True)

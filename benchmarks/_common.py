@@ -64,6 +64,14 @@ def cpu_flags() -> str:
     return "?"
 
 
+def gpu_name() -> str:
+    if not torch.cuda.is_available():
+        return "none"
+    props = torch.cuda.get_device_properties(0)
+    return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+            f"CUDA {torch.version.cuda})")
+
+
 def machine_header(extra: dict[str, object] | None = None) -> str:
     """The lines printed above every table: what the numbers were measured on."""
     try:
@@ -81,6 +89,7 @@ def machine_header(extra: dict[str, object] | None = None) -> str:
         "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores; {cpu_flags()})",
         "torch": torch.__version__,
         "torchao": ao,
+        "gpu": gpu_name(),
         "threads": torch.get_num_threads(),
         "quantized engine": torch.backends.quantized.engine,
         "load average at start (1/5/15 min)": load,

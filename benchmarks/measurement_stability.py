@@ -14,6 +14,7 @@ reference latency), to compare what fixed settings give and cost.
 
     .venv/bin/python benchmarks/measurement_stability.py [--repeats 5] [--rounds 9 --min-round-s 0.05]
     .venv/bin/python benchmarks/measurement_stability.py --sweep 9:0.05,21:0.05,41:0.05 [--threads 1]
+    .venv/bin/python benchmarks/measurement_stability.py --device cuda --sweep 9-33:0.05,9-33:0.2
     .venv/bin/python benchmarks/measurement_stability.py --target-ci 1.02,1.03
     .venv/bin/python benchmarks/measurement_stability.py --threads 1,2 --policies fp32,all-int8 --malloc-defaults
 
@@ -100,10 +101,12 @@ E.paired_latency = _timed_paired_latency
 
 
 def parse_sweep(text: str) -> list[TimingSettings]:
+    """ROUNDS[:MIN_ROUND_S] is a fixed round count; MIN-MAX[:MIN_ROUND_S] adds rounds up to MAX (adaptive)."""
     out = []
     for item in text.split(","):
         rounds, _, min_s = item.partition(":")
-        out.append(TimingSettings(rounds=int(rounds), min_round_s=float(min_s or 0.05), max_rounds=int(rounds)))
+        least, _, most = rounds.partition("-")
+        out.append(TimingSettings(rounds=int(least), min_round_s=float(min_s or 0.05), max_rounds=int(most or least)))
     return out
 
 
@@ -142,7 +145,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=None, help="TimingSettings.rounds (default: autoprec's)")
     parser.add_argument("--min-round-s", type=float, default=None, help="TimingSettings.min_round_s")
-    parser.add_argument("--sweep", default=None, help="ROUNDS:MIN_ROUND_S,... fixed settings to try in turn")
+    parser.add_argument("--sweep", default=None, help="ROUNDS:MIN_ROUND_S,... fixed settings to try in turn (MIN-MAX:MIN_ROUND_S: adaptive rounds)")
     parser.add_argument("--target-ci", default=None,
                         help="comma list of TimingSettings.target_ci values to try in turn (adaptive rounds)")
     parser.add_argument("--spec", default=str(C.MINILM), help="model.py to measure (default: MiniLM)")
@@ -153,6 +156,7 @@ def main() -> None:
                         help="which of fp32, all-bf16, all-int8 to measure (bf16 is slow where the CPU lacks avx512_bf16)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="time with glibc's default malloc settings (autoprec keeps freed memory by default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (--threads applies to the CPU)")
     parser.add_argument("--no-peak", action="store_true", help="Evaluator(measure_peak=False)")
     args = parser.parse_args()
 
@@ -172,11 +176,11 @@ def main() -> None:
     spec = load_spec(args.spec)
     start = time.perf_counter()
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [T.default_threads()]
-    ev = E.Evaluator(spec, "cpu", threads=threads[0], timing=sweep[0], measure_peak=not args.no_peak)
+    ev = E.Evaluator(spec, args.device, threads=threads[0], timing=sweep[0], measure_peak=not args.no_peak)
     setup_s = time.perf_counter() - start
     policies = {k: p for k, p in C.three_policies(ev.model).items() if k in args.policies.split(",")}
 
-    print(f"### Measurement stability: Evaluator(spec, 'cpu').measure on {os.path.relpath(args.spec, C.REPO)}\n")
+    print(f"### Measurement stability: Evaluator(spec, {args.device!r}).measure on {os.path.relpath(args.spec, C.REPO)}\n")
     print(C.machine_header({
         "threads": torch.get_num_threads() if len(threads) == 1 else
         f"{threads} in turn (fp32 reference latency measured at {threads[0]})",

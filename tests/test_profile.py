@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -115,3 +116,20 @@ def test_profile_falls_back_to_exact_drops_where_no_gradient_reaches():
     assert skipped == ["b"] and drops["a"]["int8"] > 0
     profile = build_profile(_Spec(), shared, x, choices, ("fp32",), CPU)
     assert profile.layers["a"]["int8"]["drop"] == exact_drops(_Spec(), shared, x, ["a"], choices, CPU)["a"]["int8"]
+
+
+@pytest.mark.cuda
+def test_linearized_profile_runs_on_cuda_and_agrees_with_the_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    from autoprec.userspec import move_inputs
+
+    cuda = torch.device("cuda")
+    spec, model, example, names, choices = _setup("residual_block.py")
+    choices = {n: ("fp32", "bf16") for n in names}
+    on_cpu = build_profile(spec, model, example, choices, ("fp32",), CPU)
+    on_cuda = build_profile(spec, model.to(cuda), move_inputs(example, cuda), choices, ("fp32",), cuda)
+    assert on_cuda.method == "linearized", on_cuda.method
+    for name in names:
+        a, b = on_cpu.layers[name]["bf16"]["drop"], on_cuda.layers[name]["bf16"]["drop"]
+        assert 0.5 < b / a < 2.0, (name, a, b)

@@ -145,12 +145,21 @@ def test_resume_adds_trials_and_refuses_a_changed_space(searched):
                            "--no-progress", check=False)
     assert refused.returncode == 2
     assert "space" in refused.stderr and "--study" in refused.stderr
-    assert _study(url, "tiny_mlp").user_attrs["autoprec"]["cpu_freed_memory_kept"] is True
-    other_malloc = autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "1", "--storage", url,
-                                "--malloc-defaults", "--no-progress", check=False)
+    assert len(_study(url, "tiny_mlp").trials) == 12
+
+
+def test_resume_on_the_cpu_refuses_the_other_malloc_setting(tmp_path):
+    # pinned to the CPU: the malloc setting changes CPU timings only, so a CUDA study has no such check
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cpu = ["--device", "cpu", "--max-rounds", "9", "--storage", url, "--no-progress", "--no-retime"]
+    autoprec_cli("search", str(TINY), "--trials", "1", *cpu)
+    study = _study(url, "tiny_mlp")
+    assert study.user_attrs["autoprec"]["cpu_freed_memory_kept"] is True
+    before = len(study.trials)
+    other_malloc = autoprec_cli("search", str(TINY), "--trials", "1", "--malloc-defaults", *cpu, check=False)
     assert other_malloc.returncode == 2 and len(other_malloc.stderr.strip().splitlines()) == 1
     assert "freed memory kept" in other_malloc.stderr and "drop --malloc-defaults" in other_malloc.stderr
-    assert len(_study(url, "tiny_mlp").trials) == 12
+    assert len(_study(url, "tiny_mlp").trials) == before
 
 
 def test_broken_spec_leaves_no_study(tmp_path):

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The CUDA checks, in one run for a lent GPU: the CUDA tests, the measurement-stability benchmark
+# on the GPU, the README's main job on the GPU followed by export and apply, and the rest of the
+# suite with the GPU present (needs pytest-xdist). Each step has its own time limit (about 10 min
+# in all), so one slow step cannot take the others' time; logs and tables go to $OUT.
+#
+#     OUT=/tmp/cuda_out bash benchmarks/cuda_check.sh        (autoprec importable, a CUDA GPU present)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/cuda_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+PY="${PYTHON:-python3}"
+DEV="${DEVICE:-cuda}"  # DEVICE=cpu dry-runs the script without a GPU
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its log, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc in $((SECONDS - start)) s (limit $limit s)"
+    tail -n "${TAIL:-40}" "$OUT/$name.log"
+}
+
+"$PY" - <<'EOF'
+import torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+EOF
+
+TAIL=60 step stability_cuda 140 "$PY" benchmarks/measurement_stability.py --device "$DEV" --repeats 5
+TAIL=15 step pytest_cuda 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_precision.py \
+    tests/test_profile.py
+rm -f "$OUT/minilm_cuda.db"
+TAIL=40 step search_cuda 150 "$PY" -m autoprec search studies/minilm/model.py --trials 12 --device "$DEV" \
+    --storage "sqlite:///$OUT/minilm_cuda.db" --no-progress
+TAIL=5 step export_cuda 30 "$PY" -m autoprec export --storage "sqlite:///$OUT/minilm_cuda.db" --study minilm \
+    --pick fastest -o "$OUT/minilm_cuda_policy.json"
+TAIL=20 step apply_cuda 60 "$PY" -m autoprec apply "$OUT/minilm_cuda_policy.json" studies/minilm/model.py --device "$DEV"
+# the rest of the suite where a GPU is present: models and searches that default to cuda run there
+# (-v: each result is logged as it ends, so a run stopped at its limit still names what failed)
+TAIL=15 step pytest_rest 150 "$PY" -m pytest -v -rfE -p no:cacheprovider -n 12 --ignore tests/test_evaluate.py \
+    --ignore tests/test_precision.py tests
