@@ -9,6 +9,10 @@
   the first worker to INSERT it does the job; the others use the result from the study. A claim
   whose owner stopped heartbeating for `stale_s` can be taken over.
 
+- `autoprec_ops`: one row per counter change (reserve, release), written in the same transaction
+  as the change, so that a retry after a connection dropped between the commit and its
+  acknowledgement finds its row and does not count twice.
+
 The trials themselves stay Optuna's (RDB storage); these rows only count and claim.
 """
 
@@ -45,6 +49,13 @@ claims = sa.Table(
     sa.Column("done", sa.Boolean, nullable=False, default=False),
 )
 
+ops = sa.Table(
+    "autoprec_ops", _metadata,
+    sa.Column("op_id", sa.String(64), primary_key=True),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -70,27 +81,48 @@ class Ledger:
 
     def new_run(self, study: str, quota: int) -> str:
         run_id = uuid.uuid4().hex
+
         def insert() -> None:
-            with self.engine.begin() as conn:
-                conn.execute(runs.insert().values(run_id=run_id, study_name=study, quota=quota, reserved=0,
-                                                  created=time.time()))
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(runs.insert().values(run_id=run_id, study_name=study, quota=quota, reserved=0,
+                                                      created=time.time()))
+            except IntegrityError:  # an earlier attempt committed before its connection dropped
+                with self.engine.connect() as conn:
+                    if conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id)).first() is None:
+                        raise
         with_retry(insert, "registering this run")
         return run_id
 
-    def reserve(self, run_id: str) -> bool:
-        def update() -> bool:
+    def _counted_once(self, run_id: str, change: sa.Update) -> Callable[[], bool]:
+        """An action for with_retry: apply `change` to the run's row once, however often retried."""
+        op_id = uuid.uuid4().hex
+
+        def action() -> bool:
             with self.engine.begin() as conn:
-                result = conn.execute(runs.update().where(runs.c.run_id == run_id, runs.c.reserved < runs.c.quota)
-                                      .values(reserved=runs.c.reserved + 1))
-                return result.rowcount == 1
-        return with_retry(update, "reserving a trial")
+                if conn.execute(sa.select(ops.c.op_id).where(ops.c.op_id == op_id)).first() is not None:
+                    return True
+                if conn.execute(change).rowcount != 1:
+                    return False
+                conn.execute(ops.insert().values(op_id=op_id, run_id=run_id, created=time.time()))
+                return True
+        return action
+
+    def reserve(self, run_id: str) -> bool:
+        change = (runs.update().where(runs.c.run_id == run_id, runs.c.reserved < runs.c.quota)
+                  .values(reserved=runs.c.reserved + 1))
+        return with_retry(self._counted_once(run_id, change), "reserving a trial")
 
     def release(self, run_id: str) -> None:
-        def update() -> None:
-            with self.engine.begin() as conn:
-                conn.execute(runs.update().where(runs.c.run_id == run_id, runs.c.reserved > 0)
-                             .values(reserved=runs.c.reserved - 1))
-        with_retry(update, "giving back a trial")
+        change = (runs.update().where(runs.c.run_id == run_id, runs.c.reserved > 0)
+                  .values(reserved=runs.c.reserved - 1))
+        with_retry(self._counted_once(run_id, change), "giving back a trial")
+
+    def counts(self, run_id: str) -> tuple[int, int]:
+        """(reserved, quota) of a run."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(runs.c.reserved, runs.c.quota).where(runs.c.run_id == run_id)).one()
+        return int(row.reserved), int(row.quota)
 
     def close_run(self, run_id: str) -> None:
         """No more trials for this run (timeout or interrupt): its workers stop after their current one."""
@@ -112,7 +144,8 @@ class Ledger:
                 with self.engine.begin() as conn:
                     result = conn.execute(claims.update().where(
                         claims.c.study_name == study, claims.c.job == job, claims.c.done.is_(False),
-                        claims.c.beat < now - stale_s).values(owner=owner, beat=now))
+                        sa.or_(claims.c.beat < now - stale_s, claims.c.owner == owner)).values(owner=owner, beat=now))
+                    # owner == this process: an earlier attempt's insert committed before its connection dropped
                     return result.rowcount == 1
         return with_retry(attempt, f"claiming the {job}")
 
