@@ -61,6 +61,14 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# A claim's owner must name this process alone: containers often share a host name and pid numbers.
+_PROCESS_TOKEN = uuid.uuid4().hex[:12]
+
+
+def _claim_owner() -> str:
+    return f"{worker_name()}:{_PROCESS_TOKEN}"
+
+
 def with_retry(action: Callable[[], T], what: str, attempts: int = 6) -> T:
     """Retry a store operation through a dropped connection, backing off 0.5, 1, 2, 4, 8 s."""
     for attempt in range(attempts):
@@ -133,7 +141,7 @@ class Ledger:
 
     def claim(self, study: str, job: str, stale_s: float) -> bool:
         """True when this worker now owns `job` for `study` (first come, or the owner went silent)."""
-        owner, now = worker_name(), time.time()
+        owner, now = _claim_owner(), time.time()
 
         def attempt() -> bool:
             try:
