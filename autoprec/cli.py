@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from autoprec.errors import AutoprecError
@@ -308,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torchao (imported by transformers when installed) registers Enums with torch's pytree, and
     # torch 2.14 logs a deprecation warning per Enum at import: noise for a user, not an error
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # torchao 0.17 warns that its int8 tensor types are deprecated each time one is made, at every
+    # int8 forward on CUDA: hundreds of lines in a search's output (seen on an H200)
+    warnings.filterwarnings("ignore", message=r"Deprecation: .* is deprecated and will be removed in a future "
+                            r"release of torchao")
     try:
         args._commands[args.command](args)
     except AutoprecError as exc:

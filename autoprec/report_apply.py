@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
 
-from autoprec.cpu_malloc import allocator_state
-from autoprec.evaluate import Evaluator, resolve_device
+from autoprec.cpu_malloc import KEPT, allocator_state
+from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, load_policy
 from autoprec.tables import format_bytes, format_table
 from autoprec.timing import TimingSettings
@@ -41,4 +42,33 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     tail = ""
     if "score" in stored:
         tail = f"\nscore stored in the policy: {stored['score']:.6f} (measured here: {cand.score:.6f})"
+    tail += stored_latency(stored, cand.latency_ratio / fp32.latency_ratio, environment(evaluator.device))
     return head + "\n" + format_table(["", "fp32", "policy", "change"], rows) + tail
+
+
+def stored_latency(stored: dict, here_ratio: float, here: dict[str, str]) -> str:
+    """The policy's latency ratio from its study beside this run's, and what differs between the two."""
+    ratio = stored.get("retimed_ratio") or stored.get("latency_ratio")
+    if not isinstance(ratio, (int, float)):
+        return ""
+    how = "re-timed at the end of the search" if stored.get("retimed_ratio") else "in the search"
+    line = (f"\nlatency stored in the policy: {ratio:.3f}x fp32 ({how}, {stored.get('device')} "
+            f"{stored.get('device_name')}, {stored.get('threads')} threads); measured here: {here_ratio:.3f}x")
+    differs = []
+    there_type, here_type = str(stored.get("device", "")).split(":")[0], here["device"].split(":")[0]
+    if there_type and there_type != here_type:
+        differs.append(f"device {stored['device']} there, {here['device']} here")
+    # studies before 2026-11-26 stored the bare architecture as a CPU's name: nothing to compare
+    elif stored.get("device_name") not in (None, platform.machine(), here["device_name"]):
+        differs.append(f"{stored['device_name']} there, {here['device_name']} here")
+    if there_type == here_type == "cpu":
+        if stored.get("threads") and str(stored["threads"]) != here["threads"]:
+            differs.append(f"{stored['threads']} threads there, {here['threads']} here "
+                           f"(--threads {stored['threads']} to compare like with like)")
+        if stored.get("cpu_allocator") and (stored["cpu_allocator"] == KEPT) != (here["cpu_allocator"] == KEPT):
+            flag = "without --malloc-defaults" if stored["cpu_allocator"] == KEPT else "with --malloc-defaults"
+            differs.append(f"the search kept freed memory {'on' if stored['cpu_allocator'] == KEPT else 'off'}, "
+                           f"this run {'on' if here['cpu_allocator'] == KEPT else 'off'} (run {flag} to compare)")
+    if differs:
+        line += "\nnot like with like: " + "; ".join(differs)
+    return line

@@ -100,11 +100,15 @@ def policy_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Policy:
     policy = policy_from_json(trial.user_attrs["policy"], where=f"trial {trial.number}")
     measurement = trial.user_attrs.get("measurement") or {}
     env = info.get("environment", {})
+    retimed = (study.user_attrs.get(RETIMED_ATTR) or {}).get("trials", {}).get(str(trial.number), {})
     policy.measured = {
         "score": trial.values[0], "latency_ms": trial.values[1], "memory_bytes": int(trial.values[2]),
         "peak_bytes": measurement.get("peak_bytes"), "score_drop": trial.user_attrs.get("score_drop"),
         "reference_score": info["reference"]["score"], "reference_latency_ms": info["reference"]["latency_ms"],
-        "device": env.get("device"), "device_name": env.get("device_name"), "torch": env.get("torch"),
+        "latency_ratio": trial.values[1] / info["reference"]["latency_ms"],
+        "retimed_ratio": retimed.get("ratio"),  # the front re-timed side by side at the end of the search
+        "device": env.get("device"), "device_name": env.get("device_name"), "threads": env.get("threads"),
+        "cpu_allocator": env.get("cpu_allocator"), "torch": env.get("torch"),
         "study": study.study_name, "trial": trial.number,
     }
     policy.model = {"class": info["model_class"], "fingerprint": info["model_fingerprint"]}

@@ -98,8 +98,11 @@ def test_export_writes_a_policy_that_reproduces_the_stored_score(searched):
     assert evaluator.measure(policy).score == pytest.approx(stored.values[0], abs=1e-9)
     model = autoprec.apply_policy(spec.build_model(), target)
     assert not any(isinstance(m, type(None)) for m in model.modules())
+    assert policy.measured["latency_ratio"] == pytest.approx(stored.values[1] / policy.measured["reference_latency_ms"])
+    assert policy.measured["threads"] and policy.measured["device_name"]
     out = autoprec_cli("apply", str(target), str(TINY), "--device", "cpu").stdout
     assert "latency_ms" in out and "score" in out and "freed memory kept" in out
+    assert "latency stored in the policy" in out and "measured here" in out
 
 
 def test_load_study_shows_metric_names_and_every_policy(searched):
@@ -205,3 +208,18 @@ def test_sigkill_mid_trial_then_resume_fails_the_stale_trial(tmp_path):
     assert len(complete) == complete_before + 3
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_torchao_deprecation_chatter_stays_out_of_the_output_and_other_warnings_do_not(tmp_path):
+    spec = tmp_path / "model.py"
+    spec.write_text(
+        "import warnings, torch\n"
+        "def build_model():\n"
+        "    warnings.warn('Deprecation: PlainLayout is deprecated and will be removed in a future release of "
+        "torchao, see https://github.com/pytorch/ao/issues/2752 for more details')\n"
+        "    warnings.warn('a warning of the user model')\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "def example_inputs():\n    return torch.randn(2, 4)\n")
+    proc = autoprec_cli("layers", str(spec))
+    assert "PlainLayout" not in proc.stderr
+    assert "a warning of the user model" in proc.stderr

@@ -42,10 +42,14 @@ def _cpu_dynamic_int8(linear: nn.Linear) -> nn.Module:
 
 
 def _torchao_int8(linear: nn.Linear) -> nn.Module:
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    with warnings.catch_warnings():
+        # torchao 0.17 announces, once per layer, that its int8 tensor types are deprecated: a search
+        # converts hundreds of layers, and the warnings buried its output (seen on an H200)
+        warnings.simplefilter("ignore")
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    holder = nn.Sequential(linear.float())
-    quantize_(holder, Int8DynamicActivationInt8WeightConfig())
+        holder = nn.Sequential(linear.float())
+        quantize_(holder, Int8DynamicActivationInt8WeightConfig())
     return holder[0]
 
 

@@ -1,0 +1,40 @@
+"""`autoprec apply` sets the policy's stored latency beside this run's and says what differs."""
+
+from __future__ import annotations
+
+import platform
+
+from autoprec.cpu_malloc import KEPT
+from autoprec.report_apply import stored_latency
+
+HERE = {"device": "cpu", "device_name": "AMD EPYC 7B13", "threads": "2", "cpu_allocator": KEPT}
+STORED = {"latency_ratio": 0.93, "retimed_ratio": 0.925, "device": "cpu", "device_name": "AMD EPYC 7B13",
+          "threads": "2", "cpu_allocator": KEPT}
+
+
+def test_same_conditions_show_both_ratios_and_no_warning():
+    out = stored_latency(STORED, 0.941, HERE)
+    assert "0.925x fp32 (re-timed at the end of the search" in out and "measured here: 0.941x" in out
+    assert "not like with like" not in out
+
+
+def test_other_threads_allocator_and_cpu_are_named_with_the_fix():
+    stored = {**STORED, "threads": "1", "cpu_allocator": "glibc 2.36, default malloc settings",
+              "device_name": "Intel Xeon"}
+    out = stored_latency(stored, 1.2, HERE)
+    assert "1 threads there, 2 here (--threads 1 to compare like with like)" in out
+    assert "run with --malloc-defaults to compare" in out
+    assert "Intel Xeon there, AMD EPYC 7B13 here" in out
+
+
+def test_another_device_type_is_named_and_cpu_settings_are_not_compared():
+    stored = {**STORED, "device": "cuda:0", "device_name": "NVIDIA H200", "threads": "16"}
+    out = stored_latency(stored, 1.0, HERE)
+    assert "device cuda:0 there, cpu here" in out and "threads there" not in out
+
+
+def test_old_policies_without_ratio_or_cpu_name_are_handled():
+    assert stored_latency({"score": 0.9}, 1.0, HERE) == ""
+    old = {"latency_ratio": 0.9, "device": "cpu", "device_name": platform.machine()}  # before cpu names
+    out = stored_latency(old, 0.95, HERE)
+    assert "0.900x fp32 (in the search" in out and "not like with like" not in out
