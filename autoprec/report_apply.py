@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from autoprec.cpu_malloc import KEPT, allocator_state
+from autoprec.errors import AutoprecError
 from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, load_policy
 from autoprec.tables import format_bytes, format_table
@@ -20,7 +21,14 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     policy = load_policy(policy_path)
     spec = load_spec(model_path)
     evaluator = Evaluator(spec, resolve_device(device), threads=threads, timing=timing)
-    evaluator.candidate(policy)  # refuses a policy that does not fit this model before measuring
+    try:
+        evaluator.candidate(policy)  # refuses a policy that does not fit this model before measuring
+    except AutoprecError as exc:
+        made_for = (policy.model or {}).get("class")
+        mismatch = (f" (the policy was exported for a {made_for}, {Path(model_path).name} builds a "
+                    f"{type(evaluator.model).__name__})" if made_for and made_for != type(evaluator.model).__name__
+                    else "")
+        raise AutoprecError(f"{policy_path}: {exc}{mismatch}") from None
     fp32 = evaluator.measure(Policy())
     cand = evaluator.measure(policy)
     if not cand.feasible:

@@ -38,3 +38,18 @@ def test_old_policies_without_ratio_or_cpu_name_are_handled():
     old = {"latency_ratio": 0.9, "device": "cpu", "device_name": platform.machine()}  # before cpu names
     out = stored_latency(old, 0.95, HERE)
     assert "0.900x fp32 (in the search" in out and "not like with like" not in out
+
+
+def test_apply_with_a_policy_of_another_model_is_one_line_naming_the_file_and_both_models(tmp_path):
+    import json
+
+    from test_search_cli import TINY, autoprec_cli
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"format": "autoprec.policy", "version": 1, "default": "fp32",
+                                  "layers": {"features.0.0": "int8"},
+                                  "model": {"class": "MobileNetV3", "fingerprint": "sha256:0"}}))
+    proc = autoprec_cli("apply", str(policy), str(TINY), "--device", "cpu", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert str(policy) in proc.stderr and "'features.0.0' is not in the model" in proc.stderr
+    assert "exported for a MobileNetV3" in proc.stderr
