@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,13 +42,9 @@ def quiet() -> None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from autoprec.evaluate import cpu_name
+
+    return cpu_name()
 
 
 def cpu_flags() -> str:
