@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks, in one run for a lent GPU: the CUDA tests, the measurement-stability benchmark
 # on the GPU, the README's main job on the GPU followed by export and apply, and the rest of the
-# suite with the GPU present (needs pytest-xdist). Each step has its own time limit (about 10 min
-# in all), so one slow step cannot take the others' time; logs and tables go to $OUT.
+# suite with the GPU present (in parallel where pytest-xdist is installed). Each step has its own
+# time limit, so one slow step cannot take the others' time; logs and tables go to $OUT.
 #
-#     OUT=/tmp/cuda_out bash benchmarks/cuda_check.sh        (autoprec importable, a CUDA GPU present)
+#     PYTHON=.venv/bin/python OUT=/tmp/cuda_out bash benchmarks/cuda_check.sh     (a CUDA GPU present)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/cuda_out}"
@@ -39,5 +39,6 @@ TAIL=5 step export_cuda 30 "$PY" -m autoprec export --storage "sqlite:///$OUT/mi
 TAIL=20 step apply_cuda 60 "$PY" -m autoprec apply "$OUT/minilm_cuda_policy.json" studies/minilm/model.py --device "$DEV"
 # the rest of the suite where a GPU is present: models and searches that default to cuda run there
 # (-v: each result is logged as it ends, so a run stopped at its limit still names what failed)
-TAIL=15 step pytest_rest 150 "$PY" -m pytest -v -rfE -p no:cacheprovider -n 12 --ignore tests/test_evaluate.py \
+PARALLEL=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")  # pytest-xdist where installed
+TAIL=15 step pytest_rest 300 "$PY" -m pytest -v -rfE -p no:cacheprovider $PARALLEL --ignore tests/test_evaluate.py \
     --ignore tests/test_precision.py tests
