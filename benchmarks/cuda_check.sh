@@ -29,6 +29,7 @@ print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no
 EOF
 
 TAIL=60 step stability_cuda 140 "$PY" benchmarks/measurement_stability.py --device "$DEV" --repeats 5
+TAIL=12 step int8_overhead_cuda 60 "$PY" benchmarks/int8_call_overhead.py --device "$DEV"
 TAIL=15 step pytest_cuda 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_precision.py \
     tests/test_profile.py
 rm -f "$OUT/minilm_cuda.db"
