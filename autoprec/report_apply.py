@@ -5,9 +5,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-import torch
-
-from autoprec.cpu_malloc import KEPT, allocator_state
+from autoprec.cpu_malloc import KEPT
 from autoprec.errors import AutoprecError
 from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, load_policy
@@ -42,15 +40,16 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
          f"{cand.peak_bytes / fp32.peak_bytes:.3f}x" if fp32.peak_bytes and cand.peak_bytes else "-"),
     ]
     counts = ", ".join(f"{n} {d}" for d, n in policy.counts().items() if n)
+    here = environment(evaluator.device)
     where = f"device {evaluator.device}"
     if evaluator.device.type == "cpu":
-        where += f" ({torch.get_num_threads()} threads; {allocator_state()})"
+        where += f" ({here['threads']} threads; {here['cpu_allocator']})"
     head = f"policy {policy_path}: default {policy.default}, {counts or 'no listed layers'}; {where}"
     stored = policy.measured or {}
     tail = ""
     if "score" in stored:
         tail = f"\nscore stored in the policy: {stored['score']:.6f} (measured here: {cand.score:.6f})"
-    tail += stored_latency(stored, cand.latency_ratio / fp32.latency_ratio, environment(evaluator.device))
+    tail += stored_latency(stored, cand.latency_ratio / fp32.latency_ratio, here)
     return head + "\n" + format_table(["", "fp32", "policy", "change"], rows) + tail
 
 
@@ -73,10 +72,11 @@ def stored_latency(stored: dict, here_ratio: float, here: dict[str, str]) -> str
         if stored.get("threads") and str(stored["threads"]) != here["threads"]:
             differs.append(f"{stored['threads']} threads there, {here['threads']} here "
                            f"(--threads {stored['threads']} to compare like with like)")
-        if stored.get("cpu_allocator") and (stored["cpu_allocator"] == KEPT) != (here["cpu_allocator"] == KEPT):
-            flag = "without --malloc-defaults" if stored["cpu_allocator"] == KEPT else "with --malloc-defaults"
-            differs.append(f"the search kept freed memory {'on' if stored['cpu_allocator'] == KEPT else 'off'}, "
-                           f"this run {'on' if here['cpu_allocator'] == KEPT else 'off'} (run {flag} to compare)")
+        kept_there, kept_here = stored.get("cpu_allocator") == KEPT, here["cpu_allocator"] == KEPT
+        if stored.get("cpu_allocator") and kept_there != kept_here:
+            flag = "without --malloc-defaults" if kept_there else "with --malloc-defaults"
+            differs.append(f"the search kept freed memory {'on' if kept_there else 'off'}, "
+                           f"this run {'on' if kept_here else 'off'} (run {flag} to compare)")
     if differs:
         line += "\nnot like with like: " + "; ".join(differs)
     return line
