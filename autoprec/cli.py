@@ -32,7 +32,7 @@ def cmd_layers(args: argparse.Namespace) -> None:
 def cmd_apply(args: argparse.Namespace) -> None:
     from autoprec.report_apply import apply_and_compare
 
-    print(apply_and_compare(args.policy, args.model, device=args.device, threads=args.threads,
+    print(apply_and_compare(args.policy, args.model, device=args.device, threads=_threads(args.threads),
                             timing=timing_settings(None, args.malloc_defaults)))
 
 
@@ -47,14 +47,22 @@ def timing_settings(max_rounds: int | None, malloc_defaults: bool):
     return TimingSettings(rounds=min(TimingSettings.rounds, max_rounds), max_rounds=max_rounds, keep_freed_memory=keep)
 
 
+def _threads(threads: int | None) -> int | None:
+    if threads is not None and threads < 1:
+        raise AutoprecError(f"--threads {threads}: give at least 1, or leave it out for the default")
+    return threads
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from autoprec.results import pareto_front, trials_frame
     from autoprec.search import Search, SearchConfig
     from autoprec.store import storage_url
 
+    devices = args.devices.split(",") if args.devices else None
+    workers = len(devices) if devices and args.workers == 1 else args.workers
     config = SearchConfig(model=args.model, trials=args.trials, timeout=args.timeout, storage=args.storage,
                           study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
-                          seed=args.seed, threads=args.threads, progress=not args.no_progress,
+                          seed=args.seed, threads=_threads(args.threads), workers=workers, progress=not args.no_progress,
                           strategy=args.strategy, retime_front=not args.no_retime,
                           timing=timing_settings(args.max_rounds, args.malloc_defaults))
     if args.workers > 1 and storage_url(args.storage).startswith("sqlite"):
@@ -73,8 +81,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.workers > 1 or args.devices:
         from autoprec.workers import run_workers
 
-        devices = args.devices.split(",") if args.devices else None
-        result = run_workers(search, len(devices) if devices and args.workers == 1 else args.workers, devices)
+        result = run_workers(search, workers, devices)
     else:
         result = search.run(config.trials, config.timeout)
     if result.interrupted:
@@ -229,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("policy", help="policy JSON written by `autoprec export`")
     p.add_argument("model", help="path to model.py")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: AUTOPREC_THREADS, else all usable cores but one)")
     _add_malloc(p)
     commands["apply"] = cmd_apply
 
@@ -244,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=None, dest="max_drop",
                    help="largest allowed absolute score drop from fp32 (default 0.01, fixed per study)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads, fixed per study (default: a resumed study's; for a new one AUTOPREC_THREADS, "
+                        "else all usable cores but one, shared among --workers)")
     p.add_argument("--strategy", default="guided", choices=["guided", "tpe", "nsga2", "random"],
                    help="guided: sensitivity profile + knapsack proposals, then TPE (default)")
     p.add_argument("--no-retime", action="store_true", dest="no_retime",

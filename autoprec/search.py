@@ -29,7 +29,7 @@ from autoprec.results import RETIMED_ATTR
 from autoprec.space import SearchSpace, load_space
 from autoprec.ledger import Ledger, worker_name
 from autoprec.store import GRACE_S, STUDY_ATTR, open_storage, storage_url, study_info, study_names
-from autoprec.timing import TimingSettings
+from autoprec.timing import TimingSettings, default_threads
 from autoprec.userspec import ModelSpec, load_spec
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -64,7 +64,8 @@ class SearchConfig:
     device: str | None = None
     max_drop: float | None = None
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # CPU threads; None: the study's, or for a new study default_threads() / workers
+    workers: int = 1  # local worker processes that will share this machine's cores
     strategy: str = "guided"  # guided (profile + knapsack proposals, then TPE), tpe, nsga2, random
     retime_front: bool = True
     timing: TimingSettings = field(default_factory=TimingSettings)
@@ -102,6 +103,22 @@ def policy_from_params(params: dict[str, Any], space: SearchSpace | None = None)
                                     learning_rate=float(params["learning_rate"]),
                                     steps=int(space.training["steps"]), optimizer=space.training["optimizer"])
     return Policy(layers=layers, default=params.get(DEFAULT_PARAM, "fp32"), training=training)
+
+
+def study_threads(device: torch.device, stored: str | None, requested: int | None, workers: int,
+                  name: str) -> int | None:
+    """The CPU thread count to time a study with: set when the study is created (--threads, else
+    default_threads() shared among the local workers) and kept by every resume and worker, because
+    the ratios of bf16 and int8 to fp32 change with the thread count."""
+    if device.type != "cpu":
+        return requested
+    if stored is None:
+        return requested or max(1, default_threads() // workers)
+    if requested is not None and requested != int(stored):
+        raise StoreError(f"study {name!r} was timed with {stored} CPU threads, and latency ratios change with the "
+                         f"thread count; drop --threads {requested} (a resume keeps the study's), or start a new "
+                         f"study with --study NEW_NAME")
+    return int(stored)
 
 
 def _check_resume(info: dict[str, Any], fingerprint: str, space: SearchSpace, device: torch.device,
@@ -161,11 +178,14 @@ class Search:
         self.evaluator: Evaluator | None = None
         info = self._ready_info()
         if info is None:
+            self.threads = study_threads(self.device, None, config.threads, config.workers, self.study_name)
             info = self._create_or_wait()
         if self.evaluator is None:
             _check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
                           cpu_malloc.prepare(self.config.timing.keep_freed_memory))
-            self.evaluator = Evaluator(self.spec, self.device, threads=config.threads, timing=config.timing,
+            self.threads = study_threads(self.device, info.get("environment", {}).get("threads"), config.threads,
+                                         config.workers, self.study_name)
+            self.evaluator = Evaluator(self.spec, self.device, threads=self.threads, timing=config.timing,
                                        reference_latency_ms=info["reference"]["latency_ms"])
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
         self.info = info
@@ -183,7 +203,7 @@ class Search:
         while True:
             if self.ledger.claim(self.study_name, "reference", stale_s=CLAIM_STALE_S):
                 try:
-                    self.evaluator = Evaluator(self.spec, self.device, threads=self.config.threads,
+                    self.evaluator = Evaluator(self.spec, self.device, threads=self.threads,
                                                timing=self.config.timing)
                     # Created only once the reference is measured: a broken spec leaves no study behind.
                     study = optuna.create_study(study_name=self.study_name, storage=self.storage,

@@ -22,14 +22,25 @@ import torch
 Forward = Callable[[], object]
 
 
-def default_threads() -> int:
-    """AUTOPREC_THREADS, else every core this process may run on."""
-    if os.environ.get("AUTOPREC_THREADS", "").isdigit() and int(os.environ["AUTOPREC_THREADS"]) > 0:
-        return int(os.environ["AUTOPREC_THREADS"])
+def usable_cores() -> int:
+    """The cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """AUTOPREC_THREADS, else every usable core but one (one core on a one-core machine).
+
+    One core is left to the OS and the rest of the machine: an OpenMP op waits for its slowest
+    thread, so with every core in use anything else that runs stalls whole ops. On a 2-core VM,
+    MiniLM's all-bf16 and all-int8 ratios to fp32 repeated within 1.026 / 1.019 over five
+    measurements at one thread and 1.087 / 1.082 at two (benchmarks/README.md, session 6).
+    """
+    if os.environ.get("AUTOPREC_THREADS", "").isdigit() and int(os.environ["AUTOPREC_THREADS"]) > 0:
+        return int(os.environ["AUTOPREC_THREADS"])
+    return max(1, usable_cores() - 1)
 
 
 def _sync(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 import autoprec
 from autoprec.evaluate import Evaluator
@@ -223,3 +224,42 @@ def test_torchao_deprecation_chatter_stays_out_of_the_output_and_other_warnings_
     proc = autoprec_cli("layers", str(spec))
     assert "PlainLayout" not in proc.stderr
     assert "a warning of the user model" in proc.stderr
+
+
+def test_study_threads_are_set_at_creation_and_shared_among_workers(monkeypatch):
+    from autoprec.errors import StoreError
+    from autoprec.search import study_threads
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("AUTOPREC_THREADS", "6")
+    assert study_threads(cpu, None, None, 1, "s") == 6
+    assert study_threads(cpu, None, None, 4, "s") == 1  # 4 workers share the 6 threads' cores
+    assert study_threads(cpu, None, 3, 4, "s") == 3
+    assert study_threads(cpu, "2", None, 1, "s") == 2  # a resume keeps the study's
+    assert study_threads(cpu, "2", 2, 1, "s") == 2
+    assert study_threads(cuda, "2", None, 1, "s") is None  # threads do not time a GPU
+    with pytest.raises(StoreError, match=r"timed with 2 CPU threads.*drop --threads 6.*--study NEW_NAME"):
+        study_threads(cpu, "2", 6, 1, "s")
+
+
+def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cpu = ["--device", "cpu", "--max-rounds", "9", "--storage", url, "--no-progress", "--no-retime"]
+    autoprec_cli("search", str(TINY), "--trials", "1", "--threads", "1", *cpu)
+    assert _study(url, "tiny_mlp").user_attrs["autoprec"]["environment"]["threads"] == "1"
+    before = len(_study(url, "tiny_mlp").trials)
+    other = autoprec_cli("search", str(TINY), "--trials", "1", "--threads", "2", *cpu, check=False)
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
+    assert "timed with 1 CPU threads" in other.stderr and "drop --threads 2" in other.stderr
+    assert len(_study(url, "tiny_mlp").trials) == before
+    # without --threads the resume takes the study's count, whatever this machine's default is
+    from autoprec.search import Search, SearchConfig
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AUTOPREC_THREADS", "2")
+            search = Search(SearchConfig(model=str(TINY), storage=url, device="cpu", progress=False))
+            assert search.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -58,3 +58,18 @@ def test_median_confidence_interval_covers_the_median_about_90_percent(n):
     assert 0.85 <= hits / trials <= 0.97
     lo, hi = T.median_ci(list(range(n)))
     assert lo < (n - 1) / 2 < hi
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (16, 15)])
+def test_default_threads_leave_one_core_to_the_rest_of_the_machine(monkeypatch, cores, expected):
+    monkeypatch.delenv("AUTOPREC_THREADS", raising=False)
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert T.default_threads() == expected
+
+
+def test_autoprec_threads_overrides_the_default(monkeypatch):
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("AUTOPREC_THREADS", "3")
+    assert T.default_threads() == 3
+    monkeypatch.setenv("AUTOPREC_THREADS", "0")  # not a count: ignored
+    assert T.default_threads() == 15
