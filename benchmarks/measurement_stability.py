@@ -150,7 +150,7 @@ def main() -> None:
                         help="comma list of TimingSettings.target_ci values to try in turn (adaptive rounds)")
     parser.add_argument("--spec", default=str(C.MINILM), help="model.py to measure (default: MiniLM)")
     parser.add_argument("--threads", default=None,
-                        help="Evaluator(threads=...) (default: autoprec's, all usable cores); a list such as "
+                        help="Evaluator(threads=...) (default: autoprec's, all usable cores but one); a list such as "
                              "1,2 measures every policy at each thread count in turn, side by side")
     parser.add_argument("--policies", default="fp32,all-bf16,all-int8",
                         help="which of fp32, all-bf16, all-int8 to measure (bf16 is slow where the CPU lacks avx512_bf16)")

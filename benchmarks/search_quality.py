@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in args.drops.split(",") if k]
     from autoprec.timing import default_threads
 
-    torch.set_num_threads(default_threads())  # what every Evaluator here uses (AUTOPREC_THREADS, else all cores)
+    torch.set_num_threads(default_threads())  # what every Evaluator here uses (AUTOPREC_THREADS, else all usable cores but one)
     print("# Search quality\n")
     print(machine_header({"budget per method and drop (s)": args.budget, "seed": args.seed, "space": SPACE,
                           "AUTOPREC_THREADS": os.environ.get("AUTOPREC_THREADS", "unset"),
