@@ -9,7 +9,7 @@ from autoprec.cpu_malloc import KEPT
 from autoprec.errors import AutoprecError
 from autoprec.evaluate import Evaluator, environment, resolve_device
 from autoprec.policy import Policy, load_policy
-from autoprec.tables import format_bytes, format_table
+from autoprec.tables import format_bytes, format_table, threads_text
 from autoprec.timing import TimingSettings
 from autoprec.userspec import load_spec
 
@@ -43,7 +43,7 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     here = environment(evaluator.device)
     where = f"device {evaluator.device}"
     if evaluator.device.type == "cpu":
-        where += f" ({here['threads']} threads; {here['cpu_allocator']})"
+        where += f" ({threads_text(here['threads'])}; {here['cpu_allocator']})"
     head = f"policy {policy_path}: default {policy.default}, {counts or 'no listed layers'}; {where}"
     stored = policy.measured or {}
     tail = ""
@@ -60,7 +60,7 @@ def stored_latency(stored: dict, here_ratio: float, here: dict[str, str]) -> str
         return ""
     how = "re-timed at the end of the search" if stored.get("retimed_ratio") else "in the search"
     line = (f"\nlatency stored in the policy: {ratio:.3f}x fp32 ({how}, {stored.get('device')} "
-            f"{stored.get('device_name')}, {stored.get('threads')} threads); measured here: {here_ratio:.3f}x")
+            f"{stored.get('device_name')}, {threads_text(stored.get('threads'))}); measured here: {here_ratio:.3f}x")
     differs = []
     there_type, here_type = str(stored.get("device", "")).split(":")[0], here["device"].split(":")[0]
     if there_type and there_type != here_type:
@@ -70,7 +70,7 @@ def stored_latency(stored: dict, here_ratio: float, here: dict[str, str]) -> str
         differs.append(f"{stored['device_name']} there, {here['device_name']} here")
     if there_type == here_type == "cpu":
         if stored.get("threads") and str(stored["threads"]) != here["threads"]:
-            differs.append(f"{stored['threads']} threads there, {here['threads']} here "
+            differs.append(f"{threads_text(stored['threads'])} there, {here['threads']} here "
                            f"(--threads {stored['threads']} to compare like with like)")
         kept_there, kept_here = stored.get("cpu_allocator") == KEPT, here["cpu_allocator"] == KEPT
         if stored.get("cpu_allocator") and kept_there != kept_here:

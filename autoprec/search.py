@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from autoprec.results import RETIMED_ATTR
 from autoprec.space import SearchSpace, load_space
 from autoprec.ledger import Ledger, worker_name
 from autoprec.store import GRACE_S, STUDY_ATTR, open_storage, storage_url, study_info, study_names
-from autoprec.timing import TimingSettings, default_threads
+from autoprec.tables import threads_text
+from autoprec.timing import TimingSettings, default_threads, usable_cores
 from autoprec.userspec import ModelSpec, load_spec
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -115,9 +117,9 @@ def study_threads(device: torch.device, stored: str | None, requested: int | Non
     if stored is None:
         return requested or max(1, default_threads() // workers)
     if requested is not None and requested != int(stored):
-        raise StoreError(f"study {name!r} was timed with {stored} CPU threads, and latency ratios change with the "
-                         f"thread count; drop --threads {requested} (a resume keeps the study's), or start a new "
-                         f"study with --study NEW_NAME")
+        raise StoreError(f"study {name!r} was timed with {threads_text(stored)} on the CPU, and latency ratios "
+                         f"change with the thread count; drop --threads {requested} (a resume keeps the study's), "
+                         "or start a new study with --study NEW_NAME")
     return int(stored)
 
 
@@ -187,6 +189,10 @@ class Search:
                                          config.workers, self.study_name)
             self.evaluator = Evaluator(self.spec, self.device, threads=self.threads, timing=config.timing,
                                        reference_latency_ms=info["reference"]["latency_ms"])
+        if self.device.type == "cpu" and self.threads and self.threads * config.workers > usable_cores():
+            print(f"autoprec: {config.workers} x {threads_text(self.threads)} (study {self.study_name!r}'s) "
+                  f"oversubscribe this machine's {usable_cores()} cores, which slows and blurs every timing; "
+                  "use fewer --workers, or a new study with fewer --threads", file=sys.stderr)
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
         self.info = info
         self.max_drop = float(info["max_drop"])

@@ -16,6 +16,11 @@ def format_bytes(n: float | None) -> str:
     return f"{n:.1f} GiB"
 
 
+def threads_text(count: object) -> str:
+    """'1 thread', '2 threads' (the count may come from a stored string)."""
+    return f"{count} thread" if str(count) == "1" else f"{count} threads"
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]

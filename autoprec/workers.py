@@ -17,7 +17,6 @@ import time
 
 from autoprec.errors import AutoprecError
 from autoprec.search import Search, SearchConfig, SearchResult
-from autoprec.timing import usable_cores
 
 
 def worker_command(config: SearchConfig, study: str, url: str, run_id: str, device: str | None, index: int,
@@ -47,9 +46,6 @@ def run_workers(search: Search, workers: int, devices: list[str] | None = None) 
                             "write at a time, so several workers may fail with 'database is locked'; use "
                             "--storage postgresql://USER@HOST/DB for several workers")
     threads = search.threads  # the study's: every worker times as the reference was timed
-    if threads and search.device.type == "cpu" and threads * workers > usable_cores():
-        print(f"autoprec: {workers} workers x {threads} threads (study {search.study_name!r}'s) oversubscribe "
-              f"this machine's {usable_cores()} cores; use fewer --workers", file=sys.stderr)
     run_id = search.ledger.new_run(search.study_name, config.trials)
     search.run_id = run_id
     before = search.finished_trials()

@@ -22,7 +22,7 @@ def test_other_threads_allocator_and_cpu_are_named_with_the_fix():
     stored = {**STORED, "threads": "1", "cpu_allocator": "glibc 2.36, default malloc settings",
               "device_name": "Intel Xeon"}
     out = stored_latency(stored, 1.2, HERE)
-    assert "1 threads there, 2 here (--threads 1 to compare like with like)" in out
+    assert "1 thread there, 2 here (--threads 1 to compare like with like)" in out
     assert "run with --malloc-defaults to compare" in out
     assert "Intel Xeon there, AMD EPYC 7B13 here" in out
 

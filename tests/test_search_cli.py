@@ -238,11 +238,11 @@ def test_study_threads_are_set_at_creation_and_shared_among_workers(monkeypatch)
     assert study_threads(cpu, "2", None, 1, "s") == 2  # a resume keeps the study's
     assert study_threads(cpu, "2", 2, 1, "s") == 2
     assert study_threads(cuda, "2", None, 1, "s") is None  # threads do not time a GPU
-    with pytest.raises(StoreError, match=r"timed with 2 CPU threads.*drop --threads 6.*--study NEW_NAME"):
+    with pytest.raises(StoreError, match=r"timed with 2 threads on the CPU.*drop --threads 6.*--study NEW_NAME"):
         study_threads(cpu, "2", 6, 1, "s")
 
 
-def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path):
+def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 's.db'}"
     cpu = ["--device", "cpu", "--max-rounds", "9", "--storage", url, "--no-progress", "--no-retime"]
     autoprec_cli("search", str(TINY), "--trials", "1", "--threads", "1", *cpu)
@@ -250,10 +250,11 @@ def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path):
     before = len(_study(url, "tiny_mlp").trials)
     other = autoprec_cli("search", str(TINY), "--trials", "1", "--threads", "2", *cpu, check=False)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
-    assert "timed with 1 CPU threads" in other.stderr and "drop --threads 2" in other.stderr
+    assert "timed with 1 thread on the CPU" in other.stderr and "drop --threads 2" in other.stderr
     assert len(_study(url, "tiny_mlp").trials) == before
     # without --threads the resume takes the study's count, whatever this machine's default is
     from autoprec.search import Search, SearchConfig
+    from autoprec.timing import usable_cores
 
     threads = torch.get_num_threads()
     try:
@@ -261,5 +262,9 @@ def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path):
             mp.setenv("AUTOPREC_THREADS", "2")
             search = Search(SearchConfig(model=str(TINY), storage=url, device="cpu", progress=False))
             assert search.threads == 1 and torch.get_num_threads() == 1
+        assert "oversubscribe" not in capsys.readouterr().err
+        workers = usable_cores() + 1  # each at the study's one thread: one more than the machine has cores
+        Search(SearchConfig(model=str(TINY), storage=url, device="cpu", progress=False, workers=workers))
+        assert f"{workers} x 1 thread (study 'tiny_mlp''s) oversubscribe" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
