@@ -11,6 +11,7 @@ from autoprec.errors import AutoprecError
 from autoprec.policy import Policy, policy_from_json
 from autoprec.precision import DTYPES
 from autoprec.store import study_info
+from autoprec.tables import threads_text
 
 RETIMED_ATTR = "autoprec_retimed"  # written by Search.retime_front
 PICKS = {"fastest": ("latency_ms", True), "smallest": ("memory_bytes", True), "best-score": ("score", False)}
@@ -115,6 +116,13 @@ def policy_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Policy:
     return policy
 
 
+def _timed_on(info: dict[str, Any]) -> str:
+    """'cpu, 1 thread' or 'cuda' (a study's thread count is fixed, so it belongs with the device)."""
+    device = info.get("device_type") or "-"
+    threads = info.get("environment", {}).get("threads")
+    return f"{device}, {threads_text(threads)}" if device == "cpu" and threads else device
+
+
 def studies_frame(storage: Any) -> pd.DataFrame:
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
@@ -130,5 +138,5 @@ def studies_frame(storage: Any) -> pd.DataFrame:
                      "failed": int((frame.state == "FAIL").sum()) if not frame.empty else 0,
                      "front": len(front), "best_latency_ms": best,
                      "best_vs_fp32": best / ref if best else None,
-                     "device": study.user_attrs["autoprec"].get("device_type")})
+                     "device": _timed_on(study.user_attrs["autoprec"])})
     return pd.DataFrame(rows)

@@ -121,6 +121,7 @@ def test_studies_and_profile_commands(searched):
     _, url, _ = searched
     out = autoprec_cli("studies", "--storage", url).stdout
     assert "tiny_mlp" in out
+    assert ("cpu, 1 thread" in out) != ("cuda" in out)  # the tests time CPU studies on one thread (conftest)
     out = autoprec_cli("profile", "--storage", url, "--study", "tiny_mlp").stdout
     assert "int8 drop / ms" in out and "cost model" in out
     assert "profile drops: linearized" in out and "re-fitted on the trials as they come" in out
