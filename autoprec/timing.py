@@ -16,18 +16,53 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 Forward = Callable[[], object]
 
 
-def usable_cores() -> int:
-    """The cores this process may run on."""
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs this process's cgroup quota allows (cgroup v2 cpu.max, v1 cpu.cfs_quota_us / period);
+    None where there is no quota. A container started with --cpus 2 on a 64-core host sees 64 cores
+    in its affinity mask, and 63 threads under a 2-CPU quota are throttled in bursts."""
     try:
-        return len(os.sched_getaffinity(0))
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.strip().lstrip("/")
+        if controllers == "":  # v2; inside a cgroup namespace the own group is the mount's root
+            candidates = [root / rel / "cpu.max", root / "cpu.max"]
+        elif "cpu" in controllers.split(","):
+            candidates = [root / "cpu" / rel / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_quota_us"]
+        else:
+            continue
+        for quota_file in candidates:
+            try:
+                fields = quota_file.read_text().split()
+                if controllers == "":
+                    quota, period = fields[0], fields[1]
+                else:
+                    quota, period = fields[0], (quota_file.parent / "cpu.cfs_period_us").read_text().split()[0]
+            except (OSError, IndexError):
+                continue
+            if quota in ("max", "-1"):
+                break
+            return int(quota) / int(period)
+    return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(limit))) if limit else cores
 
 
 def default_threads() -> int:
