@@ -23,10 +23,18 @@ import torch
 Forward = Callable[[], object]
 
 
+def _quota_and_period(quota_file: Path) -> tuple[str, str]:
+    """From cgroup v2 `cpu.max` ("QUOTA PERIOD") or v1 `cpu.cfs_quota_us` beside `cpu.cfs_period_us`."""
+    fields = quota_file.read_text().split()
+    if quota_file.name == "cpu.max":
+        return fields[0], fields[1]
+    return fields[0], (quota_file.parent / "cpu.cfs_period_us").read_text().split()[0]
+
+
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
-    """CPUs this process's cgroup quota allows (cgroup v2 cpu.max, v1 cpu.cfs_quota_us / period);
-    None where there is no quota. A container started with --cpus 2 on a 64-core host sees 64 cores
-    in its affinity mask, and 63 threads under a 2-CPU quota are throttled in bursts."""
+    """CPUs this process's cgroup quota allows, None where there is none. A container started with
+    --cpus 2 on a 64-core host sees 64 cores in its affinity mask, and 63 threads under a 2-CPU
+    quota are throttled in bursts."""
     try:
         lines = membership.read_text().splitlines()
     except OSError:
@@ -34,19 +42,16 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Pat
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         rel = path.strip().lstrip("/")
-        if controllers == "":  # v2; inside a cgroup namespace the own group is the mount's root
+        # the own group, then the mount's root (inside a cgroup namespace the own group is the root)
+        if controllers == "":  # v2
             candidates = [root / rel / "cpu.max", root / "cpu.max"]
-        elif "cpu" in controllers.split(","):
+        elif "cpu" in controllers.split(","):  # v1
             candidates = [root / "cpu" / rel / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_quota_us"]
         else:
             continue
         for quota_file in candidates:
             try:
-                fields = quota_file.read_text().split()
-                if controllers == "":
-                    quota, period = fields[0], fields[1]
-                else:
-                    quota, period = fields[0], (quota_file.parent / "cpu.cfs_period_us").read_text().split()[0]
+                quota, period = _quota_and_period(quota_file)
             except (OSError, IndexError):
                 continue
             if quota in ("max", "-1"):
