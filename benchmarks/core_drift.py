@@ -23,10 +23,7 @@ import torch  # noqa: E402
 
 
 def ms_per_call(fn, calls: int = 20) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return 1000 * (time.perf_counter() - start) / calls
+    return 1000 * C.time_calls(fn, calls) / calls
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import _common as C
 
@@ -25,17 +24,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from autoprec.precision import apply_formats  # noqa: E402
+from autoprec.timing import time_calls  # noqa: E402
 
 
 def per_call_us(forward, x: torch.Tensor, device: torch.device, calls: int) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        forward(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / calls * 1e6
+    return 1e6 * time_calls(lambda: forward(x), calls, device) / calls
 
 
 def describe(layer: nn.Module) -> str:
