@@ -24,6 +24,8 @@ from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
 from autoprec.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
+from autoprec import runtime as runtimes
+from autoprec.runtime import CompileFailed, Prepared
 from autoprec.timing import (
     PairedTiming,
     TimingSettings,
@@ -43,6 +45,10 @@ METHODS = {
     "memory": "bytes of all parameters and buffers as applied (int8 packed weights, scales and zero points)",
     "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
     "peak_cuda": "torch.cuda.max_memory_allocated over one forward",
+    "runtime_eager": "eager forwards",
+    "runtime_compiled_cpu": ("torch.compile (inductor), the model's repeated blocks compiled one by one (regional "
+                             "compilation), else the whole model; fp32 reference compiled the same way"),
+    "runtime_compiled_cuda": f"torch.compile (inductor) of the whole model, mode {runtimes.CUDA_MODE!r} (CUDA graphs)",
 }
 
 
@@ -62,6 +68,9 @@ class Measurement:
     peak_bytes: int | None = None
     methods: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] | None = None  # FineTuneResult of a training-mode trial
+    runtime: str = "eager"
+    compile_s: float | None = None  # compiled runtime: the first forward's time minus a warm one's
+    graph_breaks: int | None = None  # compiled runtime: graph breaks in one forward (timed, not refused)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,32 +135,64 @@ class Evaluator:
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *, threads: int | None = None,
                  timing: TimingSettings = TimingSettings(), reference_latency_ms: float | None = None,
-                 measure_peak: bool = True) -> None:
+                 measure_peak: bool = True, runtime: str = "eager", regional: bool | None = None) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.timing = timing
         self.measure_peak = measure_peak
+        self.runtime = runtimes.check_runtime(runtime)
+        self.regional = regional
         if self.device.type == "cpu":
             torch.set_num_threads(threads or default_threads())
             cpu_malloc.prepare(timing.keep_freed_memory)
+        # self.model stays eager fp32: candidates are copied from it and its outputs are the fidelity reference
         self.model = spec.new_model().to(self.device)
         self.example = move_inputs(spec.example(), self.device)
         self._batches = [move_inputs(b, self.device) for b in spec.eval_batches()] if spec.evaluate is None else []
         with torch.inference_mode():
             self._forward_or_raise(self.model)
-            self._ref_outputs = [self._compared(self.model, b) for b in self._batches]
+            self._ref_outputs = [self._compared(self.model, b).clone() for b in self._batches]
         for out in self._ref_outputs:
             if not torch.isfinite(out).all():
                 raise spec.error("build_model", "the fp32 model gives non-finite outputs on eval_inputs()",
                                  "check the model and its inputs")
-        self.reference_score = self._score(self.model)
+        self.reference = self._prepare_reference()
+        self.reference_score = self._score(self.reference.model)
         if not math.isfinite(self.reference_score):
             raise spec.error("evaluate", f"returned {self.reference_score} for the fp32 model")
         if reference_latency_ms is None:
             with torch.inference_mode():
-                reference_latency_ms, _ = solo_latency_ms(self._forward(self.model), self.device,
+                reference_latency_ms, _ = solo_latency_ms(self._timed(self.reference), self.device,
                                                           rounds=2 * timing.rounds, min_round_s=timing.min_round_s)
         self.reference_latency_ms = reference_latency_ms
+
+    def _prepare(self, model: nn.Module) -> Prepared:
+        example = self.example
+        return runtimes.prepare(model, self.runtime, self.device, lambda fn: call_model(fn, example),
+                                regional=self.regional)
+
+    def _prepare_reference(self) -> Prepared:
+        if self.runtime == "eager":
+            return Prepared(self.model, "eager")
+        try:
+            return self._prepare(copy.deepcopy(self.model))
+        except CompileFailed as exc:
+            raise self.spec.error("build_model", f"the fp32 model does not compile: {exc}",
+                                  "time it with --runtime eager") from exc
+
+    def _timed(self, prepared: Prepared):
+        example = self.example
+        return prepared.forward(lambda fn: call_model(fn, example))
+
+    def _prepare_candidate(self, model: nn.Module) -> Prepared:
+        """Compile a candidate in the study's runtime; the fp32 reference is re-warmed beside it."""
+        if self.runtime == "eager":
+            return Prepared(model, "eager")
+        runtimes.reset()  # forget the last candidate's graphs (they pile up to the recompile limit)
+        prepared = self._prepare(model)
+        with torch.inference_mode():  # the reference compiles again, from inductor's caches
+            self._timed(self.reference)()
+        return prepared
 
     def _forward_or_raise(self, model: nn.Module) -> Any:
         try:
@@ -186,23 +227,23 @@ class Evaluator:
 
     def candidate(self, policy: Policy) -> nn.Module:
         """A copy of the fp32 reference with `policy` applied on the device."""
-        return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device)
+        return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device, self.runtime)
 
     def retime(self, policy: Policy) -> PairedTiming | None:
         """Latency of `policy` paired with the fp32 model again (None if it cannot run)."""
         try:
-            model = self.candidate(policy)
+            prepared = self._prepare_candidate(self.candidate(policy))
             with torch.inference_mode():
-                return paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing)
+                return paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing)
         except (AutoprecError, RuntimeError, torch.OutOfMemoryError):
             return None
 
     def measure(self, policy: Policy, training: TrainingSettings | None = None, seed: int = 0) -> Measurement:
         """Measure `policy`; with `training`, after fine-tuning a fresh copy of the fp32 model under it."""
         try:
-            return self._measure(policy, training, seed)
+            result = self._measure(policy, training, seed)
         except (NonFinite, TrainingDiverged) as exc:
-            return Measurement.failed(str(exc))
+            result = Measurement.failed(str(exc))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # a failed candidate is a recorded result, not a crash
@@ -210,7 +251,9 @@ class Evaluator:
                 torch.cuda.empty_cache()
             if not isinstance(exc, (AutoprecError, RuntimeError, torch.OutOfMemoryError, NotImplementedError)):
                 traceback.print_exc()
-            return Measurement.failed(_failure_reason(exc))
+            result = Measurement.failed(_failure_reason(exc))
+        result.runtime = self.runtime
+        return result
 
     def _measure(self, policy: Policy, training: TrainingSettings | None, seed: int) -> Measurement:
         tuned = None
@@ -220,27 +263,30 @@ class Evaluator:
             tuned = fine_tune(self.spec, model, policy, training, self.device, seed, batches)
             steps = paired_step_ratio(self.spec, self.model, policy, training, self.device, self.timing, batches[0])
             tuned.step_ratio, tuned.step_ratio_ci = steps.ratio, steps.ratio_ci
-            model = apply_formats(model, policy.layers, policy.default, self.device)
+            model = apply_formats(model, policy.layers, policy.default, self.device, self.runtime)
         else:
             model = self.candidate(policy)
+        prepared = self._prepare_candidate(model)
         with torch.inference_mode():
-            out = call_model(model, self.example)
+            out = call_model(prepared.model, self.example)
             probe = first_float_tensor(out) if self.spec.output is None else self.spec.compared_tensor(out)
             if probe is not None and not torch.isfinite(probe).all():
                 return Measurement.failed("non-finite output")
-        score = self._score(model)
+        score = self._score(prepared.model)
         if not math.isfinite(score):
             return Measurement.failed("non-finite score")
         with torch.inference_mode():
-            timing = paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing)
-            peak = self._peak(model) if self.measure_peak else None
+            timing = paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing)
+            peak = self._peak(model, prepared) if self.measure_peak else None
         memory = module_storage_bytes(model)
         result = self._result(score, timing, memory, peak)
         result.training = tuned.to_json() if tuned is not None else None
+        if self.runtime != "eager":
+            result.compile_s, result.graph_breaks = prepared.compile_s, prepared.graph_breaks
         return result
 
-    def _peak(self, model: nn.Module) -> int:
-        forward = self._forward(model)
+    def _peak(self, model: nn.Module, prepared: Prepared) -> int:
+        forward = self._timed(prepared)
         if self.device.type == "cuda":
             return cuda_forward_peak_bytes(forward, self.device)
         return module_storage_bytes(model) + cpu_activation_peak_bytes(forward)
@@ -248,8 +294,10 @@ class Evaluator:
     def _result(self, score: float, timing: PairedTiming, memory: int, peak: int | None) -> Measurement:
         methods = {"score": METHODS["score_user" if self.spec.evaluate else "score_fidelity"],
                    "latency": METHODS["latency"], "memory_bytes": METHODS["memory"],
-                   "peak_bytes": METHODS["peak_cuda" if self.device.type == "cuda" else "peak_cpu"]}
-        return Measurement(feasible=True, score=score, latency_ms=timing.ratio * self.reference_latency_ms,
+                   "peak_bytes": METHODS["peak_cuda" if self.device.type == "cuda" else "peak_cpu"],
+                   "runtime": METHODS["runtime_eager" if self.runtime == "eager" else
+                                      "runtime_compiled_" + ("cuda" if self.device.type == "cuda" else "cpu")]}
+        return Measurement(feasible=True, runtime=self.runtime, score=score, latency_ms=timing.ratio * self.reference_latency_ms,
                            latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
                            latency_runs=timing.rounds * timing.calls_per_round, latency_rounds=timing.rounds,
                            latency_ci=timing.ratio_ci, candidate_ms=timing.candidate_ms,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import PolicyError, UnsupportedFormat
-from autoprec.precision.base import FLOAT_DTYPES, HANDLERS
+from autoprec.precision.base import FLOAT_DTYPES, HANDLERS, convert_layer
 from autoprec.precision.floating import cast_own_tensors
 from autoprec.precision.layers import is_searchable
 
@@ -61,8 +61,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "fp32",
-                  device: str | torch.device = "cpu") -> nn.Module:
+                  device: str | torch.device = "cpu", runtime: str = "eager") -> nn.Module:
     """Give each listed layer its format and everything else `default`, on `device`, in place.
+
+    `runtime` ("eager" or "compiled": how the model will be run) picks the kernel of formats that
+    have a faster one under torch.compile (int8 on the CPU); nothing is compiled here.
 
     Nothing is changed when any entry is refused: all entries are checked first.
     """
@@ -80,7 +83,8 @@ def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "f
     converted: dict[str, tuple[nn.Module, torch.dtype]] = {}
     for name, fmt in overrides.items():
         handler = HANDLERS[fmt]
-        converted[name] = (handler.convert(model.get_submodule(name), device), handler.io_dtype(device))
+        converted[name] = (convert_layer(handler, model.get_submodule(name), device, runtime),
+                          handler.io_dtype(device))
 
     skip = set(converted)
     for name, module in model.named_modules():

@@ -1,14 +1,20 @@
 """int8: real int8 kernels, not simulation.
 
-CPU: torch's dynamic int8 Linear with per-channel symmetric weight scales (benchmarks/README.md
-says why: in eager mode it is the only int8 path faster than fp32 here, and per-channel scales keep
-the accuracy that per-tensor loses). CUDA: torchao's int8 dynamic-activation / int8-weight config.
-Only Linear-like layers have dynamic int8 kernels; convolutions are refused with the reason.
+CPU, eager runtime: torch's dynamic int8 Linear with per-channel symmetric weight scales
+(benchmarks/README.md says why: in eager mode it is the only int8 path faster than fp32 here, and
+per-channel scales keep the accuracy that per-tensor loses). CPU, compiled runtime, on a CPU with
+VNNI int8 dot products: torchao's int8 dynamic-activation / int8-weight config, which inductor fuses
+(MiniLM 0.44x of compiled fp32 where torch's dynamic int8 is 0.52x and breaks the graph at every
+layer; benchmarks/runtime_ratios.py); without VNNI torch's dynamic int8 (torchao's compiled int8 was
+26x slower than compiled fp32 on an AVX2-only host, shared/facts/cpu-avx2.md). CUDA: torchao's
+config. Only Linear-like layers have dynamic int8 kernels; convolutions are refused with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,8 +59,28 @@ def _torchao_int8(linear: nn.Linear) -> nn.Module:
     return holder[0]
 
 
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), from Linux's
+    /proc/cpuinfo; False where that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def kernel(device: torch.device, runtime: str = "eager") -> str:
+    """Which int8 kernel a layer gets: "torchao" or "torch-dynamic" (see the module's docstring)."""
+    if device.type == "cuda" or (runtime == "compiled" and cpu_has_vnni()):
+        return "torchao"
+    return "torch-dynamic"
+
+
 class Int8Format:
     name = "int8"
+    per_runtime = True  # convert() takes the runtime: the fastest int8 kernel depends on it
 
     def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
         if not is_linear_like(module):
@@ -69,9 +95,9 @@ class Int8Format:
             return "this torch build has no quantized CPU engine (fbgemm or qnnpack)"
         return None
 
-    def convert(self, module: nn.Module, device: torch.device) -> nn.Module:
+    def convert(self, module: nn.Module, device: torch.device, runtime: str = "eager") -> nn.Module:
         linear = _as_linear(module)
-        if device.type == "cuda":
+        if kernel(device, runtime) == "torchao":
             return _torchao_int8(linear)
         return _cpu_dynamic_int8(linear)
 

@@ -1,0 +1,212 @@
+"""How a candidate runs while it is scored and timed: `eager` forwards, or `compiled` ones.
+
+`compiled` is `torch.compile` with inductor, as a user serves a model: on the CPU the repeated
+blocks of the model are compiled one by one (PyTorch's regional compilation recipe: identical
+blocks share one compiled graph, so a 6-layer encoder compiles one layer, not six), on CUDA the
+whole model in mode "reduce-overhead" (CUDA graphs: an eager forward of a small batch is bound by
+kernel launches, which a graph replay removes).
+
+`prepare(model, runtime, device, example)` compiles (on the first call, which it makes) and returns
+a `Prepared`: the model to score, the forward to time and what compiling cost. Inductor's on-disk
+caches (FX graph cache, autotuning results, kernels) go where `use_cache_dir` points them, so a
+layer/format assignment seen once, in this search or an earlier one, compiles from the cache.
+
+A graph break is timed, not refused: the user who compiles the policy gets the same break, and the
+time of the broken graph is what they get (torch's dynamic int8 Linear breaks the graph at each
+layer and is still 2x faster than compiled fp32 on an AVX-512 CPU). A candidate is refused
+(`CompileFailed`) when compiling raises, or when torch.compile would give up and run eager code
+that it was asked to compile (its recompile limit reached): timing it would label eager time as
+compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprec.errors import AutoprecError
+
+RUNTIMES = ("eager", "compiled")
+CUDA_MODE = "reduce-overhead"  # CUDA graphs; benchmarks/runtime_ratios.py --device cuda compares modes
+RECOMPILE_LIMIT = 64  # distinct compiled variants per code object: blocks x formats x batch shapes
+
+Forward = Callable[[], Any]
+
+
+class CompileFailed(AutoprecError):
+    """torch.compile could not compile a candidate so that its timing means compiled time."""
+
+
+def check_runtime(name: str) -> str:
+    if name not in RUNTIMES:
+        raise AutoprecError(f"--runtime {name!r}: use one of {', '.join(RUNTIMES)}")
+    return name
+
+
+def use_cache_dir(path: str | os.PathLike[str]) -> Path:
+    """Keep inductor's on-disk caches in `path` (created if missing).
+
+    Inductor reads TORCHINDUCTOR_CACHE_DIR each time it needs its cache folder, but memoises some
+    paths under it; those are cleared, so the folder may change after inductor was first used."""
+    folder = Path(path).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    if "torch._inductor.utils" in sys.modules:
+        from torch._inductor.utils import clear_caches
+
+        clear_caches()
+    return folder
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks: the children of a ModuleList or Sequential that holds
+    two or more modules of one class with children of their own (a transformer's layers, a ResNet
+    stage's blocks). Blocks inside a block already found are not listed again."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        if any(name == f or name.startswith(f + ".") for f in found):
+            continue
+        children = list(module.named_children())
+        classes = {type(child) for _, child in children}
+        if len(children) >= 2 and len(classes) == 1 and any(True for _ in children[0][1].children()):
+            found += [f"{name}.{child}" if name else child for child, _ in children]
+    return found
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_clone_tensors(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_tensors(v) for v in value)
+    if isinstance(value, dict):
+        cloned = {k: _clone_tensors(v) for k, v in value.items()}
+        try:
+            return type(value)(**cloned) if type(value) is not dict else cloned  # e.g. transformers ModelOutput
+        except TypeError:
+            return cloned
+    return value
+
+
+class CudaGraphModel(nn.Module):
+    """A model compiled with CUDA graphs, safe to score: each call starts a new graph step and
+    returns copies, since the next replay overwrites the graph's own output buffers."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return _clone_tensors(self.compiled(*args, **kwargs))
+
+
+@dataclass
+class Prepared:
+    model: nn.Module  # call this to score: outputs are the caller's to keep
+    runtime: str
+    compile_s: float = 0.0  # first call minus a warm call
+    graph_breaks: int = 0
+    break_reasons: list[str] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)  # compiled submodules; [""] is the whole model
+    _timed: Callable[..., Any] | None = None
+
+    def forward(self, call: Callable[[Callable[..., Any]], Any]) -> Forward:
+        """A zero-argument forward for timing: `call(fn)` runs the model function on the example
+        (e.g. userspec.call_model(fn, example)). Outputs are not copied."""
+        fn = self._timed or self.model
+        return lambda: call(fn)
+
+
+def _dynamo_counts() -> tuple[int, dict[str, int]]:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), dict(counters["graph_break"])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("Traceback"):
+            return line.strip()[:300]
+    return ""
+
+
+def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable[[Callable[..., Any]], Any],
+            *, regional: bool | None = None, mode: str | None = None) -> Prepared:
+    """`model` ready to run in `runtime`; `call(fn)` runs fn on the example batch (the first call,
+    which compiles, and a warm one, to separate compile time from run time).
+
+    regional: compile the repeated blocks (None: on the CPU where the model has them; on CUDA never,
+    where one CUDA graph for the whole forward is the point). mode: torch.compile's mode (None: CUDA_MODE
+    on CUDA, inductor's default on the CPU)."""
+    check_runtime(runtime)
+    if runtime == "eager":
+        return Prepared(model, runtime)
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if mode is None and device.type == "cuda":
+        mode = CUDA_MODE
+    cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+    if regional is None:
+        regional = not cuda_graphs
+    regions = repeated_blocks(model) if regional else []
+    if regions:
+        for name in regions:
+            model.get_submodule(name).compile(mode=mode, dynamic=False)
+        compiled: nn.Module = model
+    else:
+        regions = [""]
+        compiled = torch.compile(model, mode=mode, dynamic=False)
+    _, breaks_before = _dynamo_counts()
+    timed: Callable[..., Any] = compiled
+    if cuda_graphs:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args, **kwargs)
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            call(timed)
+            _sync(device)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            call(timed)
+            _sync(device)
+            warm = time.perf_counter() - start
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        cause = getattr(exc, "inner_exception", None) or exc  # BackendCompilerFailed wraps the backend's error
+        raise CompileFailed(f"torch.compile failed: {type(cause).__name__}: {_first_line(cause)}") from exc
+    _, breaks_after = _dynamo_counts()
+    reasons = {k: v - breaks_before.get(k, 0) for k, v in breaks_after.items() if v > breaks_before.get(k, 0)}
+    scored = CudaGraphModel(compiled) if cuda_graphs else compiled
+    return Prepared(scored, runtime, max(0.0, first - warm), sum(reasons.values()),
+                    [_first_line(Exception(r)) for r in reasons], regions, timed)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset() -> None:
+    """Forget every compiled graph of this process (the on-disk caches stay): each candidate adds
+    compiled variants of the model's blocks, and without a reset they pile up to the recompile limit."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
