@@ -41,7 +41,8 @@ def sibling_profile(storage: optuna.storages.BaseStorage, study_name: str,
         their = other.user_attrs.get(STUDY_ATTR)
         data = other.user_attrs.get(PROFILE_ATTR)
         if (other.study_name != study_name and isinstance(their, dict) and isinstance(data, dict)
-                and all(their.get(k) == info.get(k) for k in keys)):
+                and all(their.get(k) == info.get(k) for k in keys)
+                and data.get("runtime", "eager") == info.get("runtime", "eager")):  # latencies are per runtime
             return Profile.from_json(data), other.study_name
     return None
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from autoprec.errors import PolicyError
 from autoprec.precision import DTYPES, FLOAT_DTYPES, apply_formats
+from autoprec.runtime import RUNTIMES
 
 POLICY_FORMAT = "autoprec.policy"
 POLICY_VERSION = 1
@@ -55,6 +56,11 @@ class Policy:
 
     def __post_init__(self) -> None:
         validate_formats(self.default, self.layers, where="policy")
+
+    @property
+    def runtime(self) -> str:
+        """How the policy was measured: "eager", or "compiled" (serve it under torch.compile)."""
+        return str((self.measured or {}).get("runtime", "eager"))
 
     def counts(self) -> dict[str, int]:
         """How many listed layers take each format."""
@@ -142,6 +148,9 @@ def policy_from_json(data: Any, where: str = "policy") -> Policy:
     measured = data.get("measured")
     if measured is not None and not isinstance(measured, dict):
         raise PolicyError(f"{where}: field 'measured' must be an object, not {type(measured).__name__}")
+    if measured is not None and measured.get("runtime", "eager") not in RUNTIMES:
+        raise PolicyError(f"{where}: field 'measured.runtime' is {measured['runtime']!r}; use one of "
+                          f"{', '.join(RUNTIMES)}")
     model = data.get("model")
     if model is not None and not (isinstance(model, dict) and all(isinstance(v, str) for v in model.values())):
         raise PolicyError(f"{where}: field 'model' must be an object of strings (class, fingerprint)")
@@ -174,10 +183,14 @@ def model_fingerprint(model: nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def apply_policy(model: nn.Module, policy: Policy | str | Path, device: str | torch.device | None = None) -> nn.Module:
+def apply_policy(model: nn.Module, policy: Policy | str | Path, device: str | torch.device | None = None,
+                 runtime: str | None = None) -> nn.Module:
     """Apply a policy (object or file path) to an fp32 model in place and return it, in eval mode.
 
-    `device` defaults to where the model's parameters are.
+    `device` defaults to where the model's parameters are. `runtime` defaults to the one the policy
+    was measured in (`measured.runtime`): a "compiled" policy gets the kernels that are fastest
+    under torch.compile (int8 on a VNNI CPU: torchao's); compile the result yourself,
+    `torch.compile(apply_policy(model, "policy.json"))`. Nothing here compiles.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
@@ -189,4 +202,4 @@ def apply_policy(model: nn.Module, policy: Policy | str | Path, device: str | to
         warnings.warn(f"this policy was measured on a model with a different structure "
                       f"({policy.model.get('class', '?')}); layer names are checked, timings may differ",
                       stacklevel=2)
-    return apply_formats(model, policy.layers, policy.default, device)
+    return apply_formats(model, policy.layers, policy.default, device, runtime or policy.runtime)

@@ -125,7 +125,7 @@ class Prepared:
     def forward(self, call: Callable[[Callable[..., Any]], Any]) -> Forward:
         """A zero-argument forward for timing: `call(fn)` runs the model function on the example
         (e.g. userspec.call_model(fn, example)). Outputs are not copied."""
-        fn = self._timed or self.model
+        fn = self._timed if self._timed is not None else self.model
         return lambda: call(fn)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks, in one run for a lent GPU: the CUDA tests, the measurement-stability benchmark
-# on the GPU, the README's main job on the GPU followed by export and apply, and the rest of the
+# on the GPU, the runtimes benchmark (eager against compiled with CUDA graphs, and torch.compile's
+# modes), the README's main job on the GPU followed by export and apply, and the rest of the
 # suite with the GPU present (in parallel where pytest-xdist is installed). Each step has its own
 # time limit, so one slow step cannot take the others' time; logs and tables go to $OUT.
 #
@@ -30,8 +31,12 @@ EOF
 
 TAIL=60 step stability_cuda 140 "$PY" benchmarks/measurement_stability.py --device "$DEV" --repeats 5
 TAIL=12 step int8_overhead_cuda 60 "$PY" benchmarks/int8_call_overhead.py --device "$DEV"
-TAIL=15 step pytest_cuda 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_precision.py \
-    tests/test_profile.py
+TAIL=15 step pytest_cuda 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_precision.py \
+    tests/test_profile.py tests/test_runtime.py
+# eager against compiled (mode reduce-overhead: CUDA graphs), then MiniLM in the other torch.compile modes
+TAIL=30 step runtime_ratios_cuda 180 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --rounds 7
+TAIL=20 step runtime_modes_cuda 150 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --models minilm --no-extras \
+    --modes default,max-autotune-no-cudagraphs --rounds 5
 rm -f "$OUT/minilm_cuda.db"
 TAIL=40 step search_cuda 150 "$PY" -m autoprec search studies/minilm/model.py --trials 12 --device "$DEV" \
     --storage "sqlite:///$OUT/minilm_cuda.db" --no-progress

@@ -10,6 +10,10 @@ of its own runtime is the quotient of the two medians. `compile s` is the first 
 minus a warm one's, from a fresh inductor cache unless --warm-cache. `fidelity` is the mean
 per-sample cosine of the output to eager fp32 on the example batch.
 
+Two extra rows (unless --no-extras): fp32 with the whole model compiled instead of its repeated blocks
+(the CPU's regional compilation against what a user who writes torch.compile(model) gets), and
+all-int8 with the eager runtime's int8 kernel compiled (why the compiled runtime takes another).
+
 The mixed policy gives the searchable layers int8, bf16 and fp32 in turn (a layer that cannot take
 int8 gets bf16), so it has many format boundaries, like a searched policy.
 
@@ -63,7 +67,8 @@ def policies(model: torch.nn.Module, device: torch.device) -> dict[str, tuple[di
             "all-int8": (int8, "fp32"), "mixed": (mixed, "fp32")}
 
 
-def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, min_round_s: float) -> tuple[str, list]:
+def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, min_round_s: float,
+              extras: bool) -> tuple[str, list]:
     spec = load_spec(STUDIES[key])
     base = spec.new_model().to(device).eval()
     example = move_inputs(spec.example(), device)
@@ -74,28 +79,35 @@ def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, 
     with torch.inference_mode():
         reference = spec.compared_tensor(call(base)).float().clone()
     variants, info = {}, {}
+    plan = []  # (policy, runtime label, runtime, apply_formats' runtime, prepare's keywords)
     for runtime in runtimes:
         mode = None if runtime in ("eager", "compiled") else runtime.split(":", 1)[1]
         kind = "eager" if runtime == "eager" else "compiled"
-        for name, (layers, default) in policies(base, device).items():
-            label = f"{name} | {runtime}"
-            try:
-                model = apply_formats(copy.deepcopy(base), layers, default, device, kind)
-                prepared = R.prepare(model, kind, device, call, mode=mode)
-            except (AutoprecError, RuntimeError) as exc:
-                info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
-                print(f"{key}: {label}: {info[label]['error']}", file=sys.stderr, flush=True)
-                continue
-            with torch.inference_mode():
-                out = spec.compared_tensor(call(prepared.model)).float()
-            cos = torch.nn.functional.cosine_similarity(out.reshape(out.shape[0], -1).double(),
-                                                        reference.reshape(reference.shape[0], -1).double(), dim=1)
-            variants[label] = prepared.forward(call)
-            info[label] = {"compile_s": prepared.compile_s, "breaks": prepared.graph_breaks,
-                           "regions": len(prepared.regions) if kind == "compiled" else 0,
-                           "fidelity": float(cos.mean())}
-            print(f"{key}: {label}: ready (compile {prepared.compile_s:.1f} s, {prepared.graph_breaks} graph breaks)",
-                  file=sys.stderr, flush=True)
+        plan += [(name, runtime, kind, kind, {"mode": mode}) for name in policies(base, device)]
+    if extras and "compiled" in runtimes:
+        if device.type == "cpu" and R.repeated_blocks(base):  # the other way to compile: the whole model
+            plan.append(("fp32", "compiled, whole model", "compiled", "compiled", {"regional": False}))
+        if int8_kernel(device, "compiled") != int8_kernel(device, "eager"):  # the eager int8 kernel, compiled
+            plan.append(("all-int8", f"compiled, {int8_kernel(device, 'eager')} int8", "compiled", "eager", {}))
+    table = policies(base, device)
+    for name, runtime, kind, apply_runtime, keywords in plan:
+        layers, default = table[name]
+        label = f"{name} | {runtime}"
+        try:
+            model = apply_formats(copy.deepcopy(base), layers, default, device, apply_runtime)
+            prepared = R.prepare(model, kind, device, call, **keywords)
+        except (AutoprecError, RuntimeError) as exc:
+            info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+            print(f"{key}: {label}: {info[label]['error']}", file=sys.stderr, flush=True)
+            continue
+        with torch.inference_mode():
+            out = spec.compared_tensor(call(prepared.model)).float()
+        cos = torch.nn.functional.cosine_similarity(out.reshape(out.shape[0], -1).double(),
+                                                    reference.reshape(reference.shape[0], -1).double(), dim=1)
+        variants[label] = prepared.forward(call)
+        info[label] = {"compile_s": prepared.compile_s, "breaks": prepared.graph_breaks, "fidelity": float(cos.mean())}
+        print(f"{key}: {label}: ready (compile {prepared.compile_s:.1f} s, {prepared.graph_breaks} graph breaks)",
+              file=sys.stderr, flush=True)
     with torch.inference_mode():
         timing = C.interleaved(variants, "fp32 | eager", rounds, min_round_s)
     rows = []
@@ -104,7 +116,7 @@ def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, 
         if "error" in info[label]:
             rows.append([key, policy, runtime, "-", "-", "-", "-", "-", info[label]["error"]])
             continue
-        own = timing.get(f"fp32 | {runtime}")
+        own = timing.get(f"fp32 | {runtime.split(',')[0]}")
         ratio = timing[label]["ratio"] / own["ratio"] if own else float("nan")
         compiled = runtime != "eager"
         rows.append([key, policy, runtime, C.fmt_ms(timing[label]["ms"]), f"{ratio:.3f}",
@@ -125,6 +137,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-round-s", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: autoprec's default)")
+    parser.add_argument("--no-extras", dest="extras", action="store_false",
+                        help="skip the two extra rows (fp32 compiled whole; all-int8 with the eager int8 kernel, compiled)")
     parser.add_argument("--warm-cache", action="store_true", help="use the usual inductor cache (compile times warm)")
     args = parser.parse_args()
 
@@ -143,7 +157,7 @@ def main() -> None:
     rows = []
     for key in args.models.split(","):
         torch.manual_seed(0)
-        batch, model_rows = run_model(key, device, runtimes, args.rounds, args.min_round_s)
+        batch, model_rows = run_model(key, device, runtimes, args.rounds, args.min_round_s, args.extras)
         rows += [[f"{row[0]} ({batch})"] + row[1:] for row in model_rows]
     print(f"{args.rounds} interleaved rounds, >= {args.min_round_s} s per side.\n")
     print(C.table(["model (batch)", "policy", "runtime", "median ms", "vs fp32 of same runtime",

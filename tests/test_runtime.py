@@ -148,3 +148,39 @@ def test_cuda_graphs_outputs_are_the_callers_to_keep():
     ev = Evaluator(load_spec(SPECS / "mlp.py"), "cuda", timing=FAST, measure_peak=True, runtime="compiled")
     m = ev.measure(Policy(default="bf16"))
     assert m.feasible and m.runtime == "compiled" and m.compile_s is not None, m.reason
+
+
+def test_policy_records_its_runtime_and_apply_policy_uses_its_kernels(monkeypatch, tmp_path):
+    from autoprec import PolicyError, apply_policy, load_policy
+
+    monkeypatch.setattr(int8_module, "cpu_has_vnni", lambda: True)
+    path = Policy(layers={"0": "int8"}, measured={"runtime": "compiled"}).save(tmp_path / "p.json")
+    policy = load_policy(path)
+    assert policy.runtime == "compiled" and Policy().runtime == "eager"
+    model = apply_policy(nn.Sequential(nn.Linear(8, 8)), path)  # not compiled: the user compiles it
+    assert type(model[0].weight).__module__.startswith("torchao") and not hasattr(model, "_orig_mod")
+    eager = apply_policy(nn.Sequential(nn.Linear(8, 8)), path, runtime="eager")
+    assert type(eager[0]).__module__.startswith("torch.ao.nn.quantized")
+    (tmp_path / "bad.json").write_text(path.read_text().replace('"compiled"', '"jit"'))
+    with pytest.raises(PolicyError, match=r"measured.runtime' is 'jit'; use one of eager, compiled"):
+        load_policy(tmp_path / "bad.json")
+
+
+def test_compiled_profile_times_each_distinct_layer_once():
+    from autoprec.profile import build_profile
+
+    class _Spec:  # the profile needs compared_tensor and output only
+        output = None
+
+        def compared_tensor(self, out):
+            return out
+
+    model = Stack().eval()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    choices = {"inp": ("fp32", "bf16"), "blocks.0.fc": ("fp32", "bf16"), "blocks.1.fc": ("fp32", "bf16")}
+    profile = build_profile(_Spec(), model, x, choices, ("fp32",), torch.device("cpu"), method="exact",
+                            runtime="compiled")
+    assert profile.runtime == "compiled" and profile.seconds["compile"] >= 0
+    times = profile.latency_by_default["fp32"]
+    assert times["inp"] == times["blocks.0.fc"] == times["blocks.1.fc"]  # one shape: timed once per format
+    assert profile.layers["inp"]["bf16"]["drop"] > 0
