@@ -150,6 +150,8 @@ class Evaluator:
         self.model = spec.new_model().to(self.device)
         self.example = move_inputs(spec.example(), self.device)
         self._batches = [move_inputs(b, self.device) for b in spec.eval_batches()] if spec.evaluate is None else []
+        if self.runtime != "eager":  # scored with the graph that is timed, not one more per eval batch shape
+            self._batches = runtimes.rebatch_like(self._batches, self.example)
         with torch.inference_mode():
             self._forward_or_raise(self.model)
             self._ref_outputs = [self._compared(self.model, b).clone() for b in self._batches]

@@ -83,6 +83,43 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     return found
 
 
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for k in sorted(value) for leaf in _leaves(value[k])]
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _slice(value: Any, start: int, stop: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[start:stop]
+    if isinstance(value, dict):
+        return {k: _slice(v, start, stop) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice(v, start, stop) for v in value)
+    return value
+
+
+def rebatch_like(batches: list[Any], example: Any) -> list[Any]:
+    """`batches` cut into batches of the example's shape where they are whole multiples of it (same
+    structure, same non-batch dimensions), the others as they are: a compiled model then scores
+    with the graph it is timed with, instead of compiling one more per eval batch shape."""
+    shapes = [tuple(t.shape) for t in _leaves(example) if isinstance(t, torch.Tensor)]
+    if not shapes or any(len(s) == 0 for s in shapes):
+        return list(batches)
+    size = shapes[0][0]
+    out = []
+    for batch in batches:
+        leaves = [t for t in _leaves(batch) if isinstance(t, torch.Tensor)]
+        ours = [tuple(t.shape) for t in leaves]
+        n = ours[0][0] if ours and ours[0] else 0
+        fits = (len(ours) == len(shapes) and n > 0 and size > 0 and n % size == 0
+                and all(o[0] == n and o[1:] == s[1:] for o, s in zip(ours, shapes)))
+        out += [_slice(batch, i, i + size) for i in range(0, n, size)] if fits and n != size else [batch]
+    return out
+
+
 def _clone_tensors(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()

@@ -184,3 +184,13 @@ def test_compiled_profile_times_each_distinct_layer_once():
     times = profile.latency_by_default["fp32"]
     assert times["inp"] == times["blocks.0.fc"] == times["blocks.1.fc"]  # one shape: timed once per format
     assert profile.layers["inp"]["bf16"]["drop"] > 0
+
+
+def test_eval_batches_are_cut_to_the_example_shape_where_they_fit():
+    example = {"ids": torch.zeros(2, 5), "mask": torch.ones(2, 5)}
+    fits = {"ids": torch.arange(30.0).reshape(6, 5), "mask": torch.ones(6, 5)}
+    other = {"ids": torch.zeros(3, 5), "mask": torch.ones(3, 5)}  # not a multiple of 2: kept whole
+    cut = R.rebatch_like([fits, other], example)
+    assert [b["ids"].shape[0] for b in cut] == [2, 2, 2, 3]
+    torch.testing.assert_close(torch.cat([b["ids"] for b in cut[:3]]), fits["ids"])
+    assert R.rebatch_like([torch.zeros(4, 7)], torch.zeros(2, 5))[0].shape == (4, 7)  # other width
