@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +216,10 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
             torch.compiler.cudagraph_mark_step_begin()
             return compiled(*args, **kwargs)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # torchao's int8 tensors announce, once per compile, that AOT autograd's cache skips them;
+            # inductor's FX graph cache still serves them (a second compile of one assignment: 1 s, not 20)
+            warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
             start = time.perf_counter()
             call(timed)
             _sync(device)
