@@ -5,6 +5,10 @@ eval batches, its score and its latency, all computed once. `measure(policy)` ap
 a copy of the reference model and returns a `Measurement`; a candidate that cannot run (unsupported
 format, non-finite output, out of memory, any exception) is an infeasible Measurement with its
 reason, never an exception.
+
+In the `compiled` runtime (autoprec.runtime) the fp32 reference is compiled once; each candidate is
+applied with that runtime's kernels, compiled, then scored and timed compiled, and its Measurement
+carries `compile_s` and `graph_breaks`. A candidate that does not compile is a failed Measurement.
 """
 
 from __future__ import annotations
