@@ -62,7 +62,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                           study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
                           seed=args.seed, threads=_threads(args.threads), progress=not args.no_progress,
                           workers=len(devices) if devices and args.workers == 1 else args.workers, devices=devices,
-                          strategy=args.strategy, retime_front=not args.no_retime,
+                          strategy=args.strategy, retime_front=not args.no_retime, runtime=args.runtime,
                           timing=timing_settings(args.max_rounds, args.malloc_defaults))
     result = run_search(config, on_open=lambda search: print(search.summary()))
     if result.interrupted:
@@ -89,6 +89,11 @@ def _front_table(front) -> str:
     header = ["trial", "score", "drop", "latency_ms", "vs fp32", "re-timed", "memory", "vs fp32",
               "default", "fp32", "fp16", "bf16", "int8", "origin"]
     note = "\n(re-timed: the front timed again beside fp32 in one pass at the end of the last search)"
+    if "compile_s" in front.columns and front.compile_s.notna().any():  # the compiled runtime
+        header[-1:-1] = ["compile s"]
+        rows = [(*row[:-1], "-" if r.compile_s != r.compile_s or r.compile_s is None else f"{r.compile_s:.1f}", row[-1])
+                for row, r in zip(rows, front.itertuples())]
+        note += "\n(compile s: the trial's torch.compile time, from inductor's cache where it had the blocks)"
     if "step_ratio" in front.columns:  # training mode
         header[-1:-1] = ["train step", "lr", "loss scale"]
         rows = [(*row[:-1], "-" if r.step_ratio != r.step_ratio or r.step_ratio is None else f"{r.step_ratio:.2f}x",
@@ -237,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads, fixed per study (default: a resumed study's; for a new one AUTOPREC_THREADS, "
                         "else all usable cores but one, shared among --workers)")
+    p.add_argument("--runtime", default=None, choices=["eager", "compiled"],
+                   help="how candidates run and are timed, fixed per study: eager, or compiled (torch.compile; "
+                        "CUDA graphs on CUDA). Default: a resumed study's; for a new one compiled on CUDA, eager on "
+                        "the CPU")
     p.add_argument("--strategy", default="guided", choices=["guided", "tpe", "nsga2", "random"],
                    help="guided: sensitivity profile + knapsack proposals, then TPE (default)")
     p.add_argument("--no-retime", action="store_true", dest="no_retime",

@@ -18,7 +18,7 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
                       threads: int | None = None, timing: TimingSettings = TimingSettings()) -> str:
     policy = load_policy(policy_path)
     spec = load_spec(model_path)
-    evaluator = Evaluator(spec, resolve_device(device), threads=threads, timing=timing)
+    evaluator = Evaluator(spec, resolve_device(device), threads=threads, timing=timing, runtime=policy.runtime)
     try:
         evaluator.candidate(policy)  # refuses a policy that does not fit this model before measuring
     except AutoprecError as exc:
@@ -44,6 +44,9 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     where = f"device {evaluator.device}"
     if evaluator.device.type == "cpu":
         where += f" ({threads_text(here['threads'])}; {here['cpu_allocator']})"
+    where += (f"; {policy.runtime} runtime, as the study timed it"
+              + (" (torch.compile; serve it with torch.compile(autoprec.apply_policy(model, policy)))"
+                 if policy.runtime == "compiled" else ""))
     head = f"policy {policy_path}: default {policy.default}, {counts or 'no listed layers'}; {where}"
     stored = policy.measured or {}
     tail = ""

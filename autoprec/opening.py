@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import optuna
 import torch
 
-from autoprec import record
+from autoprec import record, runtime as runtimes
 from autoprec.errors import AutoprecError, StoreError
 from autoprec.evaluate import Evaluator
 from autoprec.ledger import Ledger
@@ -40,6 +40,18 @@ DIRECTIONS = ("maximize", "minimize", "minimize")
 DEFAULT_MAX_DROP = 0.01
 STRATEGIES = ("guided", "tpe", "nsga2", "random")
 CLAIM_STALE_S = float(os.environ.get("AUTOPREC_CLAIM_STALE_S", "900"))
+
+
+def inductor_cache_dir(url: str) -> Path | None:
+    """Where inductor keeps its on-disk caches for a study store: beside a SQLite file
+    (`autoprec.db` -> `autoprec.db.inductor/`); for a server store the working folder's
+    `autoprec.inductor/`; None for an in-memory store (inductor's own default then)."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+        return None if path in ("", ":memory:") else Path(path + ".inductor")
+    if url.startswith("sqlite:"):
+        return None
+    return Path("autoprec.inductor")
 
 
 def default_study_name(model_path: str | Path) -> str:
@@ -74,6 +86,27 @@ def check_config(config: SearchConfig) -> None:
         raise AutoprecError(f"--max-drop {config.max_drop}: must be a number >= 0 (an absolute score drop)")
     if config.workers < 1:
         raise AutoprecError(f"--workers {config.workers}: must be at least 1")
+    if config.runtime is not None:
+        runtimes.check_runtime(config.runtime)
+
+
+def default_runtime(device: torch.device) -> str:
+    """compiled on CUDA (an eager forward of a small batch is bound by kernel launches: MiniLM's bf16
+    ran no faster than fp32 on an H200), eager on the CPU (compiling moved MiniLM's format ratios by a
+    few percent, made ResNet-18 slower, and costs seconds per new block assignment; README, Runtimes)."""
+    return "compiled" if device.type == "cuda" else "eager"
+
+
+def study_runtime(device: torch.device, stored: str | None, requested: str | None, name: str) -> str:
+    """The runtime a study times in: chosen when it is created, kept by every resume and worker,
+    because the formats' ratios to fp32 and even their order change with it."""
+    if stored is None:
+        return requested or default_runtime(device)
+    if requested is not None and requested != stored:
+        raise StoreError(f"study {name!r} times candidates in the {stored} runtime, and latency ratios change with "
+                         f"the runtime; drop --runtime {requested} (a resume keeps the study's), or start a new "
+                         "study with --study NEW_NAME")
+    return stored
 
 
 def study_threads(device: torch.device, stored: str | int | None, requested: int | None, workers: int,
@@ -152,14 +185,15 @@ class _Opener:
         info = _ready_info(self.storage, self.study_name)
         if info is None:
             threads = study_threads(self.device, None, config.threads, config.workers, self.study_name)
-            info, evaluator = self._create_or_wait(threads)
+            runtime = study_runtime(self.device, None, config.runtime, self.study_name)
+            info, evaluator = self._create_or_wait(threads, runtime)
         if evaluator is None:
             check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
                          prepare_allocator(config.timing.keep_freed_memory))
             threads = study_threads(self.device, info.environment.get("threads"), config.threads,
                                     config.workers, self.study_name)
-            evaluator = Evaluator(self.spec, self.device, threads=threads, timing=config.timing,
-                                  reference_latency_ms=info.reference.latency_ms)
+            runtime = study_runtime(self.device, info.runtime, config.runtime, self.study_name)
+            evaluator = self._evaluator(threads, runtime, info.reference.latency_ms)
         if self.device.type == "cpu" and threads and threads * config.workers > usable_cores():
             print(f"autoprec: {config.workers} x {threads_text(threads)} (study {self.study_name!r}'s) "
                   f"oversubscribe this machine's {usable_cores()} cores, which slows and blurs every timing; "
@@ -168,12 +202,19 @@ class _Opener:
                            study_name=self.study_name, storage_url=self.storage_url, storage=self.storage,
                            evaluator=evaluator, info=info, threads=threads)
 
-    def _create_or_wait(self, threads: int | None) -> tuple[StudyInfo, Evaluator | None]:
+    def _evaluator(self, threads: int | None, runtime: str, reference_latency_ms: float | None = None) -> Evaluator:
+        cache = inductor_cache_dir(self.storage_url)
+        if runtime != "eager" and cache is not None:
+            runtimes.use_cache_dir(cache)
+        return Evaluator(self.spec, self.device, threads=threads, timing=self.config.timing,
+                         reference_latency_ms=reference_latency_ms, runtime=runtime)
+
+    def _create_or_wait(self, threads: int | None, runtime: str) -> tuple[StudyInfo, Evaluator | None]:
         """The first worker measures the fp32 reference and creates the study; the others wait for it."""
         while True:
             if self.ledger.claim(self.study_name, "reference", stale_s=CLAIM_STALE_S):
                 try:
-                    evaluator = Evaluator(self.spec, self.device, threads=threads, timing=self.config.timing)
+                    evaluator = self._evaluator(threads, runtime)
                     # Created only once the reference is measured: a broken spec leaves no study behind.
                     study = optuna.create_study(study_name=self.study_name, storage=self.storage,
                                                 directions=list(DIRECTIONS), load_if_exists=True)
@@ -198,7 +239,7 @@ class _Opener:
             model_fingerprint=self.fingerprint, space=self.space.to_json(),
             space_fingerprint=self.space.fingerprint(), device_type=self.device.type,
             environment=environment(self.device),
-            cpu_freed_memory_kept=prepare_allocator(self.config.timing.keep_freed_memory),
+            cpu_freed_memory_kept=prepare_allocator(self.config.timing.keep_freed_memory), runtime=evaluator.runtime,
             max_drop=DEFAULT_MAX_DROP if max_drop is None else max_drop,
             reference=Reference(score=evaluator.reference_score, latency_ms=evaluator.reference_latency_ms,
                                 memory_bytes=module_storage_bytes(model)),

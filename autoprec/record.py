@@ -11,7 +11,8 @@ finds the study without it waits for the creator.
 Study user attributes (JSON, so optuna-dashboard shows them):
 
 - ``autoprec`` (`StudyInfo`): the model (path, class, fingerprint), the space and its fingerprint,
-  the device and environment, whether the CPU allocator kept freed memory, max_drop, the fp32
+  the device and environment, whether the CPU allocator kept freed memory, the runtime (eager or
+  compiled, autoprec.runtime), max_drop, the fp32
   reference (score, latency, memory), the searchable layers, training mode, the creation time.
   Fixed for the study's life: a resume that would measure differently is refused.
 - ``autoprec_retimed``: the front re-timed beside fp32 at the end of the last search,
@@ -149,6 +150,7 @@ class StudyInfo:
     layers: list[str] = field(default_factory=list)
     training: bool = False
     cpu_freed_memory_kept: bool | None = None  # None: a study from before this was recorded
+    runtime: str = "eager"  # autoprec.runtime: how candidates are run and timed (studies before it: eager)
     created: str = ""
     version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read

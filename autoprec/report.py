@@ -348,7 +348,8 @@ def _trial_rows(frame: pd.DataFrame, front_numbers: set[int], retimed: dict[str,
             f"<td class=num>{_bytes(r.peak_bytes)}</td><td>{'yes' if r.feasible else 'no'}</td>"
             f"<td>{_dtype_badge(r.default)}</td>"
             + "".join(f"<td class=num>{int(getattr(r, d))}</td>" for d in DTYPES)
-            + f"<td class=num>{_num(r.duration_s, '.1f')}</td><td class=reason>{_e(r.reason)}</td>"
+            + f"<td class=num>{_num(r.duration_s, '.1f')}</td><td class=num>{_num(getattr(r, 'compile_s', None), '.1f')}</td>"
+            + f"<td class=reason>{_e(r.reason)}</td>"
             + (_retimed_cell(retimed.get(str(number))) if retimed is not None else "") + "</tr>")
     return "\n".join(lines)
 
@@ -374,7 +375,9 @@ def _retimed_cell(entry: Any) -> str:
 _TRIAL_HEAD = ("<tr><th>trial</th><th>state</th><th>origin</th><th>score</th><th>drop</th><th>latency ms</th>"
                '<th title="max/min of the per-round latency ratios to fp32; large means noisy timing">spread</th>'
                "<th>vs fp32</th><th>memory</th><th>vs fp32</th><th>peak</th><th>feasible</th><th>default</th>"
-               + "".join(f"<th>{d}</th>" for d in DTYPES) + '<th>time s</th><th class="reason">failure reason</th></tr>')
+               + "".join(f"<th>{d}</th>" for d in DTYPES) + "<th>time s</th>"
+               '<th title="torch.compile time of the trial (compiled runtime)">compile s</th>'
+               '<th class="reason">failure reason</th></tr>')
 
 
 def _profile_section(study: optuna.Study) -> str:
@@ -430,7 +433,7 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
         f"<h1>autoprec study <code>{_e(study.study_name)}</code></h1>",
         f'<p class="sub">{_e(info.model_class)} from {_e(info.model_path)}, '
         f'{len(layers)} searchable layers, space <code>{_e(info.space.get("name"))}</code>, '
-        f'on {_e(env.get("device"))} ({_e(env.get("device_name"))}); max drop {study_drop:g}; '
+        f'on {_e(env.get("device"))} ({_e(env.get("device_name"))}), {_e(info.runtime)} runtime; max drop {study_drop:g}; '
         f'report written {_e(time.strftime("%Y-%m-%d %H:%M"))}</p>',
         '<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards) + "</div>",
         '<h2 id="front">Pareto front</h2>',
@@ -470,7 +473,7 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
     ]
     env_rows = {**{k: v for k, v in env.items()}, "model": f"{info.model_class} ({info.model_path})",
                 "model fingerprint": info.model_fingerprint,
-                "search space": info.space.get("name"), "max drop": study_drop,
+                "runtime": info.runtime, "search space": info.space.get("name"), "max drop": study_drop,
                 "fp32 score": f"{ref['score']:.6f}", "fp32 latency": f"{ref['latency_ms']:.3f} ms",
                 "fp32 memory": f"{int(ref['memory_bytes']):,} B", "study created": info.created,
                 "optuna": optuna.__version__}

@@ -40,6 +40,8 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
             "default": r.default,
             **{d: counts.get(d, 0) for d in DTYPES},
             "reason": r.failure_reason,
+            "compile_s": measurement.get("compile_s"),  # compiled runtime only
+            "graph_breaks": measurement.get("graph_breaks"),
         }
         if row["latency_ms"] is not None:
             row["latency_ratio"] = row["latency_ms"] / ref.latency_ms
@@ -154,6 +156,8 @@ def policy_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Policy:
         "retimed_ratio": retimed.get("ratio"),  # the front re-timed side by side at the end of the search
         "device": env.get("device"), "device_name": env.get("device_name"), "threads": env.get("threads"),
         "cpu_allocator": env.get("cpu_allocator"), "torch": env.get("torch"),
+        "runtime": info.runtime,  # how it was timed: serve a compiled policy under torch.compile
+        "compile_s": r.measurement.get("compile_s"),
         "study": study.study_name, "trial": trial.number,
     }
     policy.model = {"class": info.model_class, "fingerprint": info.model_fingerprint}
@@ -164,7 +168,8 @@ def _timed_on(info: StudyInfo) -> str:
     """'cpu, 1 thread' or 'cuda' (a study's thread count is fixed, so it belongs with the device)."""
     device = info.device_type or "-"
     threads = info.environment.get("threads")
-    return f"{device}, {threads_text(threads)}" if device == "cpu" and threads else device
+    where = f"{device}, {threads_text(threads)}" if device == "cpu" and threads else device
+    return where if info.runtime == "eager" else f"{where}, {info.runtime}"
 
 
 def studies_frame(storage: Any) -> pd.DataFrame:

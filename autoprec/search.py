@@ -47,6 +47,7 @@ class SearchConfig:
     seed: int = 0
     threads: int | None = None  # CPU threads; None: the study's, or for a new study default_threads() / workers
     workers: int = 1  # local worker processes that will share this machine's cores
+    runtime: str | None = None  # eager or compiled (autoprec.runtime); None: the study's, or the device's default
     devices: tuple[str, ...] | None = None  # one worker per device (cuda:0,cuda:1), round robin
     strategy: str = "guided"  # guided (profile + knapsack proposals, then TPE), tpe, nsga2, random
     retime_front: bool = True
@@ -100,7 +101,7 @@ class Search:
 
     def summary(self) -> str:
         return (f"study {self.study_name!r} in {self.storage_url} ({self.finished_trials()} trials so far); "
-                f"{len(self.choices)} searchable layers on {self.device}; fp32 score "
+                f"{len(self.choices)} searchable layers on {self.device}, {self.info.runtime} runtime; fp32 score "
                 f"{self.reference_score:.6f}, max drop {self.max_drop}")
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
@@ -171,7 +172,7 @@ class Search:
                 self.study.set_user_attr(record.PROFILE_SOURCE_ATTR, source)
             if profile is None:
                 profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example, self.choices,
-                                        self.space.default_dtypes, self.device)
+                                        self.space.default_dtypes, self.device, runtime=self.info.runtime)
                 profile.reference_latency_ms = self.evaluator.reference_latency_ms
                 self.study.set_user_attr(record.PROFILE_ATTR, profile.to_json())
             self.phase_seconds["profile"] = time.perf_counter() - started
