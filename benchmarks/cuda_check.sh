@@ -6,6 +6,7 @@
 # time limit, so one slow step cannot take the others' time; logs and tables go to $OUT.
 #
 #     PYTHON=.venv/bin/python OUT=/tmp/cuda_out bash benchmarks/cuda_check.sh     (a CUDA GPU present)
+#     STEPS="pytest_cuda runtime_ratios_cuda search_cuda export_cuda apply_cuda" ... runs only the steps named
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/cuda_out}"
@@ -16,6 +17,7 @@ DEV="${DEVICE:-cuda}"  # DEVICE=cpu dry-runs the script without a GPU
 step() {  # step NAME SECONDS COMMAND...: run with a limit, keep its log, say how it ended
     local name=$1 limit=$2
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi  # STEPS="a b": only those
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
@@ -37,12 +39,14 @@ TAIL=15 step pytest_cuda 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_ev
 TAIL=30 step runtime_ratios_cuda 180 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --rounds 7
 TAIL=20 step runtime_modes_cuda 150 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --models minilm --no-extras \
     --modes default,max-autotune-no-cudagraphs --rounds 5
-rm -f "$OUT/minilm_cuda.db"
-TAIL=40 step search_cuda 150 "$PY" -m autoprec search studies/minilm/model.py --trials 12 --device "$DEV" \
-    --storage "sqlite:///$OUT/minilm_cuda.db" --no-progress
+rm -rf "$OUT/minilm_cuda.db" "$OUT/minilm_cuda.db.inductor"
+# the main job in the compiled runtime (CUDA's default; said explicitly): torch.compile with CUDA graphs,
+# inductor's cache in $OUT/minilm_cuda.db.inductor (a cold cache: every distinct policy compiles once)
+TAIL=40 step search_cuda 300 "$PY" -m autoprec search studies/minilm/model.py --trials 12 --device "$DEV" \
+    --runtime compiled --storage "sqlite:///$OUT/minilm_cuda.db" --no-progress
 TAIL=5 step export_cuda 30 "$PY" -m autoprec export --storage "sqlite:///$OUT/minilm_cuda.db" --study minilm \
     --pick fastest -o "$OUT/minilm_cuda_policy.json"
-TAIL=20 step apply_cuda 60 "$PY" -m autoprec apply "$OUT/minilm_cuda_policy.json" studies/minilm/model.py --device "$DEV"
+TAIL=20 step apply_cuda 120 "$PY" -m autoprec apply "$OUT/minilm_cuda_policy.json" studies/minilm/model.py --device "$DEV"
 # the rest of the suite where a GPU is present: models and searches that default to cuda run there
 # (-v: each result is logged as it ends, so a run stopped at its limit still names what failed)
 PARALLEL=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")  # pytest-xdist where installed
