@@ -167,10 +167,18 @@ class Prepared:
         return lambda: call(fn)
 
 
-def _dynamo_counts() -> tuple[int, dict[str, int]]:
+def _graph_breaks() -> dict[str, int]:
+    """Graph breaks so far in this process, by reason (dynamo's counters)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"]), dict(counters["graph_break"])
+    return dict(counters["graph_break"])
+
+
+def _with_graph_step(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
+        return compiled(*args, **kwargs)
+    return forward
 
 
 def _first_line(exc: BaseException) -> str:
@@ -209,12 +217,8 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
     else:
         regions = [""]
         compiled = torch.compile(model, mode=mode, dynamic=False)
-    _, breaks_before = _dynamo_counts()
-    timed: Callable[..., Any] = compiled
-    if cuda_graphs:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*args, **kwargs)
+    breaks_before = _graph_breaks()
+    timed = _with_graph_step(compiled) if cuda_graphs else compiled
     try:
         with torch.inference_mode(), warnings.catch_warnings():
             # torchao's int8 tensors announce, once per compile, that AOT autograd's cache skips them;
@@ -233,11 +237,10 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
     except Exception as exc:
         cause = getattr(exc, "inner_exception", None) or exc  # BackendCompilerFailed wraps the backend's error
         raise CompileFailed(f"torch.compile failed: {type(cause).__name__}: {_first_line(cause)}") from exc
-    _, breaks_after = _dynamo_counts()
-    reasons = {k: v - breaks_before.get(k, 0) for k, v in breaks_after.items() if v > breaks_before.get(k, 0)}
+    reasons = {k: v - breaks_before.get(k, 0) for k, v in _graph_breaks().items() if v > breaks_before.get(k, 0)}
     scored = CudaGraphModel(compiled) if cuda_graphs else compiled
     return Prepared(scored, runtime, max(0.0, first - warm), sum(reasons.values()),
-                    [_first_line(Exception(r)) for r in reasons], regions, timed)
+                    [r.strip().splitlines()[0][:200] for r in reasons if r.strip()], regions, timed)
 
 
 def _sync(device: torch.device) -> None:
