@@ -94,16 +94,17 @@ def _unlike(batch: Any, example: Any) -> str | None:
             return f"has {len(batch)} inputs where example_inputs() has {len(example)}"
         pairs = [(f"[{i}]", b, e) for i, (b, e) in enumerate(zip(batch, example))]
     for where, b, e in pairs:
+        part = f"{where} " if where else ""
         if isinstance(e, torch.Tensor) != isinstance(b, torch.Tensor):
-            return f"{where} is a {type(b).__name__} where example_inputs(){where} is a {type(e).__name__}"
+            return f"{part}is a {type(b).__name__} where example_inputs(){where} is a {type(e).__name__}"
         if isinstance(e, torch.Tensor):
             if b.dim() != e.dim() or b.shape[1:] != e.shape[1:] and b.dim() > 2:
-                return (f"{where} has shape {tuple(b.shape)} where example_inputs(){where} has "
+                return (f"{part}has shape {tuple(b.shape)} where example_inputs(){where} has "
                         f"{tuple(e.shape)} (only the batch size may differ)")
             if b.is_floating_point() != e.is_floating_point():
-                return f"{where} is {b.dtype} where example_inputs(){where} is {e.dtype}"
+                return f"{part}is {b.dtype} where example_inputs(){where} is {e.dtype}"
             if b.numel() == 0:
-                return f"{where} is empty (shape {tuple(b.shape)})"
+                return f"{part}is empty (shape {tuple(b.shape)})"
     return None
 
 
