@@ -226,3 +226,28 @@ def test_cuda_fp8_linear_has_fp8_weights_and_stays_close():
     # fp8 weights at 1 byte each, plus their per-row scales, instead of 4 bytes each
     saved = module_storage_bytes(model[0]) - module_storage_bytes(candidate[0])
     assert saved >= 256 * 512 * 3 - 512 * 4 - 512 * 4
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it; per-layer static int8 does not need to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        if y.mean() > 0.1:  # a Python branch on a tensor's value
+            y = y * 0.5
+        return self.head(y).flatten(1)
+
+
+def test_static_int8_needs_no_tracing():
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    x = images(4, 5)
+    candidate = apply_formats(copy.deepcopy(model), {"conv": "int8", "head": "int8"}, calibration=CALIBRATION)
+    assert cosine(run(candidate, x), run(model, x)) > 0.99
