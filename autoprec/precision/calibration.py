@@ -8,6 +8,7 @@ candidate (`Calibration`), and a user applying a policy passes the same batches 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,10 +43,31 @@ def _observer() -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         from torch.ao.quantization.observer import HistogramObserver
-    # Full uint8 range: oneDNN's u8 x s8 kernels (VNNI, or AVX2 with its own compensation) do not need
-    # torch's reduce_range guard, which would cost a bit of every activation (the x86 inductor
-    # quantizer also uses the full range).
-    return HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
+    # Without VNNI, u8 x s8 products are summed pairwise in int16 (vpmaddubsw) and saturate when
+    # activations use all 8 bits: on an AVX2-limited oneDNN, ResNet-18 all-int8 lost 9.9e-3 of
+    # fidelity at 8 bits against 3.1e-3 with VNNI (benchmarks/README.md). There, 7-bit activations
+    # (torch's reduce_range guard); with VNNI the full range.
+    return HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=not cpu_has_vnni())
+
+
+_NO_VNNI_ISAS = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+
+
+def cpu_has_vnni() -> bool:
+    """Whether oneDNN may use VNNI int8 dot products here: the CPU has them (avx512_vnni or avx_vnni)
+    and ONEDNN_MAX_CPU_ISA does not cap oneDNN below them."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if cap in _NO_VNNI_ISAS:
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return False  # unknown: the safe choice
 
 
 def calibrate(model: nn.Module, names: Iterable[str], batches: Iterable[Any]) -> Calibration:
