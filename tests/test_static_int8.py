@@ -251,3 +251,15 @@ def test_static_int8_needs_no_tracing():
     x = images(4, 5)
     candidate = apply_formats(copy.deepcopy(model), {"conv": "int8", "head": "int8"}, calibration=CALIBRATION)
     assert cosine(run(candidate, x), run(model, x)) > 0.99
+
+
+def test_activations_take_7_bits_where_onednn_has_no_vnni(monkeypatch):
+    from autoprec.precision.calibration import cpu_has_vnni
+
+    model = conv_net()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_vnni()
+    seven = calibrate(model, ["conv2"], CALIBRATION).inputs["conv2"][0]
+    monkeypatch.setattr("autoprec.precision.calibration.cpu_has_vnni", lambda: True)
+    eight = calibrate(model, ["conv2"], CALIBRATION).inputs["conv2"][0]
+    assert seven == pytest.approx(2 * eight, rel=0.05)  # same range over 127 steps instead of 255
