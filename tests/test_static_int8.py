@@ -263,3 +263,12 @@ def test_activations_take_7_bits_where_onednn_has_no_vnni(monkeypatch):
     monkeypatch.setattr("autoprec.precision.calibration.cpu_has_vnni", lambda: True)
     eight = calibrate(model, ["conv2"], CALIBRATION).inputs["conv2"][0]
     assert seven == pytest.approx(2 * eight, rel=0.05)  # same range over 127 steps instead of 255
+
+
+def test_a_training_space_offers_no_static_int8():
+    from autoprec.space import space_from_dict
+
+    model = conv_net()
+    training = space_from_dict({"dtypes": ["fp32", "bf16", "int8"], "training": {"steps": 2}}, "t.yaml")
+    choices = training.choices(model, torch.device("cpu"))
+    assert choices["conv1"] == ("fp32", "bf16") and choices["fc"] == ("fp32", "bf16", "int8")
