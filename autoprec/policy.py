@@ -9,8 +9,8 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
