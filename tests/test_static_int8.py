@@ -117,11 +117,25 @@ def test_calibration_ranges_come_from_the_fp32_inputs_and_are_reused():
 
 def test_int8_conv_memory_is_int8_weights_with_scales():
     model = conv_net()
-    candidate = apply_formats(copy.deepcopy(model), {"conv2": "int8"}, calibration=CALIBRATION)
-    weights = 16 * 16 * 3 * 3
+    candidate = apply_formats(copy.deepcopy(model), {"conv3": "int8"}, calibration=CALIBRATION)
+    weights = 8 * 16 * 3
     saved = module_storage_bytes(model) - module_storage_bytes(candidate)
     # fp32 weight (4 B each) -> int8 (1 B) plus a 4 B scale and 8 B zero point per output channel
-    assert saved == 4 * weights - (weights + 16 * (4 + 8))
+    assert saved == 4 * weights - (weights + 8 * (4 + 8))
+
+
+def test_a_batchnorm_after_an_int8_conv_is_folded_into_it():
+    model = conv_net()
+    x = images(8, 4)
+    reference = run(model, x)
+    candidate = apply_formats(copy.deepcopy(model), {"conv1": "int8"}, calibration=CALIBRATION)
+    assert isinstance(candidate.bn1, nn.Identity) and isinstance(candidate.bn2, nn.BatchNorm2d)
+    assert candidate.conv1.bias is not None  # the BatchNorm's shift
+    assert cosine(run(candidate, x), reference) > 0.999
+    # conv2's output meets the residual add only through bn2: folded too when conv2 is int8
+    both = apply_formats(copy.deepcopy(model), {"conv1": "int8", "conv2": "int8"}, calibration=CALIBRATION)
+    assert isinstance(both.bn2, nn.Identity)
+    assert cosine(run(both, x), reference) > 0.995
 
 
 def test_a_layer_the_calibration_never_reached_is_unsupported():

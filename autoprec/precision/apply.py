@@ -12,6 +12,7 @@ from autoprec.errors import PolicyError, UnsupportedFormat
 from autoprec.precision.base import FLOAT_DTYPES, HANDLERS
 from autoprec.precision.calibration import Calibration, calibrate
 from autoprec.precision.floating import cast_own_tensors
+from autoprec.precision.fold import foldable_batchnorms, folded_conv
 from autoprec.precision.layers import is_searchable
 
 
@@ -105,12 +106,19 @@ def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "f
     # Converted from the fp32 originals before the default cast, so e.g. an fp32 layer in a
     # bf16 model never passes through bf16.
     overrides = {name: fmt for name, fmt in layers.items() if fmt != default}
-    ranges = _input_ranges(model, needs_calibration(model, overrides), calibration)
+    static = needs_calibration(model, overrides)
+    ranges = _input_ranges(model, static, calibration)
+    folds = foldable_batchnorms(model, static)
     converted: dict[str, tuple[nn.Module, torch.dtype]] = {}
     for name, fmt in overrides.items():
         handler = HANDLERS[fmt]
-        module = handler.convert(model.get_submodule(name), device, ranges.inputs.get(name))
+        original = model.get_submodule(name)
+        if name in folds:
+            original = folded_conv(original, model.get_submodule(folds[name]))
+        module = handler.convert(original, device, ranges.inputs.get(name))
         converted[name] = (module, handler.io_dtype(device))
+    for norm in folds.values():
+        _set_submodule(model, norm, nn.Identity())
 
     skip = set(converted)
     for name, module in model.named_modules():
