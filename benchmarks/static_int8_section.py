@@ -3,8 +3,9 @@ MiniLM FFN block with a static int8 Linear against the dynamic one.
 
 Routes compared for convolutions:
 - autoprec's per-layer static int8 (`autoprec.precision.static_int8`): each int8 convolution quantizes its
-  own input with a calibrated scale and returns fp32 (oneDNN qconv with a floating output); BatchNorm,
-  ReLU and the residual add stay fp32. Works on any model, traced or not.
+  own input with a calibrated scale and returns fp32 (oneDNN qconv with a floating output); a BatchNorm
+  that alone consumes its output is folded into it where torch.fx can trace the model (also shown
+  without folding); ReLU and the residual add stay fp32. Works on any model, traced or not.
 - FX graph mode (`torch.ao.quantization.quantize_fx`, the x86 default qconfig mapping): the whole graph
   traced, conv-bn(-relu) fused, int8 between neighbouring int8 ops, the residual add in int8; needs a
   model torch.fx can trace.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from unittest import mock
 
 import torch
 from torch import nn
@@ -133,6 +135,9 @@ def resnet_sections(rounds: int, min_round_s: float, compile_: bool) -> str:
         variants["autoprec static int8, per layer"] = apply_formats(
             copy.deepcopy(net), {n: "int8" for n in _convs(net)}, calibration=calib)
         first_call["autoprec static int8, per layer"] = f"{time.perf_counter() - t0:.2f} s calibrate + convert"
+        with mock.patch("autoprec.precision.apply.foldable_batchnorms", lambda model, names: {}):
+            variants["same, BatchNorm not folded"] = apply_formats(
+                copy.deepcopy(net), {n: "int8" for n in _convs(net)}, calibration=calib)
         t0 = time.perf_counter()
         variants["FX graph mode static int8 (x86 qconfig, fused)"] = fx_static_int8(net, inp, calib)
         first_call["FX graph mode static int8 (x86 qconfig, fused)"] = f"{time.perf_counter() - t0:.2f} s"

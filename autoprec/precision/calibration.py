@@ -47,7 +47,8 @@ def _observer() -> nn.Module:
     # activations use all 8 bits: on an AVX2-limited oneDNN, ResNet-18 all-int8 lost 9.9e-3 of
     # fidelity at 8 bits against 3.1e-3 with VNNI (benchmarks/README.md). There, 7-bit activations
     # (torch's reduce_range guard); with VNNI the full range.
-    return HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=not cpu_has_vnni())
+    return HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
+                             quant_max=255 if cpu_has_vnni() else 127)
 
 
 _NO_VNNI_ISAS = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
