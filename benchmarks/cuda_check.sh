@@ -31,7 +31,7 @@ EOF
 TAIL=60 step stability_cuda 140 "$PY" benchmarks/measurement_stability.py --device "$DEV" --repeats 5
 TAIL=12 step int8_overhead_cuda 60 "$PY" benchmarks/int8_call_overhead.py --device "$DEV"
 TAIL=15 step pytest_cuda 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_precision.py \
-    tests/test_profile.py
+    tests/test_profile.py tests/test_static_int8.py
 rm -f "$OUT/minilm_cuda.db"
 TAIL=40 step search_cuda 150 "$PY" -m autoprec search studies/minilm/model.py --trials 12 --device "$DEV" \
     --storage "sqlite:///$OUT/minilm_cuda.db" --no-progress

@@ -20,8 +20,15 @@ class FormatHandler(Protocol):
     def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
         """None when this format can run `module` on `device`, else why not (one sentence)."""
 
-    def convert(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """A module computing like `module` in this format; `module` holds fp32 weights on `device`."""
+    def convert(self, module: nn.Module, device: torch.device,
+                input_qparams: tuple[float, int] | None = None) -> nn.Module:
+        """A module computing like `module` in this format; `module` holds fp32 weights on `device`.
+
+        `input_qparams`: the calibrated (scale, zero point) of the layer's input, for formats that
+        `needs_calibration`; None for the others."""
+
+    def needs_calibration(self, module: nn.Module) -> bool:
+        """Whether `convert` needs the layer's calibrated input range (static int8)."""
 
     def io_dtype(self, device: torch.device) -> torch.dtype:
         """The floating dtype the converted module takes and returns."""

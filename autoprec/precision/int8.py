@@ -1,9 +1,11 @@
 """int8: real int8 kernels, not simulation.
 
-CPU: torch's dynamic int8 Linear with per-channel symmetric weight scales (benchmarks/README.md
-says why: in eager mode it is the only int8 path faster than fp32 here, and per-channel scales keep
-the accuracy that per-tensor loses). CUDA: torchao's int8 dynamic-activation / int8-weight config.
-Only Linear-like layers have dynamic int8 kernels; convolutions are refused with the reason.
+Linear-like layers, CPU: torch's dynamic int8 Linear with per-channel symmetric weight scales
+(benchmarks/README.md says why: in eager mode it is the only int8 path faster than fp32 here, and
+per-channel scales keep the accuracy that per-tensor loses). CUDA: torchao's int8
+dynamic-activation / int8-weight config.
+Convolutions, CPU only: static int8 (calibrated input scale, per-channel weights, oneDNN kernels;
+`static_int8.py`); they need calibration (`calibration.py`). On CUDA they are refused with the reason.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import warnings
 import torch
 from torch import nn
 
+from autoprec.errors import UnsupportedFormat
 from autoprec.precision.base import register
 from autoprec.precision.layers import is_linear_like
+from autoprec.precision.static_int8 import StaticInt8Conv, static_conv_unsupported_reason
 
 
 def _as_linear(module: nn.Module) -> nn.Linear:
@@ -56,12 +60,12 @@ def _torchao_int8(linear: nn.Linear) -> nn.Module:
 class Int8Format:
     name = "int8"
 
+    def needs_calibration(self, module: nn.Module) -> bool:
+        return not is_linear_like(module)
+
     def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
         if not is_linear_like(module):
-            return (
-                f"int8 has no dynamic kernel for {type(module).__name__} on {device.type} "
-                "(only Linear-like layers); give this layer fp32, fp16 or bf16"
-            )
+            return static_conv_unsupported_reason(module, device)
         if device.type not in ("cpu", "cuda"):
             return f"int8 is implemented for cpu and cuda, not {device.type}"
         if device.type == "cpu" and "qnnpack" not in torch.backends.quantized.supported_engines and \
@@ -69,7 +73,13 @@ class Int8Format:
             return "this torch build has no quantized CPU engine (fbgemm or qnnpack)"
         return None
 
-    def convert(self, module: nn.Module, device: torch.device) -> nn.Module:
+    def convert(self, module: nn.Module, device: torch.device,
+                input_qparams: tuple[float, int] | None = None) -> nn.Module:
+        if not is_linear_like(module):
+            if input_qparams is None:
+                raise UnsupportedFormat(f"static int8 {type(module).__name__} needs calibration: its input never "
+                                        "ran on the calibration batches, or none were given")
+            return StaticInt8Conv.from_float(module, input_qparams)
         linear = _as_linear(module)
         if device.type == "cuda":
             return _torchao_int8(linear)
