@@ -171,7 +171,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
         print(f"study {args.study!r} has no sensitivity profile yet (it is made after the uniform trials "
               "of a guided search)")
         return
-    fmts = [f for f in ("fp16", "bf16", "int8") if any(f in v for v in profile.layers.values())]
+    fmts = [f for f in ("fp16", "bf16", "int8", "fp8") if any(f in v for v in profile.layers.values())]
     rows = []
     for name, by_fmt in profile.layers.items():
         row = [name, f"{by_fmt['fp32']['latency_ms']:.3f}" if "fp32" in by_fmt else "-"]

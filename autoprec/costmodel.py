@@ -4,7 +4,8 @@ For a policy with default dtype D and layer formats d_l:
     drop(policy)    = rest_drop[D] + sum_l scale[d_l] * profile_drop(l, d_l)
     latency(policy) = rest_latency[D] + sum_l layer_latency(l, d_l | D)
     memory(policy)  = rest_memory[D] + sum_l layer_memory(l, d_l)
-`rest_*[D]` and the int8 drop scale are calibrated on the measured uniform policies (all-D, all-int8),
+`rest_*[D]` and the int8 / fp8 drop scales are calibrated on the measured uniform policies (all-D,
+all-int8, all-fp8),
 so the model reproduces them exactly; its error on every other measured trial is reported.
 
 Proposals solve a multiple-choice knapsack exactly (dynamic programming over a discretised drop
@@ -23,6 +24,7 @@ import numpy as np
 from autoprec.profile import Profile
 
 BUDGET_FRACTIONS = (0.8, 0.5, 0.3, 0.15, 0.05)
+QUANTIZED = ("int8", "fp8")  # formats that cannot be a policy's default
 _BINS = 1000
 
 
@@ -33,7 +35,8 @@ class CostModel:
     rest_latency: dict[str, float] = field(default_factory=dict)
     rest_memory: dict[str, float] = field(default_factory=dict)
     rest_drop: dict[str, float] = field(default_factory=dict)
-    drop_scale: dict[str, float] = field(default_factory=lambda: {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0})
+    drop_scale: dict[str, float] = field(default_factory=lambda: {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0,
+                                                                    "fp8": 1.0})
 
     def layer_drop(self, name: str, fmt: str) -> float:
         return self.drop_scale.get(fmt, 1.0) * self.profile.layers[name][fmt]["drop"]
@@ -54,13 +57,15 @@ class CostModel:
 
         `uniform[fmt] = (default, layers, {"drop", "latency_ms", "memory_bytes"})`.
         """
-        if "int8" in uniform:
-            default, layers, measured = uniform["int8"]
-            profiled = sum(self.profile.layers[n][f]["drop"] for n, f in layers.items() if f == "int8")
+        for quantized in QUANTIZED:  # all-int8 / all-fp8 (fp32 elsewhere): their drop scale
+            if quantized not in uniform:
+                continue
+            default, layers, measured = uniform[quantized]
+            profiled = sum(self.profile.layers[n][f]["drop"] for n, f in layers.items() if f == quantized)
             if profiled > 0 and measured["drop"] > 0 and default == "fp32":
-                self.drop_scale["int8"] = measured["drop"] / profiled
+                self.drop_scale[quantized] = measured["drop"] / profiled
         for fmt, (default, layers, measured) in uniform.items():
-            if fmt == "int8" or fmt != default:
+            if fmt in QUANTIZED or fmt != default:
                 continue
             lat = self.profile.latency_by_default.get(default)
             if lat is None:

@@ -30,6 +30,7 @@ from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
 from autoprec import runtime as runtimes
 from autoprec.runtime import CompileFailed, Prepared
+from autoprec.spec_calibration import spec_calibration
 from autoprec.timing import (
     PairedTiming,
     TimingSettings,
@@ -126,6 +127,8 @@ class Evaluator:
             if not torch.isfinite(out).all():
                 raise spec.error("build_model", "the fp32 model gives non-finite outputs on eval_inputs()",
                                  "check the model and its inputs")
+        # static int8 input ranges, observed once on the fp32 model and shared by every candidate
+        self.calibration = spec_calibration(spec, self.model, self.device)
         self.reference = self._prepare_reference()
         self.reference_score = self._score(self.reference.model)
         if not math.isfinite(self.reference_score):
@@ -203,7 +206,8 @@ class Evaluator:
 
     def candidate(self, policy: Policy) -> nn.Module:
         """A copy of the fp32 reference with `policy` applied on the device."""
-        return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device, self.runtime)
+        return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device,
+                             calibration=self.calibration, runtime=self.runtime)
 
     def retime(self, policy: Policy) -> PairedTiming | None:
         """Latency of `policy` paired with the fp32 model again (None if it cannot run)."""
@@ -239,7 +243,8 @@ class Evaluator:
             tuned = fine_tune(self.spec, model, policy, training, self.device, seed, batches)
             steps = paired_step_ratio(self.spec, self.model, policy, training, self.device, self.timing, batches[0])
             tuned.step_ratio, tuned.step_ratio_ci = steps.ratio, steps.ratio_ci
-            model = apply_formats(model, policy.layers, policy.default, self.device, self.runtime)
+            model = apply_formats(model, policy.layers, policy.default, self.device, calibration=self.calibration,
+                                  runtime=self.runtime)
         else:
             model = self.candidate(policy)
         prepared = self._prepare_candidate(model)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import PolicyError
-from autoprec.precision import DTYPES, FLOAT_DTYPES, apply_formats
+from autoprec.precision import DTYPES, FLOAT_DTYPES, Calibration, apply_formats
 from autoprec.runtime import RUNTIMES
 
 POLICY_FORMAT = "autoprec.policy"
@@ -45,7 +46,7 @@ class TrainingSettings:
 
 @dataclass
 class Policy:
-    """Per-layer formats: `layers` maps `named_modules()` names to fp32/fp16/bf16/int8;
+    """Per-layer formats: `layers` maps `named_modules()` names to fp32/fp16/bf16/int8/fp8;
     everything else runs in `default`."""
 
     layers: dict[str, str] = field(default_factory=dict)
@@ -184,12 +185,16 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def apply_policy(model: nn.Module, policy: Policy | str | Path, device: str | torch.device | None = None,
-                 runtime: str | None = None) -> nn.Module:
+                 calibration: Iterable[Any] | Calibration | None = None, runtime: str | None = None) -> nn.Module:
     """Apply a policy (object or file path) to an fp32 model in place and return it, in eval mode.
 
-    `device` defaults to where the model's parameters are. `runtime` defaults to the one the policy
-    was measured in (`measured.runtime`): a "compiled" policy gets the kernels that are fastest
-    under torch.compile (int8 on a VNNI CPU: torchao's); compile the result yourself,
+    `device` defaults to where the model's parameters are. `calibration`: the batches (each a tensor,
+    tuple or dict, as model.py's inputs) that static int8 layers observe their input ranges on, run
+    through the fp32 model first; needed only when the policy gives a convolution int8. Pass the
+    batches the search calibrated on (model.py's calibration_inputs(), else eval_inputs(), else
+    [example_inputs()]) to get the model it measured. `runtime` defaults to the one the policy was
+    measured in (`measured.runtime`): a "compiled" policy gets the kernels that are fastest under
+    torch.compile (int8 Linear on a VNNI CPU: torchao's); compile the result yourself,
     `torch.compile(apply_policy(model, "policy.json"))`. Nothing here compiles.
     """
     if not isinstance(policy, Policy):
@@ -202,4 +207,5 @@ def apply_policy(model: nn.Module, policy: Policy | str | Path, device: str | to
         warnings.warn(f"this policy was measured on a model with a different structure "
                       f"({policy.model.get('class', '?')}); layer names are checked, timings may differ",
                       stacklevel=2)
-    return apply_formats(model, policy.layers, policy.default, device, runtime or policy.runtime)
+    return apply_formats(model, policy.layers, policy.default, device, calibration=calibration,
+                         runtime=runtime or policy.runtime)

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from autoprec import runtime as runtimes
-from autoprec.precision import FLOAT_DTYPES, HANDLERS, module_storage_bytes
+from autoprec.precision import FLOAT_DTYPES, HANDLERS, Calibration, module_storage_bytes
 from autoprec.precision.apply import _cast_floats
 from autoprec.precision.base import convert_layer
+from autoprec.spec_calibration import spec_calibration
 from autoprec.timing import solo_latency_ms
 from autoprec.userspec import ModelSpec, call_model, first_float_tensor
 
@@ -88,9 +89,10 @@ def capture_layer_inputs(model: nn.Module, names: list[str], inputs: Any) -> dic
     return captured
 
 
-def _converted(layer: nn.Module, fmt: str, device: torch.device, runtime: str = "eager") -> tuple[nn.Module, torch.dtype]:
+def _converted(layer: nn.Module, fmt: str, device: torch.device, input_qparams: tuple[float, int] | None = None,
+               runtime: str = "eager") -> tuple[nn.Module, torch.dtype]:
     handler = HANDLERS[fmt]
-    return convert_layer(handler, copy.deepcopy(layer), device, runtime), handler.io_dtype(device)
+    return convert_layer(handler, copy.deepcopy(layer), device, runtime, input_qparams), handler.io_dtype(device)
 
 
 class _CastLayer(nn.Module):
@@ -127,7 +129,9 @@ def _run_converted(converted: nn.Module, io_dtype: torch.dtype, args: tuple, kwa
 
 def exact_drops(spec: ModelSpec, model: nn.Module, example: Any, names: list[str],
                 choices: dict[str, tuple[str, ...]], device: torch.device,
-                progress: Callable[[str], None] | None = None, runtime: str = "eager") -> dict[str, dict[str, float]]:
+                progress: Callable[[str], None] | None = None,
+                ranges: dict[str, tuple[float, int]] | None = None,
+                runtime: str = "eager") -> dict[str, dict[str, float]]:
     """One whole-model forward per (layer, format), a hook swapping in the converted layer's output.
 
     Exact, but each forward costs the whole model: quadratic in depth."""
@@ -141,7 +145,7 @@ def exact_drops(spec: ModelSpec, model: nn.Module, example: Any, names: list[str
             if fmt == "fp32":
                 drops[name][fmt] = 0.0
                 continue
-            converted, io_dtype = _converted(layer, fmt, device, runtime)
+            converted, io_dtype = _converted(layer, fmt, device, (ranges or {}).get(name), runtime)
 
             def swap(_mod, args, kwargs, out, converted=converted, io_dtype=io_dtype):
                 return _run_converted(converted, io_dtype, args, kwargs, out)
@@ -173,7 +177,8 @@ class _NotLinearizable(Exception):
 def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: list[str],
                      choices: dict[str, tuple[str, ...]], device: torch.device, probes: int = 8, seed: int = 0,
                      progress: Callable[[str], None] | None = None,
-                     runtime: str = "eager") -> tuple[dict[str, dict[str, float]], list[str]]:
+                     ranges: dict[str, tuple[float, int]] | None = None, runtime: str = "eager"
+                     ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Fidelity drops from one forward, `probes` backward passes and one run of each converted layer.
 
     For sample i with output y_i, a small change D_i of the output costs 1 - cos(y_i + D_i, y_i)
@@ -248,7 +253,7 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
                 if fmt == "fp32":
                     drops[name][fmt] = 0.0
                     continue
-                converted, io_dtype = _converted(layer, fmt, device, runtime)
+                converted, io_dtype = _converted(layer, fmt, device, (ranges or {}).get(name), runtime)
                 delta = (_run_converted(converted, io_dtype, args, kwargs, out).float() - out.float())
                 if not torch.isfinite(delta).all():
                     drops[name][fmt] = float("inf")
@@ -271,29 +276,34 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
 def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict[str, tuple[str, ...]],
                   defaults: tuple[str, ...], device: torch.device,
                   progress: Callable[[str], None] | None = None, method: str = "linearized",
-                  runtime: str = "eager") -> Profile:
+                  calibration: Calibration | None = None, runtime: str = "eager") -> Profile:
     """Profile every (layer, format) of `choices` on the fp32 `model` (left unchanged).
 
     method: "linearized" (default; linear in depth, see linearized_drops) or "exact".
+    calibration: the static int8 input ranges; observed on the spec's calibration batches if None.
     runtime: the study's (autoprec.runtime): the kernels the formats get, and how layers are timed."""
     if method not in ("linearized", "exact"):
         raise ValueError(f"profile method must be 'linearized' or 'exact', not {method!r}")
     profile = Profile(method=method, runtime=runtimes.check_runtime(runtime))
     names = list(choices)
+    if calibration is None:
+        calibration = spec_calibration(spec, model, device) or Calibration()
+    ranges = calibration.inputs
     start = time.perf_counter()
     drops: dict[str, dict[str, float]] = {}
     rest = names
     if method == "linearized":
         try:
             drops, rest = linearized_drops(spec, model, example, names, choices, device, progress=progress,
-                                           runtime=runtime)
+                                           ranges=ranges, runtime=runtime)
         except (_NotLinearizable, RuntimeError) as exc:  # no gradient path, or out of memory
             profile.method = f"exact (linearized failed: {type(exc).__name__}: {str(exc)[:120]})"
             drops, rest = {}, names
     if rest and method == "linearized" and profile.method == "linearized":
         profile.method = f"linearized ({len(rest)} of {len(names)} layers exact)"
     if rest:
-        drops.update(exact_drops(spec, model, example, rest, choices, device, progress=progress, runtime=runtime))
+        drops.update(exact_drops(spec, model, example, rest, choices, device, progress=progress, ranges=ranges,
+                                 runtime=runtime))
     for name in names:
         profile.layers[name] = {fmt: {"drop": drops[name][fmt]} for fmt in choices[name]}
     profile.seconds["drop"] = time.perf_counter() - start
@@ -307,7 +317,7 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
         args, kwargs = captured[name]
         key = _layer_key(layer, args, kwargs)
         for fmt in choices[name]:
-            converted, io_dtype = _converted(layer, fmt, device, runtime)
+            converted, io_dtype = _converted(layer, fmt, device, ranges.get(name), runtime)
             profile.layers[name][fmt]["memory_bytes"] = module_storage_bytes(converted)
             for default in defaults:
                 outside = FLOAT_DTYPES[default]

@@ -34,7 +34,7 @@ from autoprec.record import PROFILE_ATTR, RETIMED_ATTR, Origin, StudyInfo
 from autoprec.results import pareto_front, trials_table
 
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
-DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00"}
+DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00", "fp8": "#CC79A7"}
 _MISSING_COLOR = "#dddddd"
 
 

@@ -13,8 +13,9 @@ Format, documented in search_spaces/README.md:
       - {class: Conv2d, dtypes: [fp32, bf16]}
     training: {...}                     # training knobs, see autoprec/training settings
 
-Formats a layer cannot run on the device (int8 convolutions) are dropped from its choices here,
-so the sampler never proposes them.
+Formats a layer cannot run on the device (int8 convolutions on CUDA, fp8 off recent GPUs) are dropped
+from its choices here, so the sampler never proposes them; so are static int8 convolutions in a
+training space (training fine-tunes int8 as fake-quantised Linear layers only).
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ class SearchSpace:
                 if rule.applies(layer):
                     allowed = rule.dtypes
                     break
-            ok = tuple(d for d in DTYPES if d in allowed and
-                       HANDLERS[d].unsupported_reason(modules[layer.name], device) is None)
+            module = modules[layer.name]
+            # training mode fine-tunes int8 as fake-quantised Linear only: no calibrated (static) formats
+            ok = tuple(d for d in DTYPES if d in allowed and HANDLERS[d].unsupported_reason(module, device) is None
+                       and not (self.trains and HANDLERS[d].needs_calibration(module)))
             if ok:
                 result[layer.name] = ok
         return result

@@ -32,6 +32,8 @@ _OPTIONAL = {
     "evaluate": "evaluate(model, device) must return a finite number, higher is better",
     "eval_inputs": "eval_inputs() must return an iterable of batches shaped like example_inputs()",
     "output": "output(outputs) must return the tensor to compare",
+    "calibration_inputs": ("calibration_inputs() must return a non-empty iterable of batches shaped like "
+                           "example_inputs() (the batches static int8 layers are calibrated on)"),
     "train_batches": "train_batches() must return an iterable of (inputs, targets)",
     "loss": "loss(outputs, targets) must return a scalar tensor",
 }
@@ -75,6 +77,37 @@ def _check_inputs(value: Any) -> bool:
     return False
 
 
+def _unlike(batch: Any, example: Any) -> str | None:
+    """Why `batch` cannot be a batch of the same model as `example` (form, tensor rank, dtype kind)."""
+    if not _check_inputs(batch):
+        return f"is a {type(batch).__name__}, not a tensor, tuple or dict of tensors"
+    if type(batch) is not type(example) and not (isinstance(batch, (tuple, list)) and isinstance(example, (tuple, list))):
+        return f"is a {type(batch).__name__} where example_inputs() is a {type(example).__name__}"
+    if isinstance(batch, torch.Tensor):
+        pairs = [("", batch, example)]
+    elif isinstance(batch, dict):
+        if set(batch) != set(example):
+            return f"has keys {sorted(batch)} where example_inputs() has {sorted(example)}"
+        pairs = [(f"[{k!r}]", batch[k], example[k]) for k in example]
+    else:
+        if len(batch) != len(example):
+            return f"has {len(batch)} inputs where example_inputs() has {len(example)}"
+        pairs = [(f"[{i}]", b, e) for i, (b, e) in enumerate(zip(batch, example))]
+    for where, b, e in pairs:
+        part = f"{where} " if where else ""
+        if isinstance(e, torch.Tensor) != isinstance(b, torch.Tensor):
+            return f"{part}is a {type(b).__name__} where example_inputs(){where} is a {type(e).__name__}"
+        if isinstance(e, torch.Tensor):
+            if b.dim() != e.dim() or b.shape[1:] != e.shape[1:] and b.dim() > 2:
+                return (f"{part}has shape {tuple(b.shape)} where example_inputs(){where} has "
+                        f"{tuple(e.shape)} (only the batch size may differ)")
+            if b.is_floating_point() != e.is_floating_point():
+                return f"{part}is {b.dtype} where example_inputs(){where} is {e.dtype}"
+            if b.numel() == 0:
+                return f"{part}is empty (shape {tuple(b.shape)})"
+    return None
+
+
 def first_float_tensor(value: Any) -> torch.Tensor | None:
     """The first floating tensor of a model's return value (tensor, tuple, list, dict, ModelOutput)."""
     if isinstance(value, torch.Tensor):
@@ -104,6 +137,7 @@ class ModelSpec:
     output: Callable[[Any], torch.Tensor] | None = None
     train_batches: Callable[[], Iterable[tuple[Inputs, Any]]] | None = None
     loss: Callable[[Any, Any], torch.Tensor] | None = None
+    calibration_inputs: Callable[[], Iterable[Inputs]] | None = None
 
     @property
     def can_train(self) -> bool:
@@ -152,6 +186,32 @@ class ModelSpec:
         for batch in batches:
             if not _check_inputs(batch):
                 raise self.error("eval_inputs", f"gave a {type(batch).__name__} batch, not a tensor, tuple or dict")
+        return batches
+
+    def calibration_batches(self) -> list[Inputs]:
+        """The batches static int8 layers are calibrated on: calibration_inputs(), else eval_inputs(),
+        else the example batch."""
+        if self.calibration_inputs is None:
+            return self.eval_batches()
+        name = "calibration_inputs"
+        try:
+            value = self.calibration_inputs()
+        except USER_CODE_ERRORS as exc:
+            raise self.error(name, f"raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(value, (torch.Tensor, dict)) or not isinstance(value, Iterable):
+            raise self.error(name, f"returned a {type(value).__name__}, not an iterable of batches",
+                             "return a list of batches, e.g. [example_inputs()]")
+        try:
+            batches = list(value)
+        except USER_CODE_ERRORS as exc:
+            raise self.error(name, f"raised {type(exc).__name__} while iterating: {exc}") from exc
+        if not batches:
+            raise self.error(name, "gave no batches")
+        example = self.example()
+        for index, batch in enumerate(batches):
+            problem = _unlike(batch, example)
+            if problem:
+                raise self.error(name, f"batch {index} {problem}")
         return batches
 
     def compared_tensor(self, outputs: Any) -> torch.Tensor:

@@ -34,7 +34,7 @@ EOF
 TAIL=60 step stability_cuda 140 "$PY" benchmarks/measurement_stability.py --device "$DEV" --repeats 5
 TAIL=12 step int8_overhead_cuda 60 "$PY" benchmarks/int8_call_overhead.py --device "$DEV"
 TAIL=15 step pytest_cuda 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_evaluate.py tests/test_precision.py \
-    tests/test_profile.py tests/test_runtime.py
+    tests/test_profile.py tests/test_static_int8.py tests/test_runtime.py
 # eager against compiled (mode reduce-overhead: CUDA graphs), then MiniLM in the other torch.compile modes
 TAIL=30 step runtime_ratios_cuda 180 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --rounds 7
 TAIL=20 step runtime_modes_cuda 150 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --models minilm --no-extras \

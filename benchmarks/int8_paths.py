@@ -20,6 +20,11 @@ fp32 (AB / BA alternating), and the speed-up column is fp32 time / variant time,
 the pairs; "pair spread" is max/min of those per-pair ratios (how noisy the machine was).
 
     .venv/bin/python benchmarks/int8_paths.py [--rounds 31] [--model-rounds 11] [--no-compile] [--threads N]
+        [--static-only | --no-static]
+
+Static int8 sections first (benchmarks/static_int8_section.py): one ResNet-18 block and the whole
+ResNet-18 (autoprec's per-layer static int8 against FX graph mode and bf16), and the MiniLM FFN block
+with a static int8 Linear against the dynamic one; torch.compile rows unless --no-compile.
 """
 
 from __future__ import annotations
@@ -200,6 +205,10 @@ def main() -> None:
     parser.add_argument("--warm-cache", action="store_true",
                         help="use the usual inductor cache (default: a fresh one, so compile times are cold)")
     parser.add_argument("--skip-model", action="store_true", help="FFN block only")
+    parser.add_argument("--static-only", action="store_true",
+                        help="only the static int8 sections (ResNet block, ResNet-18, MiniLM FFN static vs dynamic)")
+    parser.add_argument("--no-static", dest="static", action="store_false", help="skip the static int8 sections")
+    parser.add_argument("--static-rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     args = parser.parse_args()
 
@@ -209,6 +218,15 @@ def main() -> None:
     print("### int8 paths on the CPU\n")
     print(C.machine_header({"threads": threads}))
     print()
+    if args.static:
+        from static_int8_section import minilm_block_section, resnet_sections
+
+        print(resnet_sections(args.static_rounds, args.min_round_s, args.compile))
+        print()
+        print(minilm_block_section(args.static_rounds, args.min_round_s, args.compile, args.layer))
+        print()
+        if args.static_only:
+            return
     print(block_section(model, example, args.layer, args.rounds, args.min_round_s, args.compile))
     if not args.skip_model:
         print()

@@ -45,6 +45,7 @@ from autoprec import runtime as R  # noqa: E402
 from autoprec.errors import AutoprecError  # noqa: E402
 from autoprec.precision import HANDLERS, apply_formats, searchable_layers  # noqa: E402
 from autoprec.precision.int8 import kernel as int8_kernel  # noqa: E402
+from autoprec.spec_calibration import spec_calibration  # noqa: E402
 from autoprec.userspec import call_model, load_spec, move_inputs  # noqa: E402
 
 STUDIES = {"minilm": C.REPO / "studies" / "minilm" / "model.py", "resnet": C.REPO / "studies" / "resnet" / "model.py"}
@@ -76,6 +77,7 @@ def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, 
     def call(fn):
         return call_model(fn, example)
 
+    calibration = spec_calibration(spec, base, device)  # static int8 convolutions' input ranges
     with torch.inference_mode():
         reference = spec.compared_tensor(call(base)).float().clone()
     variants, info = {}, {}
@@ -94,7 +96,8 @@ def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, 
         layers, default = table[name]
         label = f"{name} | {runtime}"
         try:
-            model = apply_formats(copy.deepcopy(base), layers, default, device, apply_runtime)
+            model = apply_formats(copy.deepcopy(base), layers, default, device, calibration=calibration,
+                                  runtime=apply_runtime)
             prepared = R.prepare(model, kind, device, call, **keywords)
         except (AutoprecError, RuntimeError) as exc:
             info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}

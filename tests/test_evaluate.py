@@ -180,12 +180,18 @@ def cnn_spec() -> ModelSpec:
     return load_spec(SPECS / "tuple_inputs.py")
 
 
-def test_int8_conv_is_an_infeasible_measurement_naming_the_layer():
+def test_unsupported_format_is_an_infeasible_measurement_naming_the_layer():
     ev = evaluator(cnn_spec())
-    m = ev.measure(Policy(layers={"head": "int8", "conv2": "int8"}))
+    m = ev.measure(Policy(layers={"conv2": "int8", "head": "fp8"}))
     assert not m.feasible
-    assert "layer 'conv2'" in m.reason and "Conv2d" in m.reason
+    assert "layer 'head'" in m.reason and "fp8 needs a CUDA GPU" in m.reason
     assert m.score is None and m.latency_ms is None and m.memory_bytes is None
+
+
+def test_int8_conv_is_measured_as_static_int8_on_the_cpu():
+    m = evaluator(cnn_spec()).measure(Policy(layers={"head": "int8", "conv2": "int8"}))
+    assert m.feasible, m.reason
+    assert 0.99 < m.score <= 1.0
 
 
 def test_missing_layer_is_an_infeasible_measurement():

@@ -78,7 +78,7 @@ def test_default_is_fp32_when_absent():
 
 def test_counts():
     policy = Policy(layers={"a": "int8", "b": "int8", "c": "bf16"})
-    assert policy.counts() == {"fp32": 0, "fp16": 0, "bf16": 1, "int8": 2}
+    assert policy.counts() == {"fp32": 0, "fp16": 0, "bf16": 1, "int8": 2, "fp8": 0}
 
 
 # --------------------------------------------------------------------------- refusals, each with its own message
@@ -171,15 +171,20 @@ def test_unsearchable_layer_at_apply_time(tmp_path):
         apply_policy(small_model(), path)
 
 
-def test_int8_conv_at_apply_time(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-    with pytest.raises(autoprec.UnsupportedFormat, match=r"layer '0': int8 has no dynamic kernel for Conv2d"):
-        apply_policy(model, write(tmp_path, valid_document(layers={"0": "int8"})))
+def test_int8_conv_at_apply_time_needs_the_calibration_batches(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    path = write(tmp_path, valid_document(layers={"0": "int8"}))
+    with pytest.raises(PolicyError, match=r"layer '0' takes static int8.*pass calibration=<batches>"):
+        apply_policy(model, path)
+    assert isinstance(model[0], nn.Conv2d)  # refused: nothing changed
+    apply_policy(model, path, calibration=[torch.randn(2, 3, 6, 6)])
+    assert type(model[0]).__name__ == "StaticInt8Conv"
 
 
 def test_policy_object_validates_itself():
-    with pytest.raises(PolicyError, match=r"policy: layer 'x' has format 'fp8'"):
-        Policy(layers={"x": "fp8"})
+    with pytest.raises(PolicyError, match=r"policy: layer 'x' has format 'int4'"):
+        Policy(layers={"x": "int4"})
     with pytest.raises(PolicyError, match=r"policy: field 'default' is 'int8'"):
         Policy(default="int8")
 

@@ -183,16 +183,18 @@ def test_uniform_default_matches_model_to_dtype():
 # --------------------------------------------------------------------------- refusals
 
 
-def test_int8_on_conv_is_unsupported_and_names_the_layer():
+def test_int8_on_conv_without_calibration_is_a_policy_error_naming_the_layer():
     model, _, _ = zoo_model("resnet18")
-    with pytest.raises(UnsupportedFormat, match=r"layer 'layer1\.0\.conv1'.*Conv2d"):
+    with pytest.raises(PolicyError, match=r"layer 'layer1\.0\.conv1' takes static int8.*calibration="):
         apply_formats(copy.deepcopy(model), {"layer1.0.conv1": "int8"})
 
 
-def test_int8_on_conv1d_is_unsupported():
+def test_fp8_on_the_cpu_is_unsupported_with_the_reason():
     model, _, _ = zoo_model("cnn")
-    with pytest.raises(UnsupportedFormat, match=r"layer 'conv1'.*Conv1d"):
-        apply_formats(copy.deepcopy(model), {"conv1": "int8"})
+    with pytest.raises(UnsupportedFormat, match=r"layer 'fc': fp8 needs a CUDA GPU of compute capability 8\.9"):
+        apply_formats(copy.deepcopy(model), {"fc": "fp8"})
+    with pytest.raises(UnsupportedFormat, match=r"layer 'conv1': fp8 is for Linear layers only, not Conv1d"):
+        apply_formats(copy.deepcopy(model), {"conv1": "fp8"})
 
 
 def test_missing_layer_is_a_policy_error():
@@ -219,7 +221,8 @@ def _snapshot(model: nn.Module):
 
 
 @pytest.mark.parametrize("layers,error", [
-    ({"fc": "int8", "conv1": "fp16", "conv2": "int8"}, UnsupportedFormat),
+    ({"fc": "int8", "conv1": "fp16", "conv2": "fp8"}, UnsupportedFormat),
+    ({"fc": "int8", "conv1": "fp16", "conv2": "int8"}, PolicyError),  # static int8 without calibration
     ({"fc": "int8", "conv2": "bf16", "nope": "fp16"}, PolicyError),
     ({"fc": "bf16", "norm": "fp16"}, PolicyError),
 ])

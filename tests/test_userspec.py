@@ -230,7 +230,8 @@ def test_cli_layers_on_a_missing_file(tmp_path):
 @pytest.mark.parametrize("spec_name,expected", [
     ("mlp.py", {"0": ("Linear", "32x16", "fp32,fp16,bf16,int8"), "2": ("Linear", "32x32", "fp32,fp16,bf16,int8"),
                 "4": ("Linear", "8x32", "fp32,fp16,bf16,int8")}),
-    ("tuple_inputs.py", {"conv1": ("Conv1d", "4x3x3", "fp32,fp16,bf16"), "conv2": ("Conv2d", "4x1x3x3", "fp32,fp16,bf16"),
+    ("tuple_inputs.py", {"conv1": ("Conv1d", "4x3x3", "fp32,fp16,bf16,int8"),
+                         "conv2": ("Conv2d", "4x1x3x3", "fp32,fp16,bf16,int8"),
                          "head": ("Linear", "5x96", "fp32,fp16,bf16,int8")}),
     ("dict_inputs.py", {"proj": ("Linear", "16x16", "fp32,fp16,bf16,int8"),
                         "out": ("Linear", "4x16", "fp32,fp16,bf16,int8")}),

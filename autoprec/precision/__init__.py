@@ -15,10 +15,13 @@ from autoprec.precision.layers import SEARCHABLE_CLASSES, LayerInfo, searchable_
 # Importing the handler modules fills the table.
 from autoprec.precision import floating as _floating  # noqa: F401
 from autoprec.precision import int8 as _int8  # noqa: F401
+from autoprec.precision import fp8 as _fp8  # noqa: F401
+from autoprec.precision.calibration import Calibration, calibrate
 
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 __all__ = [
+    "Calibration",
     "DTYPES",
     "FLOAT_DTYPES",
     "FormatHandler",
@@ -26,6 +29,7 @@ __all__ = [
     "LayerInfo",
     "SEARCHABLE_CLASSES",
     "apply_formats",
+    "calibrate",
     "check_layer_format",
     "module_storage_bytes",
     "register",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from autoprec.errors import PolicyError, UnsupportedFormat
 from autoprec.precision.base import FLOAT_DTYPES, HANDLERS, convert_layer
+from autoprec.precision.calibration import Calibration, calibrate
 from autoprec.precision.floating import cast_own_tensors
+from autoprec.precision.fold import foldable_batchnorms, folded_conv
 from autoprec.precision.layers import is_searchable
 
 
@@ -60,13 +62,40 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+CalibrationData = Union[Calibration, Iterable[Any], None]
+
+
+def needs_calibration(model: nn.Module, layers: Mapping[str, str]) -> list[str]:
+    """The listed layers whose format is calibrated (static int8 convolutions)."""
+    return [name for name, fmt in layers.items() if fmt in HANDLERS and name in dict(model.named_modules())
+            and HANDLERS[fmt].needs_calibration(model.get_submodule(name))]
+
+
+def _input_ranges(model: nn.Module, names: list[str], calibration: CalibrationData) -> Calibration:
+    if not names:
+        return Calibration()
+    if calibration is None:
+        raise PolicyError(f"layer {names[0]!r} takes static int8 ({len(names)} such layers), which needs "
+                          "calibration batches; pass calibration=<batches> (the model.py's calibration_inputs(), "
+                          "else eval_inputs(), else [example_inputs()], as the search used)")
+    if not isinstance(calibration, Calibration):
+        calibration = calibrate(model, names, calibration)
+    missing = [name for name in names if name not in calibration.inputs]
+    if missing:
+        raise UnsupportedFormat(f"layer {missing[0]!r}: static int8 needs its input range, but the layer never ran "
+                                "on the calibration batches; give it a float format or calibrate on batches that reach it")
+    return calibration
+
+
 def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "fp32",
-                  device: str | torch.device = "cpu", runtime: str = "eager") -> nn.Module:
+                  device: str | torch.device = "cpu", calibration: CalibrationData = None, *,
+                  runtime: str = "eager") -> nn.Module:
     """Give each listed layer its format and everything else `default`, on `device`, in place.
 
+    `calibration`: for static int8 layers, the batches to observe their input ranges on (run
+    through the fp32 model before anything is converted), or a `Calibration` already made from them.
     `runtime` ("eager" or "compiled": how the model will be run) picks the kernel of formats that
-    have a faster one under torch.compile (int8 on the CPU); nothing is compiled here.
-
+    have a faster one under torch.compile (int8 Linear on a VNNI CPU); nothing is compiled here.
     Nothing is changed when any entry is refused: all entries are checked first.
     """
     device = torch.device(device)
@@ -80,11 +109,19 @@ def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "f
     # Converted from the fp32 originals before the default cast, so e.g. an fp32 layer in a
     # bf16 model never passes through bf16.
     overrides = {name: fmt for name, fmt in layers.items() if fmt != default}
+    static = needs_calibration(model, overrides)
+    ranges = _input_ranges(model, static, calibration)
+    folds = foldable_batchnorms(model, static)
     converted: dict[str, tuple[nn.Module, torch.dtype]] = {}
     for name, fmt in overrides.items():
         handler = HANDLERS[fmt]
-        converted[name] = (convert_layer(handler, model.get_submodule(name), device, runtime),
-                          handler.io_dtype(device))
+        original = model.get_submodule(name)
+        if name in folds:
+            original = folded_conv(original, model.get_submodule(folds[name]))
+        module = convert_layer(handler, original, device, runtime, ranges.inputs.get(name))
+        converted[name] = (module, handler.io_dtype(device))
+    for norm in folds.values():
+        _set_submodule(model, norm, nn.Identity())
 
     skip = set(converted)
     for name, module in model.named_modules():
@@ -122,6 +159,8 @@ def module_storage_bytes(model: nn.Module) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    # a static int8 convolution's oneDNN-packed weight is an opaque copy of its int8 weight buffer,
+    # counted by that buffer
     for module in model.modules():
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(packed, "_weight_bias"):

@@ -20,11 +20,17 @@ class FormatHandler(Protocol):
     def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
         """None when this format can run `module` on `device`, else why not (one sentence)."""
 
-    def convert(self, module: nn.Module, device: torch.device) -> nn.Module:
+    def convert(self, module: nn.Module, device: torch.device,
+                input_qparams: tuple[float, int] | None = None) -> nn.Module:
         """A module computing like `module` in this format; `module` holds fp32 weights on `device`.
 
-        A handler whose fastest kernel depends on the runtime sets `per_runtime = True` and takes
-        `runtime` ("eager" or "compiled") as a keyword (see `convert_layer`)."""
+        `input_qparams`: the calibrated (scale, zero point) of the layer's input, for formats that
+        `needs_calibration`; None for the others. A handler whose fastest kernel depends on the
+        runtime sets `per_runtime = True` and takes `runtime` ("eager" or "compiled") as a keyword
+        (see `convert_layer`)."""
+
+    def needs_calibration(self, module: nn.Module) -> bool:
+        """Whether `convert` needs the layer's calibrated input range (static int8)."""
 
     def io_dtype(self, device: torch.device) -> torch.dtype:
         """The floating dtype the converted module takes and returns."""
@@ -33,11 +39,12 @@ class FormatHandler(Protocol):
 HANDLERS: dict[str, FormatHandler] = {}
 
 
-def convert_layer(handler: FormatHandler, module: nn.Module, device: torch.device, runtime: str = "eager") -> nn.Module:
+def convert_layer(handler: FormatHandler, module: nn.Module, device: torch.device, runtime: str = "eager",
+                  input_qparams: tuple[float, int] | None = None) -> nn.Module:
     """handler.convert, passing the runtime to the handlers that choose their kernel by it."""
     if getattr(handler, "per_runtime", False):
-        return handler.convert(module, device, runtime=runtime)  # type: ignore[call-arg]
-    return handler.convert(module, device)
+        return handler.convert(module, device, input_qparams, runtime=runtime)  # type: ignore[call-arg]
+    return handler.convert(module, device, input_qparams)
 
 
 def register(handler: FormatHandler) -> FormatHandler:

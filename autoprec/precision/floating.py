@@ -41,7 +41,11 @@ class FloatFormat:
             return f"{torch.cuda.get_device_name(device)} has no bf16 support"
         return None
 
-    def convert(self, module: nn.Module, device: torch.device) -> nn.Module:
+    def needs_calibration(self, module: nn.Module) -> bool:
+        return False
+
+    def convert(self, module: nn.Module, device: torch.device,
+                input_qparams: tuple[float, int] | None = None) -> nn.Module:
         for sub in module.modules():
             cast_own_tensors(sub, self.dtype, untie=True)
         return module

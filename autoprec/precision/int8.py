@@ -1,13 +1,15 @@
 """int8: real int8 kernels, not simulation.
 
-CPU, eager runtime: torch's dynamic int8 Linear with per-channel symmetric weight scales
-(benchmarks/README.md says why: in eager mode it is the only int8 path faster than fp32 here, and
-per-channel scales keep the accuracy that per-tensor loses). CPU, compiled runtime, on a CPU with
-VNNI int8 dot products: torchao's int8 dynamic-activation / int8-weight config, which inductor fuses
-(MiniLM 0.44x of compiled fp32 where torch's dynamic int8 is 0.52x and breaks the graph at every
-layer; benchmarks/runtime_ratios.py); without VNNI torch's dynamic int8 (torchao's compiled int8 was
-26x slower than compiled fp32 on an AVX2-only host, shared/facts/cpu-avx2.md). CUDA: torchao's
-config. Only Linear-like layers have dynamic int8 kernels; convolutions are refused with the reason.
+Linear-like layers, CPU, eager runtime: torch's dynamic int8 Linear with per-channel symmetric
+weight scales (benchmarks/README.md says why: in eager mode it is the only int8 path faster than
+fp32 here, and per-channel scales keep the accuracy that per-tensor loses). CPU, compiled runtime,
+on a CPU with VNNI int8 dot products: torchao's int8 dynamic-activation / int8-weight config, which
+inductor fuses (MiniLM as fast as torch's dynamic int8 compiled, which breaks the graph at every
+layer, and ten times more faithful; benchmarks/runtime_ratios.py); without VNNI torch's dynamic int8
+(torchao's compiled int8 was 26x slower than compiled fp32 on an AVX2-only host,
+shared/facts/cpu-avx2.md). CUDA: torchao's config.
+Convolutions, CPU only: static int8 (calibrated input scale, per-channel weights, oneDNN kernels;
+`static_int8.py`); they need calibration (`calibration.py`). On CUDA they are refused with the reason.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoprec.errors import UnsupportedFormat
 from autoprec.precision.base import register
 from autoprec.precision.layers import is_linear_like
+from autoprec.precision.static_int8 import StaticInt8Conv, static_conv_unsupported_reason
 
 
 def _as_linear(module: nn.Module) -> nn.Linear:
@@ -82,12 +86,12 @@ class Int8Format:
     name = "int8"
     per_runtime = True  # convert() takes the runtime: the fastest int8 kernel depends on it
 
+    def needs_calibration(self, module: nn.Module) -> bool:
+        return not is_linear_like(module)
+
     def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
         if not is_linear_like(module):
-            return (
-                f"int8 has no dynamic kernel for {type(module).__name__} on {device.type} "
-                "(only Linear-like layers); give this layer fp32, fp16 or bf16"
-            )
+            return static_conv_unsupported_reason(module, device)
         if device.type not in ("cpu", "cuda"):
             return f"int8 is implemented for cpu and cuda, not {device.type}"
         if device.type == "cpu" and "qnnpack" not in torch.backends.quantized.supported_engines and \
@@ -95,7 +99,13 @@ class Int8Format:
             return "this torch build has no quantized CPU engine (fbgemm or qnnpack)"
         return None
 
-    def convert(self, module: nn.Module, device: torch.device, runtime: str = "eager") -> nn.Module:
+    def convert(self, module: nn.Module, device: torch.device,
+                input_qparams: tuple[float, int] | None = None, runtime: str = "eager") -> nn.Module:
+        if not is_linear_like(module):
+            if input_qparams is None:
+                raise UnsupportedFormat(f"static int8 {type(module).__name__} needs calibration: its input never "
+                                        "ran on the calibration batches, or none were given")
+            return StaticInt8Conv.from_float(module, input_qparams)
         linear = _as_linear(module)
         if kernel(device, runtime) == "torchao":
             return _torchao_int8(linear)

@@ -6,8 +6,8 @@ the search trades real task accuracy (in steps of 1/450) against latency and mem
 
 The data and training helpers (`digits`, `batches`, `fit`) are plain functions, so that a training-mode
 version of this study can reuse them for `train_batches()` and `loss()`.
-Searchable: two Conv2d (fp32 / bf16 on the CPU: no dynamic int8 convolution) and two Linear layers
-(fp32 / bf16 / int8).
+Searchable: two Conv2d (fp32 / bf16 / static int8 on the CPU, calibrated on example_inputs(); no int8 in
+training mode) and two Linear layers (fp32 / bf16 / int8).
 """
 
 from __future__ import annotations

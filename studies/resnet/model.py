@@ -1,4 +1,4 @@
-"""torchvision ResNet-18 on 64 x 64 images: a convolutional network, where int8 can only go to `fc`.
+"""torchvision ResNet-18 on 64 x 64 images: a convolutional network, per-layer int8 / bf16 / fp32.
 
 No download: the weights are torchvision's seeded random initialisation, made realistic for numerics by
 recalibrating the BatchNorm statistics on seeded random images (in train mode, as a trained network's
@@ -6,8 +6,9 @@ BatchNorm layers were), so every block sees unit-scale activations. With random 
 accuracy to score, so the score is autoprec's default: output fidelity, the mean cosine similarity of
 the 1000 logits to the fp32 model's, over 64 images. Latency and memory: one batch of 8 images.
 
-On the CPU there is no dynamic int8 convolution: the 20 Conv2d layers may take fp32 or bf16 and only the
-final Linear (`fc`) may take int8 (`autoprec layers studies/resnet/model.py --space cpu` lists them).
+On the CPU every layer may take fp32, bf16 or int8 (`autoprec layers studies/resnet/model.py --space cpu`):
+the 20 Conv2d layers as static int8 (input ranges calibrated on `calibration_inputs()`), `fc` as dynamic
+int8. On CUDA the convolutions take fp32 / fp16 / bf16.
 """
 
 import torch
@@ -50,3 +51,8 @@ def example_inputs() -> torch.Tensor:
 
 def eval_inputs() -> list[torch.Tensor]:
     return [_images(16, 10 + i) for i in range(4)]
+
+
+def calibration_inputs() -> list[torch.Tensor]:
+    """The batches static int8 layers observe their input ranges on: not the scored ones."""
+    return [_images(16, 200 + i) for i in range(4)]

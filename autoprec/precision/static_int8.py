@@ -1,0 +1,90 @@
+"""Static int8 convolutions on the CPU: int8 activations (calibrated per-tensor scale), per-channel
+symmetric int8 weights, oneDNN's quantized convolution with a floating output.
+
+Each converted layer quantizes its own input and returns fp32, so a layer not given int8 keeps its
+float format and any model works, traceable or not (benchmarks/README.md: measured against FX graph
+mode, which keeps int8 between neighbours and fuses BatchNorm, but needs a traceable model). The
+floating output skips the output requantization that torch.ao's quantized modules do: one rounding
+less per layer, and one pass less over the output.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def static_conv_unsupported_reason(module: nn.Module, device: torch.device) -> str | None:
+    """None when `module` can run as a static int8 convolution on `device`, else why not."""
+    if device.type != "cpu":
+        return (f"static int8 convolutions run on the CPU only (oneDNN), not {device.type}; "
+                "give this layer fp32, fp16 or bf16")
+    if not hasattr(torch.ops.onednn, "qconv_pointwise") or not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN quantized convolution (onednn.qconv_pointwise); give this layer a float format"
+    if not isinstance(module, _CONVS):
+        return f"static int8 is for Conv1d/2d/3d, not {type(module).__name__}"
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        return (f"static int8 needs numeric zero padding; this {type(module).__name__} has padding="
+                f"{module.padding!r}, padding_mode={module.padding_mode!r}")
+    return None
+
+
+class StaticInt8Conv(nn.Module):
+    """A Conv1d/2d/3d computing in int8 with fp32 output; built by `StaticInt8Conv.from_float`."""
+
+    def __init__(self, conv: nn.Module, input_scale: float, input_zero_point: int) -> None:
+        super().__init__()
+        dims = conv.weight.dim() - 2
+        self.kind = type(conv).__name__
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.groups = tuple(conv.kernel_size), conv.groups
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
+        weight = conv.weight.detach().float().cpu()
+        amax = weight.abs().reshape(weight.shape[0], -1).amax(dim=1).clamp_min(1e-12)
+        scale = amax / 127.0
+        qweight = torch.clamp(torch.round(weight / scale.reshape(-1, *[1] * (dims + 1))), -127, 127).to(torch.int8)
+        # The int8 weight is the module's state (copied, saved, counted by memory_bytes); oneDNN's
+        # packed (blocked) copy of it is made on first use and never copied or saved.
+        self.register_buffer("weight_int8", qweight)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", torch.zeros(scale.shape[0], dtype=torch.int64))
+        bias = conv.bias.detach().float().cpu() if conv.bias is not None else None
+        self.register_buffer("bias", bias)
+        self._packed: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_packed"] = None  # an opaque oneDNN tensor: neither deep-copyable nor picklable
+        return state
+
+    def packed_weight(self) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qconv_prepack(
+                self.weight_int8, self.weight_scale, self.input_scale, self.input_zero_point,
+                self.stride, self.padding, self.dilation, self.groups, None)
+        return self._packed
+
+    @classmethod
+    def from_float(cls, conv: nn.Module, input_qparams: tuple[float, int]) -> "StaticInt8Conv":
+        return cls(conv, *input_qparams)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensor types are deprecated; only the uint8 codes are kept
+            return torch.quantize_per_tensor(x.float().contiguous(), self.input_scale, self.input_zero_point,
+                                             torch.quint8).int_repr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qconv_pointwise(
+            self._quantize(x), self.input_scale, self.input_zero_point, self.packed_weight(), self.weight_scale,
+            self.weight_zero_point, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            1.0, 0, torch.float32, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind} {self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, input scale={self.input_scale:.3g} zero point={self.input_zero_point}")

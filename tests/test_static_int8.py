@@ -1,0 +1,288 @@
+"""Static int8 convolutions (CPU), calibration batches, and fp8's refusal off CUDA; fp8 on CUDA."""
+
+from __future__ import annotations
+
+import copy
+import json
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import autoprec
+from autoprec.errors import PolicyError, SpecError, UnsupportedFormat
+from autoprec.evaluate import Evaluator
+from autoprec.policy import Policy, load_policy
+from autoprec.precision import apply_formats, calibrate, module_storage_bytes
+from autoprec.precision.static_int8 import StaticInt8Conv
+from autoprec.space import load_space
+from autoprec.timing import TimingSettings
+from autoprec.userspec import load_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
+
+
+class ConvNet(nn.Module):
+    """Conv-BN-ReLU x2, a residual add, a Conv1d branch and a Linear head: seeded, BN statistics real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv1d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(x)))
+        x = torch.relu(self.conv3(x.flatten(2)))
+        return self.fc(x.mean(-1))
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = ConvNet()
+    model.train()
+    with torch.no_grad():
+        model(images(32, 99))
+    return model.eval()
+
+
+CALIBRATION = [images(8, 10 + i) for i in range(3)]
+CONVS = ("conv1", "conv2", "conv3")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).min().item()
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+def test_per_layer_static_int8_applies_and_stays_close_to_fp32():
+    model = conv_net()
+    x = images(16, 1)
+    reference = run(model, x)
+    for names in (["conv2"], list(CONVS)):
+        candidate = apply_formats(copy.deepcopy(model), {n: "int8" for n in names}, calibration=CALIBRATION)
+        for name in CONVS:
+            module = candidate.get_submodule(name)
+            assert isinstance(module, StaticInt8Conv) == (name in names), name
+            if name in names:
+                assert module.weight_int8.dtype == torch.int8
+                assert module.weight_scale.shape == (module.out_channels,)  # per-channel
+        out = run(candidate, x)
+        assert torch.isfinite(out).all() and not torch.equal(out, reference)
+        assert cosine(out, reference) > 0.995, names
+
+
+def test_mixed_policy_int8_bf16_fp32_applies_under_either_default():
+    model = conv_net()
+    x = images(16, 1)
+    reference = run(model, x)
+    layers = {"conv1": "int8", "conv2": "bf16", "conv3": "int8", "fc": "int8"}
+    for default in ("fp32", "bf16"):
+        candidate = apply_formats(copy.deepcopy(model), layers, default, calibration=CALIBRATION)
+        assert isinstance(candidate.conv1, StaticInt8Conv) and isinstance(candidate.conv3, StaticInt8Conv)
+        assert candidate.conv2.weight.dtype == torch.bfloat16
+        assert isinstance(candidate.fc, torch.ao.nn.quantized.dynamic.Linear)
+        out = run(candidate, x)
+        assert out.dtype == (torch.float32 if default == "fp32" else torch.bfloat16)
+        assert cosine(out.float(), reference) > 0.99, default
+
+
+def test_calibration_ranges_come_from_the_fp32_inputs_and_are_reused():
+    model = conv_net()
+    calibration = calibrate(model, CONVS, CALIBRATION)
+    assert set(calibration.inputs) == set(CONVS) and calibration.batches == 3
+    scale, zero_point = calibration.inputs["conv1"]
+    assert scale > 0 and 0 <= zero_point <= 255
+    # conv2's input is after a ReLU: nothing negative, so the zero point sits at the bottom
+    assert calibration.inputs["conv2"][1] == 0
+    x = images(4, 2)
+    by_batches = run(apply_formats(copy.deepcopy(model), {"conv1": "int8"}, calibration=CALIBRATION), x)
+    by_object = run(apply_formats(copy.deepcopy(model), {"conv1": "int8"}, calibration=calibration), x)
+    assert torch.equal(by_batches, by_object)
+
+
+def test_int8_conv_memory_is_int8_weights_with_scales():
+    model = conv_net()
+    candidate = apply_formats(copy.deepcopy(model), {"conv3": "int8"}, calibration=CALIBRATION)
+    weights = 8 * 16 * 3
+    saved = module_storage_bytes(model) - module_storage_bytes(candidate)
+    # fp32 weight (4 B each) -> int8 (1 B) plus a 4 B scale and 8 B zero point per output channel
+    assert saved == 4 * weights - (weights + 8 * (4 + 8))
+
+
+def test_a_batchnorm_after_an_int8_conv_is_folded_into_it():
+    model = conv_net()
+    x = images(8, 4)
+    reference = run(model, x)
+    candidate = apply_formats(copy.deepcopy(model), {"conv1": "int8"}, calibration=CALIBRATION)
+    assert isinstance(candidate.bn1, nn.Identity) and isinstance(candidate.bn2, nn.BatchNorm2d)
+    assert candidate.conv1.bias is not None  # the BatchNorm's shift
+    assert cosine(run(candidate, x), reference) > 0.999
+    # conv2's output meets the residual add only through bn2: folded too when conv2 is int8
+    both = apply_formats(copy.deepcopy(model), {"conv1": "int8", "conv2": "int8"}, calibration=CALIBRATION)
+    assert isinstance(both.bn2, nn.Identity)
+    assert cosine(run(both, x), reference) > 0.995
+
+
+def test_a_layer_the_calibration_never_reached_is_unsupported():
+    model = conv_net()
+    calibration = calibrate(model, ["conv1"], CALIBRATION)
+    with pytest.raises(UnsupportedFormat, match=r"layer 'conv2': static int8 needs its input range"):
+        apply_formats(copy.deepcopy(model), {"conv2": "int8"}, calibration=calibration)
+    with pytest.raises(PolicyError, match="no batches"):
+        apply_formats(copy.deepcopy(model), {"conv2": "int8"}, calibration=[])
+
+
+def test_policy_round_trips_through_export_and_apply_with_the_batches(tmp_path):
+    model = conv_net()
+    policy = Policy({"conv1": "int8", "conv2": "bf16", "conv3": "int8"}, default="fp32")
+    path = policy.save(tmp_path / "policy.json")
+    assert json.loads(path.read_text())["layers"]["conv1"] == "int8"
+    x = images(8, 3)
+    direct = run(apply_formats(copy.deepcopy(model), policy.layers, "fp32", calibration=CALIBRATION), x)
+    applied = autoprec.apply_policy(copy.deepcopy(model), path, calibration=CALIBRATION)
+    assert load_policy(path).layers == policy.layers
+    assert torch.equal(run(applied, x), direct)
+    with pytest.raises(PolicyError, match=r"layer 'conv1' takes static int8 \(2 such layers\).*calibration="):
+        autoprec.apply_policy(copy.deepcopy(model), path)
+
+
+def test_fp8_is_refused_on_the_cpu_and_left_out_of_the_default_space():
+    model = conv_net()
+    choices = load_space("default").choices(model, torch.device("cpu"))
+    assert all("fp8" not in formats for formats in choices.values())
+    assert "int8" in choices["conv1"] and "int8" in choices["fc"]
+    policy = Policy({"fc": "fp8"})
+    with pytest.raises(UnsupportedFormat, match="fp8 needs a CUDA GPU of compute capability 8.9 or higher"):
+        autoprec.apply_policy(copy.deepcopy(model), policy)
+
+
+SPEC = """
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+def example_inputs():
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+"""
+BAD_CALIBRATION = {
+    "wrong_shape": ("return [torch.randn(2, 1, 8, 8)]", "batch 0 has shape (2, 1, 8, 8) where example_inputs() has (2, 3, 8, 8)"),
+    "empty": ("return []", "gave no batches"),
+    "single_tensor": ("return torch.randn(2, 3, 8, 8)", "returned a Tensor, not an iterable of batches"),
+    "wrong_type": ("return ['images']", "batch 0 is a str, not a tensor"),
+    "integer_images": ("return [torch.zeros(2, 3, 8, 8, dtype=torch.long)]", "batch 0 is torch.int64 where"),
+    "raises": ("raise OSError('no data')", "raised OSError: no data"),
+}
+
+
+@pytest.mark.parametrize("body,expected", list(BAD_CALIBRATION.values()), ids=list(BAD_CALIBRATION))
+def test_bad_calibration_inputs_is_a_one_line_error_naming_it(tmp_path, body, expected):
+    path = tmp_path / "model.py"
+    path.write_text(textwrap.dedent(SPEC) + f"\ndef calibration_inputs():\n    {body}\n")
+    with pytest.raises(SpecError) as info:
+        Evaluator(load_spec(path), "cpu", timing=FAST, measure_peak=False, threads=1)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: calibration_inputs: "), message
+    assert expected in message, message
+
+
+def test_evaluator_calibrates_once_and_measures_an_int8_conv_candidate(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(textwrap.dedent(SPEC) + "\ndef calibration_inputs():\n"
+                    "    return [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]\n")
+    evaluator = Evaluator(load_spec(path), "cpu", timing=FAST, measure_peak=False, threads=1)
+    assert evaluator.calibration is not None and set(evaluator.calibration.inputs) == {"0"}
+    measured = evaluator.measure(Policy({"0": "int8", "3": "int8"}))
+    assert measured.feasible, measured.reason
+    assert 0.99 < measured.score <= 1.0
+    failed = evaluator.measure(Policy({"3": "fp8"}))
+    assert not failed.feasible and "fp8 needs a CUDA GPU" in failed.reason
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_linear_has_fp8_weights_and_stays_close():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(UnsupportedFormat, match="compute capability 8.9"):
+            apply_formats(nn.Sequential(nn.Linear(64, 64)).cuda(), {"0": "fp8"}, device="cuda")
+        return
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().eval()
+    x = torch.randn(64, 256, device="cuda")
+    reference = run(model, x)
+    candidate = apply_formats(copy.deepcopy(model), {"0": "fp8"}, "fp32", "cuda")
+    weight = candidate[0].weight
+    assert type(weight).__name__ == "Float8Tensor", type(weight)
+    assert weight.qdata.dtype == torch.float8_e4m3fn and weight.scale.numel() == 512  # one scale per row
+    assert candidate[2].weight.dtype == torch.float32
+    out = run(candidate, x)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert cosine(out, reference) > 0.99
+    # fp8 weights at 1 byte each, plus their per-row scales, instead of 4 bytes each
+    saved = module_storage_bytes(model[0]) - module_storage_bytes(candidate[0])
+    assert saved >= 256 * 512 * 3 - 512 * 4 - 512 * 4
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it; per-layer static int8 does not need to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        if y.mean() > 0.1:  # a Python branch on a tensor's value
+            y = y * 0.5
+        return self.head(y).flatten(1)
+
+
+def test_static_int8_needs_no_tracing():
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    x = images(4, 5)
+    candidate = apply_formats(copy.deepcopy(model), {"conv": "int8", "head": "int8"}, calibration=CALIBRATION)
+    assert cosine(run(candidate, x), run(model, x)) > 0.99
+
+
+def test_activations_take_7_bits_where_onednn_has_no_vnni(monkeypatch):
+    from autoprec.precision.calibration import cpu_has_vnni
+
+    model = conv_net()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_vnni()
+    seven = calibrate(model, ["conv2"], CALIBRATION).inputs["conv2"][0]
+    monkeypatch.setattr("autoprec.precision.calibration.cpu_has_vnni", lambda: True)
+    eight = calibrate(model, ["conv2"], CALIBRATION).inputs["conv2"][0]
+    assert seven == pytest.approx(2 * eight, rel=0.05)  # same range over 127 steps instead of 255
+
+
+def test_a_training_space_offers_no_static_int8():
+    from autoprec.space import space_from_dict
+
+    model = conv_net()
+    training = space_from_dict({"dtypes": ["fp32", "bf16", "int8"], "training": {"steps": 2}}, "t.yaml")
+    choices = training.choices(model, torch.device("cpu"))
+    assert choices["conv1"] == ("fp32", "bf16") and choices["fc"] == ("fp32", "bf16", "int8")
