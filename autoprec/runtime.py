@@ -167,6 +167,20 @@ class Prepared:
         return lambda: call(fn)
 
 
+def _raise_at_recompile_limit() -> None:
+    """Allow RECOMPILE_LIMIT variants per code object, and raise past it instead of running eager.
+    (The names changed across torch versions: cache_size_limit / fail_on_cache_limit_hit before 2.6.)"""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+    for flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(config, flag):
+            setattr(config, flag, True)
+            break
+
+
 def _graph_breaks() -> dict[str, int]:
     """Graph breaks so far in this process, by reason (dynamo's counters)."""
     from torch._dynamo.utils import counters
@@ -200,10 +214,7 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
     check_runtime(runtime)
     if runtime == "eager":
         return Prepared(model, runtime)
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    _raise_at_recompile_limit()
     if mode is None and device.type == "cuda":
         mode = CUDA_MODE
     cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
