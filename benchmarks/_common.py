@@ -121,9 +121,15 @@ def searchable_names(model: nn.Module, linear_only: bool = False) -> list[str]:
 
 
 def time_calls(forward: Forward, calls: int) -> float:
+    """Seconds for `calls` forwards; CUDA work is synchronised at both ends, or only the launches count."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         forward()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

@@ -14,10 +14,14 @@ Two extra rows (unless --no-extras): fp32 with the whole model compiled instead 
 (the CPU's regional compilation against what a user who writes torch.compile(model) gets), and
 all-int8 with the eager runtime's int8 kernel compiled (why the compiled runtime takes another).
 
+On a GPU with fp8 kernels (compute capability 8.9+) two more: all-fp8 (every layer that can take fp8,
+bf16 elsewhere) and fp8-large+bf16 (fp8 on the larger half of the layers by weight size, bf16 elsewhere);
+`--models gpt2` adds GPT-2 at its 124M shape (benchmarks/models/gpt2_124m.py, 16 x 256 tokens).
+
 The mixed policy gives the searchable layers int8, bf16 and fp32 in turn (a layer that cannot take
 int8 gets bf16), so it has many format boundaries, like a searched policy.
 
-    .venv/bin/python benchmarks/runtime_ratios.py [--device cuda] [--models minilm,resnet] [--rounds 7]
+    .venv/bin/python benchmarks/runtime_ratios.py [--device cuda] [--models minilm,resnet,gpt2] [--rounds 7]
     .venv/bin/python benchmarks/runtime_ratios.py --device cuda --modes reduce-overhead,default,max-autotune-no-cudagraphs
 """
 
@@ -48,7 +52,8 @@ from autoprec.precision.int8 import kernel as int8_kernel  # noqa: E402
 from autoprec.spec_calibration import spec_calibration  # noqa: E402
 from autoprec.userspec import call_model, load_spec, move_inputs  # noqa: E402
 
-STUDIES = {"minilm": C.REPO / "studies" / "minilm" / "model.py", "resnet": C.REPO / "studies" / "resnet" / "model.py"}
+STUDIES = {"minilm": C.REPO / "studies" / "minilm" / "model.py", "resnet": C.REPO / "studies" / "resnet" / "model.py",
+           "gpt2": C.REPO / "benchmarks" / "models" / "gpt2_124m.py"}
 
 
 def policies(model: torch.nn.Module, device: torch.device) -> dict[str, tuple[dict[str, str], str]]:
@@ -64,12 +69,19 @@ def policies(model: torch.nn.Module, device: torch.device) -> dict[str, tuple[di
     for i, n in enumerate(names):
         fmt = ("int8", "bf16", "fp32")[i % 3]
         mixed[n] = fmt if can(n, fmt) else "bf16"
-    return {"fp32": ({}, "fp32"), "all-bf16": ({n: "bf16" for n in names}, "bf16"),
-            "all-int8": (int8, "fp32"), "mixed": (mixed, "fp32")}
+    table = {"fp32": ({}, "fp32"), "all-bf16": ({n: "bf16" for n in names}, "bf16"),
+             "all-int8": (int8, "fp32"), "mixed": (mixed, "fp32")}
+    fp8 = [n for n in names if can(n, "fp8")]
+    if fp8:  # a GPU with fp8 kernels: every layer that can, and the larger half only, the rest bf16
+        sizes = {n: modules[n].weight.numel() for n in fp8}
+        large = [n for n in fp8 if sizes[n] >= sorted(sizes.values())[len(sizes) // 2]]
+        table["all-fp8"] = ({n: "fp8" if n in fp8 else "bf16" for n in names}, "bf16")
+        table["fp8-large+bf16"] = ({n: "fp8" if n in large else "bf16" for n in names}, "bf16")
+    return table
 
 
 def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, min_round_s: float,
-              extras: bool) -> tuple[str, list]:
+              extras: bool, only: set[str] | None = None) -> tuple[str, list]:
     spec = load_spec(STUDIES[key])
     base = spec.new_model().to(device).eval()
     example = move_inputs(spec.example(), device)
@@ -85,7 +97,8 @@ def run_model(key: str, device: torch.device, runtimes: list[str], rounds: int, 
     for runtime in runtimes:
         mode = None if runtime in ("eager", "compiled") else runtime.split(":", 1)[1]
         kind = "eager" if runtime == "eager" else "compiled"
-        plan += [(name, runtime, kind, kind, {"mode": mode}) for name in policies(base, device)]
+        plan += [(name, runtime, kind, kind, {"mode": mode}) for name in policies(base, device)
+                 if only is None or name in only or name == "fp32"]
     if extras and "compiled" in runtimes:
         if device.type == "cpu" and R.repeated_blocks(base):  # the other way to compile: the whole model
             plan.append(("fp32", "compiled, whole model", "compiled", "compiled", {"regional": False}))
@@ -137,6 +150,9 @@ def main() -> None:
     parser.add_argument("--modes", default=None,
                         help="comma-separated runtimes besides eager: 'compiled' (autoprec's) and, e.g. on CUDA, "
                              "'mode:default', 'mode:max-autotune-no-cudagraphs' (torch.compile modes)")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated policies to time (fp32 always): all-bf16, all-int8, mixed, and on a GPU "
+                             "with fp8 kernels all-fp8, fp8-large+bf16 (default: all)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-round-s", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: autoprec's default)")
@@ -160,7 +176,8 @@ def main() -> None:
     rows = []
     for key in args.models.split(","):
         torch.manual_seed(0)
-        batch, model_rows = run_model(key, device, runtimes, args.rounds, args.min_round_s, args.extras)
+        batch, model_rows = run_model(key, device, runtimes, args.rounds, args.min_round_s, args.extras,
+                                      set(args.policies.split(",")) if args.policies else None)
         rows += [[f"{row[0]} ({batch})"] + row[1:] for row in model_rows]
     print(f"{args.rounds} interleaved rounds, >= {args.min_round_s} s per side.\n")
     print(C.table(["model (batch)", "policy", "runtime", "median ms", "vs fp32 of same runtime",
