@@ -35,17 +35,17 @@ EOF
 # One device call of at most 10 minutes: the step limits below add up to about 9.5 minutes.
 TAIL=25 step pytest_cuda 70 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests
 # eager against compiled (mode reduce-overhead: CUDA graphs), MiniLM, every policy (fp8 where the GPU has it)
-TAIL=30 step runtime_ratios_cuda 140 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --models minilm --rounds 5 \
+TAIL=30 step runtime_ratios_cuda 130 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --models minilm --rounds 5 \
     --no-extras --min-round-s 0.1
 # fp8 at GPT-2's 124M shape: fp8 against bf16, compiled
-TAIL=20 step fp8_gpt2_cuda 110 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --models gpt2 --rounds 5 --no-extras \
+TAIL=20 step fp8_gpt2_cuda 100 "$PY" benchmarks/runtime_ratios.py --device "$DEV" --models gpt2 --rounds 5 --no-extras \
     --min-round-s 0.1 --policies all-bf16,all-fp8,fp8-large+bf16
 # the README's main job in the compiled runtime (CUDA's default; said explicitly): torch.compile with CUDA
 # graphs, a cold inductor cache beside the store (every distinct policy compiles once); --timeout keeps it in
-# the call (trials stop starting after it, the front is re-timed after)
+# the call (trials stop starting after it; no re-time of the front, which would compile every member again)
 DB="${DB_DIR:-/tmp/autoprec_cuda}"
 rm -rf "$DB" && mkdir -p "$DB"
-TAIL=45 step search_cuda 230 "$PY" -m autoprec search studies/minilm/model.py --trials 12 --timeout 150 \
+TAIL=45 step search_cuda 230 "$PY" -m autoprec search studies/minilm/model.py --trials 12 --timeout 140 --no-retime \
     --device "$DEV" --runtime compiled --storage "sqlite:///$DB/minilm_cuda.db" --no-progress
 TAIL=5 step export_cuda 20 "$PY" -m autoprec export --storage "sqlite:///$DB/minilm_cuda.db" --study minilm \
     --pick fastest -o "$OUT/minilm_cuda_policy.json"
