@@ -82,7 +82,7 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_the_next_run_retries_it(tmp
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
-    assert "0 trials run" in out
+    assert "\n0 trials run, " in out and "(re-timed" not in out
     study = optuna.load_study(study_name="slow_mlp", storage=url)
     first = study.trials[0]
     assert first.state.name == "FAIL" and first.user_attrs["failure_reason"] == record.INTERRUPTED
