@@ -5,7 +5,6 @@ with autoprec's ledger tables beside it. What a study holds is autoprec.record's
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import warnings
 from collections.abc import Iterator
@@ -21,8 +20,13 @@ from autoprec.errors import StoreError
 from autoprec.ledger import Ledger
 from autoprec.recovery import GRACE_S, HEARTBEAT_S, RetryAndRelease
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, as before
+    fcntl = None  # type: ignore[assignment]
+
 DEFAULT_STORAGE = "sqlite:///autoprec.db"
-# A server store that does not answer fails within these bounds, with one line (README, "The store").
+# A server store that does not answer fails within these bounds, with one line (README.md, "The user's path").
 CONNECT_TIMEOUT_S = int(os.environ.get("AUTOPREC_STORE_TIMEOUT_S", "10"))
 STATEMENT_TIMEOUT_S = int(os.environ.get("AUTOPREC_STATEMENT_TIMEOUT_S", "60"))
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -71,7 +75,7 @@ def _creation_lock(path: Path | None) -> Iterator[None]:
     """Serialise opening (and so creating) one SQLite store among processes: Optuna's table creation
     and its schema stamp race when two processes open a new file at once. The lock is on the
     store's folder, so no lock file is left behind."""
-    if path is None or not path.parent.is_dir():
+    if path is None or fcntl is None or not path.parent.is_dir():
         yield
         return
     fd = os.open(path.parent, os.O_RDONLY)
