@@ -33,7 +33,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
     from autoprec.compare import apply_and_compare
 
     print(apply_and_compare(args.policy, args.model, device=args.device, threads=_threads(args.threads),
-                            timing=timing_settings(None, args.malloc_defaults)))
+                            timing=timing_settings(None, args.malloc_defaults), force=args.force))
 
 
 def timing_settings(max_rounds: int | None, malloc_defaults: bool):
@@ -88,7 +88,8 @@ def _front_table(front) -> str:
             for r in front.itertuples()]
     header = ["trial", "score", "drop", "latency_ms", "vs fp32", "re-timed", "memory", "vs fp32",
               "default", "fp32", "fp16", "bf16", "int8", "origin"]
-    note = "\n(re-timed: the front timed again beside fp32 in one pass at the end of the last search)"
+    retimed = front.retimed_ratio.notna().any()
+    note = "\n(re-timed: the front timed again beside fp32 in one pass at the end of a search)" if retimed else ""
     if "compile_s" in front.columns and front.compile_s.notna().any():  # the compiled runtime
         header[-1:-1] = ["compile s"]
         rows = [(*row[:-1], "-" if r.compile_s != r.compile_s or r.compile_s is None else f"{r.compile_s:.1f}", row[-1])
@@ -106,7 +107,7 @@ def _front_table(front) -> str:
 def _open_study(args: argparse.Namespace):
     from autoprec.store import load_study, open_storage
 
-    return load_study(open_storage(args.storage, heartbeat=False), args.study)
+    return load_study(open_storage(args.storage, readonly=True), args.study)
 
 
 def cmd_front(args: argparse.Namespace) -> None:
@@ -126,7 +127,7 @@ def cmd_studies(args: argparse.Namespace) -> None:
     from autoprec.store import open_storage
     from autoprec.tables import format_table
 
-    frame = studies_frame(open_storage(args.storage, heartbeat=False))
+    frame = studies_frame(open_storage(args.storage, readonly=True))
     if frame.empty:
         print("no autoprec studies in this store")
         return
@@ -137,8 +138,9 @@ def cmd_studies(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from autoprec.results import pick_trial, policy_of
+    from autoprec.results import output_path, pick_trial, policy_of
 
+    output_path(args.output)
     study = _open_study(args)
     trial = pick_trial(study, args.pick, args.trial, args.max_drop)
     path = policy_of(study, trial).save(args.output)
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: AUTOPREC_THREADS, else all usable cores but one)")
     _add_malloc(p)
+    p.add_argument("--force", action="store_true",
+                   help="measure a policy exported for a model of another structure (with a warning) instead of refusing")
     commands["apply"] = cmd_apply
 
     p = sub.add_parser("search", help="run or resume a study")

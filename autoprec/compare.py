@@ -5,19 +5,37 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from autoprec.errors import AutoprecError
+from torch import nn
+
+from autoprec.errors import AutoprecError, PolicyError
 from autoprec.evaluate import Evaluator
 from autoprec.machine import KEPT, environment, resolve_device
-from autoprec.policy import Policy, load_policy
+from autoprec.policy import Policy, load_policy, model_fingerprint
 from autoprec.tables import format_bytes, format_table, threads_text
 from autoprec.timing import TimingSettings
 from autoprec.userspec import load_spec
 
 
+def check_model(policy: Policy, policy_path: str | Path, model: nn.Module, model_path: str | Path,
+                force: bool) -> str:
+    """Refuse (or with `force`, note) a policy exported for a model of another structure."""
+    expected = (policy.model or {}).get("fingerprint")
+    if not expected or expected == model_fingerprint(model):
+        return ""
+    made_for = (policy.model or {}).get("class") or "model"
+    what = (f"{policy_path} was exported for another model ({made_for}, fingerprint {expected[:19]}...) than "
+            f"{Path(model_path).name} builds ({type(model).__name__}, {model_fingerprint(model)[:19]}...)")
+    if not force:
+        raise PolicyError(f"{what}; apply it to the model it was searched for, or pass --force to measure it anyway")
+    return f"\nwarning: {what}; measured anyway (--force)"
+
+
 def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: str | None = None,
-                      threads: int | None = None, timing: TimingSettings = TimingSettings()) -> str:
+                      threads: int | None = None, timing: TimingSettings = TimingSettings(),
+                      force: bool = False) -> str:
     policy = load_policy(policy_path)
     spec = load_spec(model_path)
+    warning = check_model(policy, policy_path, spec.new_model(), model_path, force)
     evaluator = Evaluator(spec, resolve_device(device), threads=threads, timing=timing, runtime=policy.runtime)
     try:
         evaluator.candidate(policy)  # refuses a policy that does not fit this model before measuring
@@ -30,7 +48,7 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     fp32 = evaluator.measure(Policy())
     cand = evaluator.measure(policy)
     if not cand.feasible:
-        return f"{policy_path}: the policy cannot run here: {cand.reason}"
+        return f"{policy_path}: the policy cannot run here: {cand.reason}" + warning
     rows = [
         ("score", f"{fp32.score:.6f}", f"{cand.score:.6f}", f"{cand.score - fp32.score:+.6f}"),
         ("latency_ms", f"{fp32.latency_ms:.2f}", f"{cand.latency_ms:.2f}", f"{cand.latency_ratio / fp32.latency_ratio:.3f}x"),
@@ -53,7 +71,7 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     if "score" in stored:
         tail = f"\nscore stored in the policy: {stored['score']:.6f} (measured here: {cand.score:.6f})"
     tail += stored_latency(stored, cand.latency_ratio / fp32.latency_ratio, here)
-    return head + "\n" + format_table(["", "fp32", "policy", "change"], rows) + tail
+    return head + "\n" + format_table(["", "fp32", "policy", "change"], rows) + tail + warning
 
 
 def stored_latency(stored: dict, here_ratio: float, here: dict[str, str]) -> str:

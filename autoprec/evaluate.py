@@ -39,7 +39,7 @@ from autoprec.timing import (
     paired_latency,
     solo_latency_ms,
 )
-from autoprec.userspec import ModelSpec, call_model, first_float_tensor, move_inputs
+from autoprec.userspec import USER_CODE_ERRORS, ModelSpec, call_model, first_float_tensor, move_inputs
 
 METHODS = {
     "score_fidelity": "mean per-sample cosine similarity of the compared output to the fp32 model",
@@ -75,13 +75,15 @@ class Measurement:
     runtime: str = "eager"
     compile_s: float | None = None  # compiled runtime: first calls' time minus warm ones' (example and eval shapes)
     graph_breaks: int | None = None  # compiled runtime: graph breaks in one forward (timed, not refused)
+    traceback: str | None = None  # of an unexpected exception that failed the candidate
+
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def failed(cls, reason: str) -> "Measurement":
-        return cls(feasible=False, reason=reason)
+    def failed(cls, reason: str, traceback: str | None = None) -> "Measurement":
+        return cls(feasible=False, reason=reason, traceback=traceback)
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -122,6 +124,18 @@ class Evaluator:
             self._batches = runtimes.rebatch_like(self._batches, self.example)
         with torch.inference_mode():
             self._forward_or_raise(self.model)
+        try:
+            self._measure_reference(reference_latency_ms)
+        except SpecError:
+            raise
+        except USER_CODE_ERRORS as exc:  # the first forward worked; a later one of the fp32 model did not
+            raise spec.error("build_model", f"the fp32 model failed while its reference was measured: "
+                             f"{type(exc).__name__}: {exc}", "make its forward work on every call, on example_inputs() "
+                             "and eval_inputs() alike") from exc
+
+    def _measure_reference(self, reference_latency_ms: float | None) -> None:
+        spec = self.spec
+        with torch.inference_mode():
             self._ref_outputs = [self._compared(self.model, b).clone() for b in self._batches]
         for out in self._ref_outputs:
             if not torch.isfinite(out).all():
@@ -136,7 +150,8 @@ class Evaluator:
         if reference_latency_ms is None:
             with torch.inference_mode():
                 reference_latency_ms, _ = solo_latency_ms(self._timed(self.reference), self.device,
-                                                          rounds=2 * timing.rounds, min_round_s=timing.min_round_s)
+                                                          rounds=2 * self.timing.rounds,
+                                                          min_round_s=self.timing.min_round_s)
         self.reference_latency_ms = reference_latency_ms
 
     def _prepare(self, model: nn.Module) -> Prepared:
@@ -229,9 +244,7 @@ class Evaluator:
         except BaseException as exc:  # a failed candidate is a recorded result, not a crash
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if not isinstance(exc, (AutoprecError, RuntimeError, torch.OutOfMemoryError, NotImplementedError)):
-                traceback.print_exc()
-            result = Measurement.failed(_failure_reason(exc))
+            result = Measurement.failed(_failure_reason(exc), traceback.format_exc())
         result.runtime = self.runtime
         return result
 

@@ -28,7 +28,7 @@ from autoprec.record import Origin, Reference, StudyInfo
 from autoprec.space import SearchSpace, load_space
 from autoprec.store import open_storage, storage_url, study_names
 from autoprec.tables import threads_text
-from autoprec.userspec import ModelSpec, load_spec
+from autoprec.userspec import ModelSpec, describe_inputs, load_spec
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
@@ -86,6 +86,12 @@ def check_config(config: SearchConfig) -> None:
         raise AutoprecError(f"--max-drop {config.max_drop}: must be a number >= 0 (an absolute score drop)")
     if config.workers < 1:
         raise AutoprecError(f"--workers {config.workers}: must be at least 1")
+    if config.trials is None or config.trials < 0:
+        raise AutoprecError(f"--trials {config.trials}: give 0 or more trials to run now")
+    if config.timeout is not None and not config.timeout > 0:
+        raise AutoprecError(f"--timeout {config.timeout}: give a number of seconds above 0, or leave it out")
+    if config.study is not None and not config.study.strip():
+        raise AutoprecError("--study '': give the study a name, or leave --study out for the model's folder name")
     if config.runtime is not None:
         runtimes.check_runtime(config.runtime)
 
@@ -126,11 +132,14 @@ def study_threads(device: torch.device, stored: str | int | None, requested: int
 
 
 def check_resume(info: StudyInfo, fingerprint: str, space: SearchSpace, device: torch.device,
-                 max_drop: float | None, name: str, freed_memory_kept: bool) -> None:
+                 max_drop: float | None, name: str, freed_memory_kept: bool, inputs: str | None = None) -> None:
     way_out = f"start a new study with --study NEW_NAME (this one is {name!r})"
     if info.model_fingerprint != fingerprint:
         raise StoreError(f"study {name!r} was made for a different model ({info.model_class}, "
                          f"{info.model_path}); the model's structure changed; {way_out}")
+    if info.inputs is not None and inputs is not None and info.inputs != inputs:
+        raise StoreError(f"study {name!r} was timed on example_inputs() {info.inputs}, and they are now {inputs}: "
+                         f"its latencies are ratios to the fp32 latency at those inputs; restore them, or {way_out}")
     if info.space_fingerprint != space.fingerprint():
         raise StoreError(f"study {name!r} was made with search space {info.space.get('name')!r} "
                          f"and this run's space {space.name!r} differs; {way_out}")
@@ -163,6 +172,7 @@ class _Opener:
         self.device = resolve_device(config.device)
         model = self.spec.new_model()
         self.fingerprint = model_fingerprint(model)
+        self.inputs = describe_inputs(self.spec.example())
         self.choices = self.space.choices(model, self.device)
         if not self.choices:
             raise AutoprecError(f"{self.spec.path}: no searchable layer under space {self.space.name!r} "
@@ -189,7 +199,7 @@ class _Opener:
             info, evaluator = self._create_or_wait(threads, runtime)
         if evaluator is None:
             check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
-                         prepare_allocator(config.timing.keep_freed_memory))
+                         prepare_allocator(config.timing.keep_freed_memory), self.inputs)
             threads = study_threads(self.device, info.environment.get("threads"), config.threads,
                                     config.workers, self.study_name)
             runtime = study_runtime(self.device, info.runtime, config.runtime, self.study_name)
@@ -236,7 +246,7 @@ class _Opener:
         max_drop = self.config.max_drop
         info = StudyInfo(
             model_path=str(self.spec.path.resolve()), model_class=type(model).__name__,
-            model_fingerprint=self.fingerprint, space=self.space.to_json(),
+            model_fingerprint=self.fingerprint, inputs=self.inputs, space=self.space.to_json(),
             space_fingerprint=self.space.fingerprint(), device_type=self.device.type,
             environment=environment(self.device),
             cpu_freed_memory_kept=prepare_allocator(self.config.timing.keep_freed_memory), runtime=evaluator.runtime,

@@ -10,10 +10,10 @@ finds the study without it waits for the creator.
 
 Study user attributes (JSON, so optuna-dashboard shows them):
 
-- ``autoprec`` (`StudyInfo`): the model (path, class, fingerprint), the space and its fingerprint,
-  the device and environment, whether the CPU allocator kept freed memory, the runtime (eager or
-  compiled, autoprec.runtime), max_drop, the fp32
-  reference (score, latency, memory), the searchable layers, training mode, the creation time.
+- ``autoprec`` (`StudyInfo`): the model (path, class, fingerprint), the example inputs' shapes and
+  dtypes, the space and its fingerprint, the device and environment, whether the CPU allocator kept
+  freed memory, the runtime (eager or compiled, autoprec.runtime), max_drop, the fp32 reference
+  (score, latency, memory), the searchable layers, training mode, the creation time.
   Fixed for the study's life: a resume that would measure differently is refused.
 - ``autoprec_retimed``: the front re-timed beside fp32 at the end of the last search,
   ``{"at": TIME, "trials": {"NUMBER": {"latency_ms", "ratio", "spread"}}}``.
@@ -33,7 +33,9 @@ Trial user attributes (`TrialRecord` reads them all; `TrialKey` names them):
 - ``policy`` (policy.Policy JSON), ``counts`` (layers per format and the default),
   ``measurement`` (evaluate.Measurement JSON), ``score_drop`` (fp32 score minus the trial's):
   a measured candidate; its constraint ``score_drop - max_drop`` is Optuna's.
-- ``failure_reason``: a FAIL trial's one-line reason.
+- ``failure_reason``: a FAIL trial's one-line reason; `INTERRUPTED` for a trial stopped by Ctrl-C
+  (retried by the next run), `STALE` for one whose worker stopped beating (retried at once). The
+  traceback of an unexpected failure is in its measurement's ``traceback``.
 - ``duplicate_of``: the trial whose measurement a re-proposed policy copied.
 - ``predicted``: the cost model's prediction for a proposal.
 
@@ -66,6 +68,10 @@ COSTMODEL_ATTR = "autoprec_costmodel"
 LAYER_PARAM = "layer:"
 DEFAULT_PARAM = "default"
 TRAINING_PARAMS = ("learning_rate", "loss_scale", "dynamic_loss_scale")
+
+
+INTERRUPTED = "interrupted"
+STALE = "its worker stopped (no heartbeat); retried"
 
 
 class TrialKey:
@@ -151,6 +157,7 @@ class StudyInfo:
     training: bool = False
     cpu_freed_memory_kept: bool | None = None  # None: a study from before this was recorded
     runtime: str = "eager"  # autoprec.runtime: how candidates are run and timed (studies before it: eager)
+    inputs: str | None = None  # example_inputs() shapes and dtypes; None: a study from before 2026-11-30
     created: str = ""
     version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
@@ -278,6 +285,11 @@ def copy_measured(trial: "optuna.Trial", twin: "optuna.trial.FrozenTrial", max_d
         trial.set_user_attr(key, twin.user_attrs.get(key))
     trial.set_user_attr(TrialKey.DUPLICATE_OF, twin.number)
     trial.set_constraint("score_drop", twin.user_attrs[TrialKey.SCORE_DROP] - max_drop)
+
+
+def retried_numbers(trials: "list[optuna.trial.FrozenTrial]") -> set[int]:
+    """Numbers of the trials that a later trial retries (Optuna's ``retry_history`` system attribute)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
 
 
 def is_measured(trial: "optuna.trial.FrozenTrial") -> bool:

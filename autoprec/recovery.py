@@ -1,10 +1,12 @@
-"""Stale trials: a trial whose worker died is failed, retried, and its reservation given back.
+"""Stale and interrupted trials: failed with their reason, retried, the reservation given back.
 
 A running trial beats every HEARTBEAT_S seconds (Optuna's heartbeat); one silent for GRACE_S is
 failed by whoever looks next (`fail_stale`), and `RetryAndRelease` enqueues its retry and gives
 its run's reservation back to the ledger, so a surviving worker of the same run runs the retry.
 A worker killed before its first beat leaves a trial Optuna never sees as stale; `fail_stale`
-fails those too once they are older than twice the grace period.
+fails those too once they are older than twice the grace period. A trial stopped by Ctrl-C is
+failed as "interrupted" by its own process; `retry_interrupted` enqueues its retry when the
+study is next run, so every uniform policy is measured once a study resumes.
 """
 
 from __future__ import annotations
@@ -55,18 +57,42 @@ def _never_beat(storage: RDBStorage, trial: optuna.trial.FrozenTrial) -> bool:
         session.close()
 
 
+def _fail(storage: RDBStorage, trial_id: int, reason: str) -> bool:
+    """Fail a running trial with `reason`; False when another process finished it first."""
+    try:
+        storage.set_trial_user_attr(trial_id, record.TrialKey.FAILURE_REASON, reason)
+        return storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
 def fail_stale(study: optuna.Study, storage: RDBStorage, running: list[optuna.trial.FrozenTrial] | None = None) -> None:
-    """Fail (and retry) the trials whose worker stopped beating, and those that never beat at all."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    """Fail (and retry) the trials whose worker stopped beating, and those that never beat at all
+    (what Optuna's fail_stale_trials does, with the reason recorded on the trial)."""
+    if storage.get_heartbeat_interval() is None:
+        return
     if running is None:
         running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     limit = datetime.datetime.now() - datetime.timedelta(seconds=2 * GRACE_S + 5)
-    for t in running:
-        if t.datetime_start and t.datetime_start < limit and _never_beat(storage, t):
-            try:
-                storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            except Exception:  # another worker failed it first
-                continue
-            storage.heartbeat_stale_trial_callback(study, study.trials[t.number])
+    stale = set(storage._get_stale_trial_ids(study._study_id))
+    stale |= {t._trial_id for t in running
+              if t.datetime_start and t.datetime_start < limit and _never_beat(storage, t)}
+    failed = [trial_id for trial_id in sorted(stale) if _fail(storage, trial_id, record.STALE)]
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        if callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+
+
+def retry_interrupted(study: optuna.Study) -> int:
+    """Enqueue a retry of every interrupted trial not retried yet (at most 3 times per trial)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = record.retried_numbers(trials)
+    count = 0
+    for t in trials:
+        r = record.TrialRecord.of(t)
+        stopped = r.failure_reason == record.INTERRUPTED or (r.failure_reason is None and not r.measurement)
+        if t.state == optuna.trial.TrialState.FAIL and t.number not in retried and stopped:
+            RetryAndRelease()(study, t)  # no ledger: the interrupted run is closed
+            count += 1
+    return count

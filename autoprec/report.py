@@ -31,7 +31,7 @@ from autoprec.errors import AutoprecError
 from autoprec.precision import DTYPES
 from autoprec import record
 from autoprec.record import PROFILE_ATTR, RETIMED_ATTR, Origin, StudyInfo
-from autoprec.results import pareto_front, trials_table
+from autoprec.results import output_path, pareto_front, trials_table
 
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
 DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00", "fp8": "#CC79A7"}
@@ -483,7 +483,7 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
 
 
 def write_report(study: optuna.Study, path: str | Path, max_drop: float | None = None) -> Path:
-    path = Path(path)
+    path = output_path(path)
     document = build_report(study, max_drop)
     path.write_text(document, encoding="utf-8")
     return path

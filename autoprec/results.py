@@ -62,6 +62,16 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def output_path(path: str | Path, flag: str = "-o") -> Path:
+    """`path` as a file to write, refused with one line before anything is computed or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise AutoprecError(f"{flag} {path}: is a folder; name the file to write")
+    if not path.parent.is_dir():
+        raise AutoprecError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+    return path
+
+
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """`trials_frame(flatten_layers=True)` plus start time and duration of each trial."""
     frame = trials_frame(study, flatten_layers=True)
@@ -82,7 +92,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 def write_trials(study: optuna.Study, path: str | Path) -> Path:
     """Every trial as a row, to CSV or Parquet chosen by the file's suffix."""
-    path = Path(path)
+    path = output_path(path)
     kind = TRIAL_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise AutoprecError(f"-o {path}: unknown file type {path.suffix or '(no suffix)'!r}; "

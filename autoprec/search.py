@@ -9,8 +9,14 @@ run is a FAIL trial with its `failure_reason`. What a trial records: autoprec.re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import re
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +29,7 @@ from autoprec.ledger import worker_name
 from autoprec.opening import CLAIM_STALE_S, OpenedStudy, open_study
 from autoprec.profile import build_profile
 from autoprec.record import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params
-from autoprec.recovery import fail_stale
+from autoprec.recovery import fail_stale, retry_interrupted
 from autoprec.store import storage_url
 from autoprec.timing import TimingSettings
 
@@ -32,6 +38,37 @@ MAX_RETIMED = 12
 
 class CandidateFailed(Exception):
     """A candidate that could not run; the trial is recorded as FAIL with the reason."""
+
+
+class _OneLineFailures(logging.Filter):
+    """Optuna logs a failed trial with its parameters (every layer) and a traceback; for a candidate
+    that could not run, the reason is the news (the trial keeps it, and the measurement any traceback)."""
+
+    def filter(self, rec: logging.LogRecord) -> bool:
+        if re.match(r"Trial \d+ failed with value None", str(rec.msg)):  # follows each of those: said already
+            return False
+        if rec.exc_info and isinstance(rec.exc_info[1], (CandidateFailed, KeyboardInterrupt)):
+            number = re.match(r"Trial (\d+)", str(rec.msg))
+            what = "interrupted" if isinstance(rec.exc_info[1], KeyboardInterrupt) else f"failed: {rec.exc_info[1]}"
+            rec.msg = f"trial {number.group(1) if number else '?'} {what}"
+            rec.args, rec.exc_info, rec.exc_text = (), None, None
+        return True
+
+
+_ONE_LINE_FAILURES = _OneLineFailures()
+
+
+@contextlib.contextmanager
+def _no_second_interrupt() -> Iterator[None]:
+    """While a run records its interrupt, a second Ctrl-C must not break the store writes half way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -80,6 +117,7 @@ class Search:
 
     def __init__(self, opened: OpenedStudy) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("optuna.study._optimize").addFilter(_ONE_LINE_FAILURES)
         self.opened = opened
         self.config = opened.config
         self.spec, self.space, self.device, self.choices = opened.spec, opened.space, opened.device, opened.choices
@@ -113,6 +151,14 @@ class Search:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8, constant_liar=True)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        try:
+            return self._objective(trial)
+        except KeyboardInterrupt:
+            with _no_second_interrupt():
+                record.record_failure(trial, record.INTERRUPTED)
+            raise
+
+    def _objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
         # Beat before anything else: a trial with no heartbeat row never counts as stale.
         self.storage.record_heartbeat(trial._trial_id)
         self._last_origin = record.start_trial(trial, self.run_id, worker_name())
@@ -188,9 +234,10 @@ class Search:
             on_trial: Callable[[], None] | None = None) -> SearchResult:
         """Run this invocation's trials: `trials` new ones, or with `run_id` a share of that run's."""
         fail_stale(self.study, self.storage)
+        if run_id is None:  # the launcher of workers retries before it starts them
+            retry_interrupted(self.study)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.run_id = run_id or self.ledger.new_run(self.study_name, int(trials or 0))
-        before = self.finished_trials()
         bar = _ProgressBar(trials or 0, self.config.progress and run_id is None)
         interrupted = False
         try:
@@ -218,15 +265,25 @@ class Search:
                 self.finish()
         except KeyboardInterrupt:
             interrupted = True
-            self.ledger.close_run(self.run_id)
+            with _no_second_interrupt():
+                self.ledger.close_run(self.run_id)
         finally:
             bar.close()
-        return self.result(before, interrupted)
+        return self.result(interrupted)
 
-    def result(self, before: int, interrupted: bool) -> SearchResult:
-        total = self.finished_trials()
-        return SearchResult(self.study_name, self.storage_url, total - before, total, interrupted,
-                            dict(self.phase_seconds), self.study)
+    def result(self, interrupted: bool) -> SearchResult:
+        return SearchResult(self.study_name, self.storage_url, self.trials_of_run(), self.finished_trials(),
+                            interrupted, dict(self.phase_seconds), self.study)
+
+    def trials_of_run(self) -> int:
+        """Trials this run (all its workers) finished: not other runs' trials, not attempts that were
+        retried, not interrupted ones."""
+        trials = self.study.get_trials(deepcopy=False)
+        retried = record.retried_numbers(trials)
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+        return sum(1 for t in trials if t.state in done and t.number not in retried
+                   and t.user_attrs.get(record.TrialKey.RUN_ID) == self.run_id
+                   and t.user_attrs.get(record.TrialKey.FAILURE_REASON) != record.INTERRUPTED)
 
     def _wait_for_siblings(self) -> bool:
         """True while another worker of this run has a trial RUNNING (it finishes, or goes stale and

@@ -4,18 +4,32 @@ with autoprec's ledger tables beside it. What a study holds is autoprec.record's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import optuna
 from optuna.storages import RDBStorage
+from sqlalchemy.engine import make_url
 
 from autoprec.errors import StoreError
 from autoprec.ledger import Ledger
 from autoprec.recovery import GRACE_S, HEARTBEAT_S, RetryAndRelease
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, as before
+    fcntl = None  # type: ignore[assignment]
+
 DEFAULT_STORAGE = "sqlite:///autoprec.db"
+# A server store that does not answer fails within these bounds, with one line (README.md, "The user's path").
+CONNECT_TIMEOUT_S = int(os.environ.get("AUTOPREC_STORE_TIMEOUT_S", "10"))
+STATEMENT_TIMEOUT_S = int(os.environ.get("AUTOPREC_STATEMENT_TIMEOUT_S", "60"))
+SQLITE_BUSY_TIMEOUT_S = 60
 
 
 def storage_url(url: str | None) -> str:
@@ -24,32 +38,86 @@ def storage_url(url: str | None) -> str:
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True, "pool_recycle": 300}
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 300}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S,
+                                  "options": f"-c statement_timeout={1000 * STATEMENT_TIMEOUT_S}"}
+    elif url.startswith("mysql"):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": STATEMENT_TIMEOUT_S}
+    return kwargs
 
 
-def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorage:
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other stores and in-memory databases)."""
+    if not url.startswith("sqlite"):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).absolute()
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _read_only_url(path: Path) -> str:
+    """A URL that opens `path` without writing to it or beside it (no journal-mode switch, no tables).
+    In a folder nobody can write, a WAL store without a -wal file is read as immutable: SQLite could
+    not create its -shm file there."""
+    immutable = not os.access(path.parent, os.W_OK) and not Path(f"{path}-wal").exists()
+    return f"sqlite:///file:{quote(str(path))}?mode=ro{'&immutable=1' if immutable else ''}&uri=true"
+
+
+@contextlib.contextmanager
+def _creation_lock(path: Path | None) -> Iterator[None]:
+    """Serialise opening (and so creating) one SQLite store among processes: Optuna's table creation
+    and its schema stamp race when two processes open a new file at once. The lock is on the
+    store's folder, so no lock file is left behind."""
+    if path is None or fcntl is None or not path.parent.is_dir():
+        yield
+        return
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def open_storage(url: str | None = None, *, heartbeat: bool = True, readonly: bool = False) -> RDBStorage:
     """Open (creating its tables if needed) the store; one line of error when it cannot be reached.
 
     With `heartbeat`, running trials beat every HEARTBEAT_S seconds and a trial silent for GRACE_S is
     failed and retried; the storage's `ledger` attribute is autoprec's Ledger on the same database.
+    With `readonly` (the commands that only read), nothing is created or written: a SQLite file is
+    opened read-only, it must exist, and there is no ledger.
     """
     url = storage_url(url)
+    path = sqlite_file(url)
+    if path is not None and readonly and not path.is_file():
+        raise StoreError(f"no study store at {str(path)!r} ({url}); run `autoprec search` first, or pass --storage")
+    if path is not None and not readonly and path.exists() and not _writable(path):
+        where = path if not os.access(path, os.W_OK) else path.parent
+        raise StoreError(f"the study store {str(path)!r} cannot be written ({where} is read-only); a search writes "
+                         "to it: make it writable or pass another --storage (reading commands work as they are)")
+    heartbeat = heartbeat and not readonly
     callback = RetryAndRelease() if heartbeat else None
     try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 4
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with warnings.catch_warnings(), _creation_lock(None if readonly else path):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is, in Optuna 4
             storage = RDBStorage(
-                url,
+                _read_only_url(path) if readonly and path is not None else url,
                 engine_kwargs=_engine_kwargs(url),
                 heartbeat_interval=HEARTBEAT_S if heartbeat else None,
                 grace_period=GRACE_S if heartbeat else None,
                 heartbeat_stale_trial_callback=callback,
             )
-        if url.startswith("sqlite"):
-            with storage.engine.connect() as conn:  # WAL: readers never block the writer
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        ledger = Ledger(storage.engine)
+            if path is not None and not readonly:
+                with storage.engine.connect() as conn:  # WAL: readers never block the writer
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            ledger = None if readonly else Ledger(storage.engine)
     except StoreError:
         raise
     except Exception as exc:  # SQLAlchemy and drivers raise many kinds; all mean "cannot use this store"

@@ -57,6 +57,17 @@ def move_inputs(inputs: Inputs, device: torch.device | str, dtype: torch.dtype |
     return inputs
 
 
+def describe_inputs(inputs: Inputs) -> str:
+    """Shapes and dtypes of an input structure, e.g. "(tensor[8, 32] float32, {'mask': tensor[8] int64})"."""
+    if isinstance(inputs, torch.Tensor):
+        return f"tensor[{', '.join(map(str, inputs.shape))}] {str(inputs.dtype).removeprefix('torch.')}"
+    if isinstance(inputs, (tuple, list)):
+        return "(" + ", ".join(describe_inputs(v) for v in inputs) + ")"
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k!r}: {describe_inputs(v)}" for k, v in inputs.items()) + "}"
+    return type(inputs).__name__
+
+
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
     """Call a model the way the contract says: tensor -> model(x), tuple -> model(*t), dict -> model(**d)."""
     if isinstance(inputs, dict):

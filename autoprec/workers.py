@@ -51,10 +51,15 @@ def worker_job(search: Search, run_id: str, index: int) -> WorkerJob:
 def run_workers(search: Search) -> SearchResult:
     config = search.config
     workers = config.workers
+    from autoprec.recovery import retry_interrupted
+
+    retry_interrupted(search.study)
     run_id = search.ledger.new_run(search.study_name, config.trials)
     search.run_id = run_id
-    before = search.finished_trials()
-    procs = [subprocess.Popen([sys.executable, "-m", "autoprec.workers", worker_job(search, run_id, i).to_json()])
+    # In their own session: a Ctrl-C in the terminal reaches the launcher alone, which passes one
+    # SIGINT to each worker (two would break a worker's store writes half way).
+    procs = [subprocess.Popen([sys.executable, "-m", "autoprec.workers", worker_job(search, run_id, i).to_json()],
+                              start_new_session=True)
              for i in range(workers)]
     from tqdm.auto import tqdm
 
@@ -62,26 +67,30 @@ def run_workers(search: Search) -> SearchResult:
     interrupted = False
     try:
         while any(p.poll() is None for p in procs):
-            bar.n = search.finished_trials() - before
+            bar.n = search.trials_of_run()
             bar.refresh()
             time.sleep(1.0)
     except KeyboardInterrupt:
         interrupted = True
-        search.ledger.close_run(run_id)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers are stopping; let them
+        try:
+            search.ledger.close_run(run_id)
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            for p in procs:
+                p.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     finally:
-        bar.n = search.finished_trials() - before
+        bar.n = search.trials_of_run()
         bar.close()
     failed = [i for i, p in enumerate(procs) if p.returncode not in (0, -signal.SIGKILL, 130)]
     if not interrupted:
         search.finish()
     if failed and not interrupted:
         print(f"autoprec: workers {failed} exited with an error; their trials are in the store", file=sys.stderr)
-    return search.result(before, interrupted)
+    return search.result(interrupted)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,5 +51,7 @@ def test_apply_with_a_policy_of_another_model_is_one_line_naming_the_file_and_bo
                                   "model": {"class": "MobileNetV3", "fingerprint": "sha256:0"}}))
     proc = autoprec_cli("apply", str(policy), str(TINY), "--device", "cpu", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert str(policy) in proc.stderr and "'features.0.0' is not in the model" in proc.stderr
-    assert "exported for a MobileNetV3" in proc.stderr
+    assert str(policy) in proc.stderr and "another model (MobileNetV3" in proc.stderr and "(Sequential" in proc.stderr
+    forced = autoprec_cli("apply", str(policy), str(TINY), "--device", "cpu", "--force", check=False)
+    assert forced.returncode == 2 and len(forced.stderr.strip().splitlines()) == 1
+    assert "'features.0.0' is not in the model" in forced.stderr and "exported for a MobileNetV3" in forced.stderr

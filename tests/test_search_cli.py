@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import autoprec
+from autoprec import record
 from autoprec.evaluate import Evaluator
 from autoprec.results import pareto_front, trials_frame
 from autoprec.userspec import load_spec
@@ -201,10 +202,13 @@ def test_sigkill_mid_trial_then_resume_fails_the_stale_trial(tmp_path):
     killed = running[0].number
     complete_before = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     time.sleep(3)  # past the grace period
-    subprocess.run([*args, "--trials", "3"], env={**os.environ, **env}, check=True, capture_output=True, timeout=300)
+    resumed = subprocess.run([*args, "--trials", "3"], env={**os.environ, **env}, check=True, capture_output=True,
+                             text=True, timeout=300)
+    assert "\n3 trials run, " in resumed.stdout, "the stale trial and its retry are not this run's extra trials"
     study = _study(url, "slow")
     states = {t.number: t.state for t in study.trials}
     assert states[killed] == optuna.trial.TrialState.FAIL
+    assert study.trials[killed].user_attrs["failure_reason"] == record.STALE
     assert optuna.trial.TrialState.RUNNING not in states.values()
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == complete_before + 3
