@@ -75,14 +75,20 @@ class CostModel:
     def _drop_if_unphysical(self, default: str) -> None:
         """A rest of the model that costs negative time or storage means the layers timed alone do not
         add up to the whole under this default (all-fp16 on a CPU without fp16 kernels, say): its
-        predictions would be nonsense (a policy predicted at -847 ms), so it is not planned on."""
+        predictions would be nonsense (a policy predicted at -847 ms), so it is not planned on. The
+        fp32 default is the reference and always planned on: its rest is clamped to 0 instead, which
+        keeps predictions positive and changes no choice among fp32-default policies (a constant)."""
         for term, unit in ((self.rest_latency, "ms"), (self.rest_memory, "bytes")):
-            if default in term and term[default] < 0:
-                self.unreliable[default] = (f"rest of the model {term[default]:.4g} {unit} under default "
-                                            f"{default}: the layers timed alone exceed the whole model")
-                for other in (self.rest_latency, self.rest_memory, self.rest_drop):
-                    other.pop(default, None)
-                return
+            if default not in term or term[default] >= 0:
+                continue
+            if default == "fp32":
+                term[default] = 0.0
+                continue
+            self.unreliable[default] = (f"rest of the model {term[default]:.4g} {unit} under default "
+                                        f"{default}: the layers timed alone exceed the whole model")
+            for other in (self.rest_latency, self.rest_memory, self.rest_drop):
+                other.pop(default, None)
+            return
 
     def refit_rest_latency(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> None:
         """Re-fit `rest_latency[D]` on every measured trial of default D (uniform ones included): the

@@ -13,7 +13,7 @@ every measured trial of one default dtype as they come:
   whose own uniform trial misses the budget is never planned on until trials of it say otherwise;
 - between fitted points interpolated in log-log (a local power law); below the lowest, from the origin,
   with the power of the lowest two (at most 1; PRIOR_POWER while there is one); beyond the highest, with
-  the power over the whole range: one plan measured near the budget (with the all-int8 point far
+  the power over the whole range (at most 1): one plan measured near the budget (with the all-int8 point far
   beyond) gives the curvature, so the next plan lands near the budget instead of creeping to it.
 
 The score's granularity is estimated from the scores themselves (`score_granularity`): a score that is
@@ -174,9 +174,10 @@ class DropModel:
         if y1 <= 0:
             return x - x1  # nothing lost yet: assume the score moves like fidelity
         positive = [(a, b) for a, b in zip(xs, ys) if a > 0 and b > 0]
-        # the power over the whole measured range: the last two points may sit on one step's plateau
+        # the power over the whole measured range (the last two points may sit on one step's plateau),
+        # at most 1: a score's drop does not grow faster than its fidelity's far from where it was measured
         p = _power(*positive[0], *positive[-1]) if len(positive) >= 2 else 1.0
-        return y1 * (x / x1) ** p
+        return y1 * (x / x1) ** min(p, 1.0)
 
     def inverse(self, target: float, ceiling: float = math.inf) -> float:
         """The largest x (up to `ceiling`) whose predicted drop is <= target; 0 when none, or only x = 0."""

@@ -234,12 +234,19 @@ def _plan(cost: CostModel, state: _Default, default: str, budget: float, objecti
 
 
 def drop_model_report(profile: Profile, trials: Sequence[Measured], reference_score: float,
-                      defaults: Sequence[str]) -> dict[str, Any]:
+                      defaults: Sequence[str], max_drop: float | None = None) -> dict[str, Any]:
     """The drop model's error on the measured trials (each predicted from the others), with the
-    granularity and margin it plans with: what `autoprec profile` prints."""
+    granularity and margin it plans with: what `autoprec profile` prints. With max_drop, also the error
+    on the trials that measured at most 2 x max_drop ("near_budget"): where plans are made, away from
+    the far extrapolation that predicting the all-int8 trial from the others takes."""
     grain = granularity_of(trials, reference_score)
     pairs: list[tuple[float, float]] = []
     for default in defaults:
         points = drop_points(profile, trials, reference_score, default)
         pairs += loo_error(points, anchored=default == "fp32")
-    return error_summary(pairs, grain)
+    report = error_summary(pairs, grain)
+    if max_drop is not None:
+        near = error_summary([(p, m) for p, m in pairs if m <= 2 * max_drop], grain)
+        report["near_budget"] = {k: near[k] for k in ("trials", "drop_abs_median", "drop_abs_max",
+                                                      "worst_predicted", "worst_measured")}
+    return report

@@ -132,3 +132,60 @@ def test_a_default_with_a_negative_rest_of_model_is_not_planned_on():
         p = next_proposal(profile, choices, trials, REFERENCE, 0.02, ("fp32", "fp16"))
         assert p is not None and p.default == "fp32" and p.predicted["latency_ms"] > 0
         trials.append(study.measure(p.default, p.layers, proposed=True))
+
+
+def test_planner_on_a_real_model_whose_score_steps_with_fidelity(one_thread):
+    """tests/specs/step_score.py: real profile, real measurements; the score is 1 - 0.5 sqrt(fidelity drop),
+    floored to steps of 1/1000."""
+    from pathlib import Path
+
+    import torch
+
+    from autoprec.evaluate import Evaluator
+    from autoprec.policy import Policy
+    from autoprec.profile import build_profile
+    from autoprec.space import load_space
+    from autoprec.timing import TimingSettings
+    from autoprec.userspec import load_spec
+
+    spec = load_spec(Path(__file__).parent / "specs" / "step_score.py")
+    evaluator = Evaluator(spec, "cpu", threads=1, measure_peak=False,
+                          timing=TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3))
+    space = load_space("cpu")
+    cpu = torch.device("cpu")
+    choices = space.choices(evaluator.model, cpu)
+    profile = build_profile(spec, evaluator.model, evaluator.example, choices, space.default_dtypes, cpu)
+    reference, max_drop = evaluator.reference_score, 0.04
+
+    def measure(default: str, layers: dict[str, str], **kw) -> Measured:
+        m = evaluator.measure(Policy(layers=dict(layers), default=default))
+        return Measured(default, layers, m.score, m.latency_ms, m.memory_bytes, **kw)
+
+    trials = [measure(f if f in space.default_dtypes else "fp32", {n: f for n in choices}, uniform=f)
+              for f in ("fp32", "bf16", "int8")]
+    assert reference - trials[2].score > 4 * max_drop  # all-int8: far beyond the budget
+    proposed = []
+    for _ in range(5):
+        p = next_proposal(profile, choices, trials, reference, max_drop, space.default_dtypes)
+        if p is None:
+            break
+        proposed.append(measure(p.default, p.layers, proposed=True))
+        trials.append(proposed[-1])
+    keys = [(t.default, tuple(sorted(t.layers.items()))) for t in trials]
+    assert len(keys) == len(set(keys))
+    feasible = [t for t in proposed if reference - t.score <= max_drop]
+    assert len(feasible) >= len(proposed) / 2
+    # which mixed policy is fastest depends on this machine's timings; that one holds the drop does not
+    assert any(reference - t.score <= max_drop for t in proposed[:3])
+    report = drop_model_report(profile, trials, reference, space.default_dtypes)
+    assert report["denominator"] == 1000 and report["trials"] >= 2
+
+
+def test_a_negative_fp32_rest_is_clamped_and_still_planned_on():
+    study = _Study(1)
+    fast = study.trials[0]
+    # the whole fp32 model timed faster than its layers timed alone add up to (a busy machine, tiny layers)
+    study.trials[0] = Measured(fast.default, fast.layers, fast.score, 0.5 * (fast.latency_ms - 20), fast.memory_bytes,
+                               uniform="fp32")
+    p = next_proposal(study.profile, study.choices, study.trials, REFERENCE, 0.01, ("fp32",))
+    assert p is not None and p.predicted["latency_ms"] > 0
