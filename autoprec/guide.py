@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 
 from autoprec.costmodel import CostModel
+from autoprec.planner import Measured, Proposal, drop_model_report, next_proposal
 from autoprec.profile import PROFILE_ATTR, Profile
 
 PROPOSALS_ATTR = "autoprec_proposals"
@@ -113,3 +114,57 @@ def enqueue_proposals(study: optuna.Study, model: CostModel, max_drop: float, de
         record.append({"default": default, "why": why, "predicted": predicted})
     study.set_user_attr(PROPOSALS_ATTR, record)
     return len(record)
+
+
+# --------------------------------------------------------------------------- sequential proposals
+
+SEQUENTIAL_ORIGIN = "sequential"  # the origin of every proposal the planner makes starts with this
+
+
+def planner_trials(study: optuna.Study) -> list[Measured]:
+    """Every trial as the planner sees it: measured ones with their score, failed ones (could not run)
+    without, and waiting or running ones as pending (not proposed again)."""
+    states = optuna.trial.TrialState
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL, states.WAITING, states.RUNNING)):
+        origin = str(t.user_attrs.get("origin", "sampler"))
+        policy = t.user_attrs.get("policy")
+        if policy is None:  # not measured yet: its params say what it will be
+            params = t.params or t.system_attrs.get("fixed_params") or {}
+            policy = {"default": params.get(DEFAULT_PARAM, "fp32"),
+                      "layers": {k[len(LAYER_PARAM):]: v for k, v in params.items() if k.startswith(LAYER_PARAM)}}
+        done = t.state == states.COMPLETE
+        failed = t.state == states.FAIL and "failure_reason" in t.user_attrs
+        if not (done or failed or t.state in (states.WAITING, states.RUNNING)):
+            continue
+        out.append(Measured(default=policy.get("default", "fp32"), layers=policy.get("layers", {}),
+                            score=t.values[0] if done else None,
+                            latency_ms=t.values[1] if done else None, memory_bytes=t.values[2] if done else None,
+                            uniform=origin.split()[1] if origin.startswith("uniform ") else None,
+                            proposed=origin.startswith(SEQUENTIAL_ORIGIN),
+                            pending=not (done or failed)))
+    return out
+
+
+def next_sequential(study: optuna.Study, profile: Profile, choices: dict[str, tuple[str, ...]],
+                    reference_score: float, max_drop: float, defaults: tuple[str, ...]) -> Proposal | None:
+    """Plan the next proposal from every trial so far and enqueue it; None when the planner is done."""
+    proposal = next_proposal(profile, choices, planner_trials(study), reference_score, max_drop, defaults)
+    if proposal is None:
+        return None
+    params = {DEFAULT_PARAM: proposal.default, **{LAYER_PARAM + n: f for n, f in proposal.layers.items()}}
+    planned = {**proposal.predicted, "budget_fidelity": proposal.budget_fidelity, "target_drop": proposal.target_drop}
+    study.enqueue_trial(params, user_attrs={"origin": proposal.why, "predicted": planned}, skip_if_exists=True)
+    return proposal
+
+
+def record_drop_model(study: optuna.Study, profile: Profile, reference_score: float, max_drop: float,
+                      defaults: tuple[str, ...]) -> dict[str, Any]:
+    """The drop model's error on the trials (each predicted from the others) and the granularity it
+    planned with, kept beside the cost model's error on the study."""
+    report = drop_model_report(profile, [t for t in planner_trials(study) if not t.pending], reference_score,
+                               defaults, max_drop)
+    summary = dict(study.user_attrs.get(COSTMODEL_ATTR) or {})
+    summary["drop_model"] = report
+    study.set_user_attr(COSTMODEL_ATTR, summary)
+    return report

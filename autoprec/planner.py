@@ -47,6 +47,7 @@ class Measured:
     memory_bytes: float | None = None
     uniform: str | None = None  # the format of a uniform trial
     proposed: bool = False  # made by this planner
+    pending: bool = False  # enqueued or running, not measured yet: not proposed again, not fitted on
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def drop_points(profile: Profile, trials: Sequence[Measured], reference_score: f
                 default: str) -> list[tuple[float, float]]:
     """(fidelity, measured drop) of every trial of `default` that ran."""
     return [(fidelity(profile, default, t.layers), reference_score - t.score)
-            for t in trials if t.default == default and t.score is not None]
+            for t in trials if t.default == default and t.score is not None and not t.pending]
 
 
 def calibrated_cost(profile: Profile, choices: dict[str, tuple[str, ...]], trials: Sequence[Measured],
@@ -119,7 +120,7 @@ class _Excluded:
         self.profile, self.names = profile, list(names)
         self.seen = {_key(t.default, t.layers) for t in trials}
         self.missed = [t for t in trials if t.score is not None and reference_score - t.score > max_drop]
-        self.failed = [t for t in trials if t.score is None]
+        self.failed = [t for t in trials if t.score is None and not t.pending]
 
     def _drop(self, name: str, fmt: str) -> float:
         return 0.0 if fmt == "fp32" else self.profile.layers[name].get(fmt, {}).get("drop", 0.0)
@@ -250,3 +251,23 @@ def drop_model_report(profile: Profile, trials: Sequence[Measured], reference_sc
         report["near_budget"] = {k: near[k] for k in ("trials", "drop_abs_median", "drop_abs_max",
                                                       "worst_predicted", "worst_measured")}
     return report
+
+
+def describe_drop_model(report: dict[str, Any]) -> list[str]:
+    """The lines `autoprec profile` prints for a drop_model_report."""
+    if not report.get("trials"):
+        return ["drop model: no trial to grade it on yet"]
+    lines = [f"drop model (profile drop -> score drop, fitted on the trials) on {report['trials']} trials, each "
+             f"predicted from the others: |error| median {report['drop_abs_median']:.2g}, worst "
+             f"{report['drop_abs_max']:.2g} (predicted {report['worst_predicted']:.3g}, measured "
+             f"{report['worst_measured']:.3g})"]
+    near = report.get("near_budget") or {}
+    if near.get("trials"):
+        lines.append(f"  near the budget (measured drop <= 2 x max_drop, {near['trials']} trials): median "
+                     f"{near['drop_abs_median']:.2g}, worst {near['drop_abs_max']:.2g} (predicted "
+                     f"{near['worst_predicted']:.3g}, measured {near['worst_measured']:.3g})")
+    step = (f"steps of 1/{report['denominator']} = {report['step']:.3g}" if report.get("denominator")
+            else "no step seen (continuous)")
+    lines.append(f"score granularity: {step}, fp32 re-measured within {report['noise']:.2g}; plans aim "
+                 f"{report['margin']:.2g} under max_drop (and at 0.95 x it)")
+    return lines

@@ -189,3 +189,28 @@ def test_a_negative_fp32_rest_is_clamped_and_still_planned_on():
                                uniform="fp32")
     p = next_proposal(study.profile, study.choices, study.trials, REFERENCE, 0.01, ("fp32",))
     assert p is not None and p.predicted["latency_ms"] > 0
+
+
+def test_the_study_adapter_plans_one_at_a_time_and_never_twice(tmp_path):
+    """guide.next_sequential over a real Optuna study: enqueued proposals are pending, not re-proposed."""
+    import optuna
+
+    from autoprec import guide
+    from autoprec.planner import describe_drop_model
+
+    study = _Study(0)
+    store = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for t in study.trials:
+        params = {guide.DEFAULT_PARAM: t.default, **{guide.LAYER_PARAM + n: f for n, f in t.layers.items()}}
+        store.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: optuna.distributions.CategoricalDistribution(FMTS) for k in params},
+            values=[t.score, t.latency_ms, t.memory_bytes],
+            user_attrs={"origin": f"uniform {t.uniform}", "policy": {"default": t.default, "layers": dict(t.layers)}}))
+    first = guide.next_sequential(store, study.profile, study.choices, REFERENCE, 0.02, ("fp32",))
+    second = guide.next_sequential(store, study.profile, study.choices, REFERENCE, 0.02, ("fp32",))
+    assert first is not None and second is not None and first.layers != second.layers  # the first is pending
+    waiting = store.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 2 and waiting[0].user_attrs["origin"].startswith(guide.SEQUENTIAL_ORIGIN)
+    report = guide.record_drop_model(store, study.profile, REFERENCE, 0.02, ("fp32",))
+    assert report["denominator"] == 2000 and store.user_attrs[guide.COSTMODEL_ATTR]["drop_model"] == report
+    assert any("1/2000" in line for line in describe_drop_model(report))
