@@ -171,8 +171,8 @@ class DropModel:
     def _beyond(self, x: float) -> float:
         xs, ys = self.knots_x, self.knots_y
         x1, y1 = xs[-1], ys[-1]
-        if y1 <= 0:
-            return x - x1  # nothing lost yet: assume the score moves like fidelity
+        if y1 <= 0 or x1 <= 0:
+            return y1 + x - x1  # nothing lost yet, or nothing known but x = 0: the score moves like fidelity
         positive = [(a, b) for a, b in zip(xs, ys) if a > 0 and b > 0]
         # the power over the whole measured range (the last two points may sit on one step's plateau),
         # at most 1: a score's drop does not grow faster than its fidelity's far from where it was measured

@@ -85,3 +85,10 @@ def test_a_continuous_score_has_no_step_and_fp32_noise_counts():
     assert g.step == 0.0 and g.denominator is None
     noisy = score_granularity(0.8, scores, fp32_scores=[0.8001, 0.7999])
     assert noisy.noise == pytest.approx(1e-4) and noisy.margin == pytest.approx(2e-4)
+
+
+def test_a_default_known_only_at_zero_fidelity_still_predicts():
+    # all-fp16 whose layers profile at exactly 0 and whose rest lost 0.003: one point at x = 0
+    model = DropModel.fit([(0.0, 0.003)], anchored=False)
+    assert model.predict(0.0) == 0.003 and model.predict(1e-3) == pytest.approx(0.004)
+    assert loo_error([(0.0, 0.003), (0.0, 0.004)], anchored=False)  # each from the other, no division by zero
