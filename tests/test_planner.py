@@ -195,13 +195,13 @@ def test_the_study_adapter_plans_one_at_a_time_and_never_twice(tmp_path):
     """guide.next_sequential over a real Optuna study: enqueued proposals are pending, not re-proposed."""
     import optuna
 
-    from autoprec import guide
+    from autoprec import guide, record
     from autoprec.planner import describe_drop_model
 
     study = _Study(0)
     store = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     for t in study.trials:
-        params = {guide.DEFAULT_PARAM: t.default, **{guide.LAYER_PARAM + n: f for n, f in t.layers.items()}}
+        params = record.params_of(t.default, dict(t.layers))
         store.add_trial(optuna.trial.create_trial(
             params=params, distributions={k: optuna.distributions.CategoricalDistribution(FMTS) for k in params},
             values=[t.score, t.latency_ms, t.memory_bytes],
