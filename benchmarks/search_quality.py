@@ -19,6 +19,11 @@ budget and a trial count too large to matter. The fp32 reference each study meas
 created is setup, outside the budget (reported). The uniform policies are enqueued first in every
 Optuna strategy (by design: the front is never worse than a uniform choice), and count in the budget.
 
+Task-metric studies (`--models minilm_retrieval,digits`, scored through their own evaluate(): top-10
+neighbour agreement, test accuracy) take their drops from --drops-minilm-retrieval / --drops-digits
+(their all-bf16 drop may be 0 or a few steps), and at the tight drop add issue 20's verdict: at least
+half the guided proposals feasible, and guided <= 0.90x TPE (run with --methods guided,tpe).
+
 Latencies from different runs drift on a shared machine, so at the end, per (model, drop), each
 method's best feasible policy and the best uniform policy are re-timed side by side in one process
 with one Evaluator, each paired with the fp32 model in interleaved rounds (Evaluator.retime), over
