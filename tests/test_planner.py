@@ -173,9 +173,8 @@ def test_planner_on_a_real_model_whose_score_steps_with_fidelity(one_thread):
         trials.append(proposed[-1])
     keys = [(t.default, tuple(sorted(t.layers.items()))) for t in trials]
     assert len(keys) == len(set(keys))
-    feasible = [t for t in proposed if reference - t.score <= max_drop]
-    assert len(feasible) >= len(proposed) / 2
-    # which mixed policy is fastest depends on this machine's timings; that one holds the drop does not
+    # which mixed policy is fastest depends on this machine's timings, and so does how many proposals
+    # hold the drop (the tests above check that on fixed numbers); that one of the first three does not
     assert any(reference - t.score <= max_drop for t in proposed[:3])
     report = drop_model_report(profile, trials, reference, space.default_dtypes)
     assert report["denominator"] == 1000 and report["trials"] >= 2
