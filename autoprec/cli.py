@@ -164,6 +164,8 @@ def cmd_trials(args: argparse.Namespace) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> None:
     from autoprec.guide import stored_profile
+    from autoprec.guide import drop_model_of
+    from autoprec.planner import describe_drop_model
     from autoprec.record import COSTMODEL_ATTR, PROFILE_SOURCE_ATTR
     from autoprec.tables import format_table
 
@@ -190,11 +192,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
         e = summary["error"]
         print(f"cost model on {e['trials']} measured non-uniform trials: latency error median "
               f"{100 * e['latency_rel_median']:.1f}% (max {100 * e['latency_rel_max']:.1f}%), memory "
-              f"{100 * e['memory_rel_median']:.2f}%, drop {e['drop_abs_median']:.1e} absolute (median)")
+              f"{100 * e['memory_rel_median']:.2f}%, drop {e['drop_abs_median']:.1e} absolute (median; one linear "
+              "scale per format from the uniform trials)")
         r = summary.get("error_refit") or {}
         if r.get("trials"):
             print(f"re-fitted on the trials as they come (each predicted from the others): latency error median "
                   f"{100 * r['latency_rel_median']:.1f}% (max {100 * r['latency_rel_max']:.1f}%)")
+    for line in describe_drop_model(drop_model_of(study, profile)):
+        print(line)
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA graphs on CUDA). Default: a resumed study's; for a new one compiled on CUDA, eager on "
                         "the CPU")
     p.add_argument("--strategy", default="guided", choices=["guided", "tpe", "nsga2", "random"],
-                   help="guided: sensitivity profile + knapsack proposals, then TPE (default)")
+                   help="guided: sensitivity profile + sequential knapsack proposals, then TPE (default)")
     p.add_argument("--no-retime", action="store_true", dest="no_retime",
                    help="skip re-timing the front beside fp32 at the end")
     p.add_argument("--max-rounds", type=int, default=None, dest="max_rounds",

@@ -37,6 +37,7 @@ class CostModel:
     rest_drop: dict[str, float] = field(default_factory=dict)
     drop_scale: dict[str, float] = field(default_factory=lambda: {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0,
                                                                     "fp8": 1.0})
+    unreliable: dict[str, str] = field(default_factory=dict)  # default dtype -> why it is not planned on
 
     def layer_drop(self, name: str, fmt: str) -> float:
         return self.drop_scale.get(fmt, 1.0) * self.profile.layers[name][fmt]["drop"]
@@ -74,6 +75,25 @@ class CostModel:
             self.rest_memory[default] = measured["memory_bytes"] - sum(
                 self.profile.layers[n][f]["memory_bytes"] for n, f in layers.items())
             self.rest_drop[default] = max(0.0, measured["drop"] - sum(self.layer_drop(n, f) for n, f in layers.items()))
+            self._drop_if_unphysical(default)
+
+    def _drop_if_unphysical(self, default: str) -> None:
+        """A rest of the model that costs negative time or storage means the layers timed alone do not
+        add up to the whole under this default (all-fp16 on a CPU without fp16 kernels, say): its
+        predictions would be nonsense (a policy predicted at -847 ms), so it is not planned on. The
+        fp32 default is the reference and always planned on: its rest is clamped to 0 instead, which
+        keeps predictions positive and changes no choice among fp32-default policies (a constant)."""
+        for term, unit in ((self.rest_latency, "ms"), (self.rest_memory, "bytes")):
+            if default not in term or term[default] >= 0:
+                continue
+            if default == "fp32":
+                term[default] = 0.0
+                continue
+            self.unreliable[default] = (f"rest of the model {term[default]:.4g} {unit} under default "
+                                        f"{default}: the layers timed alone exceed the whole model")
+            for other in (self.rest_latency, self.rest_memory, self.rest_drop):
+                other.pop(default, None)
+            return
 
     def refit_rest_latency(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> None:
         """Re-fit `rest_latency[D]` on every measured trial of default D (uniform ones included): the
@@ -87,6 +107,7 @@ class CostModel:
             residuals.setdefault(default, []).append(m["latency_ms"] - sum(lat[n][f] for n, f in layers.items()))
         for default, values in residuals.items():
             self.rest_latency[default] = statistics.median(values)
+            self._drop_if_unphysical(default)
 
     def error(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
         """Median relative error of predicted latency and memory, and of drop in absolute terms."""

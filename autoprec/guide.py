@@ -15,6 +15,7 @@ import optuna
 
 from autoprec import record
 from autoprec.costmodel import CostModel
+from autoprec.planner import Measured, Proposal, drop_model_report, next_proposal
 from autoprec.profile import Profile
 from autoprec.record import COSTMODEL_ATTR, PROFILE_ATTR, PROFILE_SOURCE_ATTR, PROPOSALS_ATTR, Origin, StudyInfo
 
@@ -107,3 +108,66 @@ def enqueue_proposals(study: optuna.Study, model: CostModel, max_drop: float, de
         enqueued.append({"default": default, "why": why, "predicted": predicted})
     study.set_user_attr(PROPOSALS_ATTR, enqueued)
     return len(enqueued)
+
+
+# --------------------------------------------------------------------------- sequential proposals
+
+SEQUENTIAL_ORIGIN = "sequential"  # the origin of every proposal the planner makes starts with this
+
+
+def planner_trials(study: optuna.Study) -> list[Measured]:
+    """Every trial as the planner sees it: measured ones with their score, failed ones (could not run)
+    without, and waiting or running ones as pending (not proposed again)."""
+    states = optuna.trial.TrialState
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL, states.WAITING, states.RUNNING)):
+        r = record.TrialRecord.of(t)
+        done = t.state == states.COMPLETE
+        failed = t.state == states.FAIL and r.failure_reason is not None
+        if t.state == states.FAIL and not failed:
+            continue  # a dead worker's attempt: retried, not a verdict on the policy
+        if r.policy:
+            default, layers = r.default or "fp32", r.layers
+        else:  # not measured yet: its params say what it will be
+            policy = record.policy_from_params(t.params or t.system_attrs.get("fixed_params") or {})
+            default, layers = policy.default, policy.layers
+        out.append(Measured(default=default, layers=layers, score=t.values[0] if done else None,
+                            latency_ms=t.values[1] if done else None, memory_bytes=t.values[2] if done else None,
+                            uniform=r.origin.format if r.origin.kind == record.UNIFORM else None,
+                            proposed=r.origin.kind == record.PROPOSAL and r.origin.phase == SEQUENTIAL_ORIGIN,
+                            pending=not (done or failed)))
+    return out
+
+
+def next_sequential(study: optuna.Study, profile: Profile, choices: dict[str, tuple[str, ...]],
+                    reference_score: float, max_drop: float, defaults: tuple[str, ...]) -> Proposal | None:
+    """Plan the next proposal from every trial so far and enqueue it, with what it was planned at
+    (predicted drop, fidelity, latency, memory; the fidelity budget and the drop aimed at); None when
+    the planner has nothing left worth measuring."""
+    proposal = next_proposal(profile, choices, planner_trials(study), reference_score, max_drop, defaults)
+    if proposal is None:
+        return None
+    planned = {**proposal.predicted, "budget_fidelity": proposal.budget_fidelity, "target_drop": proposal.target_drop}
+    record.enqueue(study, record.params_of(proposal.default, proposal.layers), Origin.proposal(proposal.why),
+                   **{record.TrialKey.PREDICTED: planned})
+    return proposal
+
+
+def record_drop_model(study: optuna.Study, profile: Profile, reference_score: float, max_drop: float,
+                      defaults: tuple[str, ...]) -> dict[str, Any]:
+    """The drop model's error on the trials (each predicted from the others) and the granularity it
+    planned with, kept beside the cost model's error on the study."""
+    report = drop_model_report(profile, [t for t in planner_trials(study) if not t.pending], reference_score,
+                               defaults, max_drop)
+    summary = dict(study.user_attrs.get(COSTMODEL_ATTR) or {})
+    summary["drop_model"] = report
+    study.set_user_attr(COSTMODEL_ATTR, summary)
+    return report
+
+
+def drop_model_of(study: optuna.Study, profile: Profile) -> dict[str, Any]:
+    """The drop model's report on the study's trials as they are now (what `autoprec profile` prints)."""
+    info = record.read_info(study)
+    trials = [t for t in planner_trials(study) if not t.pending]
+    defaults = tuple(sorted({t.default for t in trials}, key=lambda d: d != "fp32"))
+    return drop_model_report(profile, trials, info.reference.score, defaults, info.max_drop)

@@ -19,7 +19,8 @@ Study user attributes (JSON, so optuna-dashboard shows them):
   ``{"at": TIME, "trials": {"NUMBER": {"latency_ms", "ratio", "spread"}}}``.
 - ``autoprec_profile``, ``autoprec_profile_from``, ``autoprec_proposals``,
   ``autoprec_costmodel``: the guided search's sensitivity profile (profile.Profile), the study a
-  reused profile came from, the proposals enqueued and the cost model's error (autoprec.guide).
+  reused profile came from, the proposals enqueued (one at a time, as planned) and the cost model's
+  error, with the drop model's under "drop_model" (autoprec.guide).
 
 Trial params: ``default`` (`DEFAULT_PARAM`) and one ``layer:NAME`` (`LAYER_PARAM`) per searchable
 layer, each a format name; in training mode also ``learning_rate``, ``loss_scale`` and
@@ -37,7 +38,9 @@ Trial user attributes (`TrialRecord` reads them all; `TrialKey` names them):
   (retried by the next run), `STALE` for one whose worker stopped beating (retried at once). The
   traceback of an unexpected failure is in its measurement's ``traceback``.
 - ``duplicate_of``: the trial whose measurement a re-proposed policy copied.
-- ``predicted``: the cost model's prediction for a proposal.
+- ``predicted``: what a proposal was planned at: the cost model's latency and memory, and for the
+  sequential planner's (origin "sequential ...") the drop model's score drop, the policy's fidelity
+  drop, the fidelity budget and the score drop it aimed at (autoprec.planner.Proposal).
 
 Adding a field: a study-level one goes into `StudyInfo` with a default (the value old studies
 read as), a trial-level one into `TrialKey` and `TrialRecord` with a default. Unknown study
@@ -127,7 +130,7 @@ class Origin:
 
     @property
     def phase(self) -> str:
-        """The search phase this trial's time counts to ('uniform', 'knapsack', 'sampler')."""
+        """The search phase this trial's time counts to ('uniform', 'sequential', 'knapsack', 'sampler')."""
         return self.text.split()[0] if self.kind == PROPOSAL else self.kind
 
 

@@ -86,7 +86,7 @@ class SearchConfig:
     workers: int = 1  # local worker processes that will share this machine's cores
     runtime: str | None = None  # eager or compiled (autoprec.runtime); None: the study's, or the device's default
     devices: tuple[str, ...] | None = None  # one worker per device (cuda:0,cuda:1), round robin
-    strategy: str = "guided"  # guided (profile + knapsack proposals, then TPE), tpe, nsga2, random
+    strategy: str = "guided"  # guided (profile + sequential proposals, then TPE), tpe, nsga2, random
     retime_front: bool = True
     timing: TimingSettings = field(default_factory=TimingSettings)
     progress: bool = True
@@ -205,7 +205,7 @@ class Search:
         return not any(record.TrialRecord.of(t).origin.kind == record.UNIFORM for t in running)
 
     def guide(self) -> int:
-        """Profile (once per study), calibrate the cost model on the uniform trials, enqueue proposals."""
+        """Profile (once per study), then the first sequential proposal (autoprec.planner)."""
         if not self.ledger.claim(self.study_name, "profile", stale_s=CLAIM_STALE_S):
             return 0  # another worker is on it; this one keeps sampling meanwhile
         try:
@@ -222,13 +222,33 @@ class Search:
                 profile.reference_latency_ms = self.evaluator.reference_latency_ms
                 self.study.set_user_attr(record.PROFILE_ATTR, profile.to_json())
             self.phase_seconds["profile"] = time.perf_counter() - started
-            model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
-            count = guide.enqueue_proposals(self.study, model, self.max_drop, self.space.default_dtypes)
+            self.study.set_user_attr(record.PROPOSALS_ATTR, [])  # from here on, proposals come one at a time
+            count = self._propose()
         except BaseException:
             self.ledger.drop_claim(self.study_name, "profile")
             raise
         self.ledger.finish_claim(self.study_name, "profile")
         return count
+
+    def _propose(self) -> int:
+        """Enqueue the planner's next proposal, planned on every trial so far, when none is waiting: one
+        at a time (measure, refit, re-plan). 0 once the planner has nothing left: the sampler goes on."""
+        if self._trials(optuna.trial.TrialState.WAITING):
+            return 0
+        profile = guide.stored_profile(self.study)
+        if profile is None:
+            return 0
+        proposal = guide.next_sequential(self.study, profile, self.choices, self.reference_score, self.max_drop,
+                                         self.space.default_dtypes)
+        if proposal is None:
+            return 0
+        planned = list(self.study.user_attrs.get(record.PROPOSALS_ATTR) or [])
+        planned.append({"default": proposal.default, "why": proposal.why, "predicted": proposal.predicted})
+        self.study.set_user_attr(record.PROPOSALS_ATTR, planned)
+        return 1
+
+    def _guiding(self) -> bool:
+        return self.config.strategy == "guided" and record.PROPOSALS_ATTR in self.study.user_attrs
 
     def run(self, trials: int | None, timeout: float | None = None, run_id: str | None = None,
             on_trial: Callable[[], None] | None = None) -> SearchResult:
@@ -254,6 +274,8 @@ class Search:
                     if self._wait_for_siblings():
                         continue
                     break
+                if self._guiding():
+                    self._propose()  # planned on everything measured so far, just before it is measured
                 started = time.perf_counter()
                 self.study.optimize(self.objective, n_trials=1, catch=(CandidateFailed,), callbacks=[bar.update],
                                     gc_after_trial=False)
@@ -302,6 +324,8 @@ class Search:
         if profile is not None:
             model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
             guide.record_model_error(self.study, model, self.reference_score)
+            guide.record_drop_model(self.study, profile, self.reference_score, self.max_drop,
+                                    self.space.default_dtypes)
         if self.config.retime_front:
             started = time.perf_counter()
             self.retime_front()

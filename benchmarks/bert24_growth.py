@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows.append([layers, len(search.choices), f"{setup:.1f}", cell("uniform"),
                      f"{ph.get('profile', 0):.1f} ({profile.get('drop', 0):.1f} / {profile.get('latency', 0):.1f})",
-                     cell("knapsack"), cell("sampler"), f"{ph.get('retime', 0):.1f}", f"{total:.1f}",
+                     cell("sequential"), cell("sampler"), f"{ph.get('retime', 0):.1f}", f"{total:.1f}",
                      f"{result.trials_run} ({feasible} feasible)"])
         err = cost.get("error", {})
         errors.append([layers, err.get("trials", 0), _pct(err.get("latency_rel_median")),
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         del search
     print()
     print(table(["layers", "searchable layers", "setup s (fp32 reference)", "uniform s (trials)",
-                 "profile s (drop / latency)", "knapsack s (trials)", "sampler s (trials)", "retime s",
+                 "profile s (drop / latency)", "proposals s (trials)", "sampler s (trials)", "retime s",
                  "search total s", "trials"], rows))
     print("\ncost model error on the non-uniform trials\n")
     print(table(["layers", "trials", "latency rel. median", "latency rel. max", "memory rel. median",

@@ -19,6 +19,11 @@ budget and a trial count too large to matter. The fp32 reference each study meas
 created is setup, outside the budget (reported). The uniform policies are enqueued first in every
 Optuna strategy (by design: the front is never worse than a uniform choice), and count in the budget.
 
+Task-metric studies (`--models minilm_retrieval,digits`, scored through their own evaluate(): top-10
+neighbour agreement, test accuracy) take their drops from --drops-minilm-retrieval / --drops-digits
+(their all-bf16 drop may be 0 or a few steps), and at the tight drop add issue 20's verdict: at least
+half the guided proposals feasible, and guided <= 0.90x TPE (run with --methods guided,tpe).
+
 Latencies from different runs drift on a shared machine, so at the end, per (model, drop), each
 method's best feasible policy and the best uniform policy are re-timed side by side in one process
 with one Evaluator, each paired with the fp32 model in interleaved rounds (Evaluator.retime), over
@@ -58,7 +63,11 @@ import torch  # noqa: E402
 MODELS = {
     "minilm": REPO / "studies" / "minilm" / "model.py",
     "gpt2": REPO / "benchmarks" / "models" / "gpt2_small.py",
+    # scored by task metrics through evaluate(): top-10 neighbour agreement, test accuracy
+    "minilm_retrieval": REPO / "studies" / "minilm_retrieval" / "model.py",
+    "digits": REPO / "studies" / "digits_cnn" / "model.py",
 }
+TASK_MODELS = ("minilm_retrieval", "digits")
 METHODS = ("guided", "nsga2", "tpe", "random", "greedy")
 LABELS = {"guided": "autoprec (guided)", "nsga2": "NSGA-II", "tpe": "TPE", "random": "random",
           "greedy": "INC-like greedy", "uniform": "best uniform"}
@@ -140,7 +149,7 @@ def guided_notes(study: optuna.Study, reference_score: float, max_drop: float) -
     rows = []
     for t in study.get_trials(deepcopy=False):
         origin = str(t.user_attrs.get("origin", "sampler"))
-        if not origin.startswith("knapsack") or t.state == optuna.trial.TrialState.WAITING:
+        if not origin.startswith(("knapsack", "sequential")) or t.state == optuna.trial.TrialState.WAITING:
             continue  # enqueued proposals the budget never reached are not counted as run
         predicted = t.user_attrs.get("predicted") or {}
         measured_drop = t.user_attrs.get("score_drop")
@@ -300,8 +309,34 @@ def choose_drops(evaluator, choices, space, override: str | None) -> tuple[dict[
     return {"tight": float(f"{tight:.2g}"), "loose": float(f"{loose:.2g}")}, measured
 
 
+def _granularity_text(reference: float, uniform_drops: dict[str, float]) -> str:
+    from autoprec.dropmodel import score_granularity
+
+    g = score_granularity(reference, [reference - d for d in uniform_drops.values() if math.isfinite(d)])
+    return ("no step seen in the fp32, all-bf16 and all-int8 scores" if g.denominator is None
+            else f"scores in steps of 1/{g.denominator}, as seen in the fp32, all-bf16 and all-int8 scores")
+
+
 def fmt_ratio(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def task_verdicts(runs: dict[str, MethodRun]) -> list[str]:
+    """Issue 20's bar for a task-metric study at a tight drop: half the guided proposals hold the drop,
+    and the guided search's best feasible latency is at most 0.90x TPE's at the same budget."""
+    out = []
+    proposals = runs["guided"].notes.get("proposals", [])
+    held = sum(1 for p in proposals if p["feasible"])
+    out.append(f"{'met' if proposals and 2 * held >= len(proposals) else 'MISSED'}: at least half the guided "
+               f"proposals feasible ({held} of {len(proposals)})")
+    g, t = runs["guided"].retimed, runs["tpe"].retimed if "tpe" in runs else None
+    if g is None:
+        out.append("MISSED: <= 0.90x TPE (guided found no feasible policy)")
+    elif t is None:
+        out.append("met: <= 0.90x TPE (TPE found no feasible policy)")
+    else:
+        out.append(f"{'met' if g <= 0.9 * t else 'MISSED'}: <= 0.90x TPE ({g:.3f} vs {t:.3f}; {g / t:.3f}x)")
+    return out
 
 
 def verdicts(runs: dict[str, MethodRun], kind: str) -> list[str]:
@@ -337,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drops", default="tight,loose", help="which drops to run: tight, loose or both")
     parser.add_argument("--drops-minilm", help="override 'tight,loose' max drops for minilm")
     parser.add_argument("--drops-gpt2", help="override 'tight,loose' max drops for gpt2")
+    parser.add_argument("--drops-minilm-retrieval", help="override 'tight,loose' max drops for minilm_retrieval")
+    parser.add_argument("--drops-digits", help="override 'tight,loose' max drops for digits")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--workdir", default="/tmp/autoprec-search-quality")
     parser.add_argument("--seed", type=int, default=0)
@@ -370,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         space = load_space(SPACE)
         choices = space.choices(evaluator.model, torch.device("cpu"))
         drops, uniform_drops = choose_drops(evaluator, choices, space, getattr(args, f"drops_{model_name}"))
+        if model_name in TASK_MODELS:
+            print(f"\n(task metric through evaluate(): {_granularity_text(evaluator.reference_score, uniform_drops)})")
         print(f"\n## {model_name} ({path.relative_to(REPO)}), {len(choices)} searchable layers\n")
         print(f"- fp32 reference: latency {evaluator.reference_latency_ms:.1f} ms, score "
               f"{evaluator.reference_score:.6f}; setup with the drop probe {time.perf_counter() - started:.1f} s")
@@ -427,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
             if all(m in runs for m in ("guided", "uniform")) and all(m in runs for m in PEERS):
                 print("\nverdict:")
                 for line in verdicts(runs, kind):
+                    print(f"- {line}")
+            if model_name in TASK_MODELS and kind == "tight" and all(m in runs for m in ("guided", "tpe")):
+                print("\ntask-metric verdict (issue 20):")
+                for line in task_verdicts(runs):
                     print(f"- {line}")
             sys.stdout.flush()
             model_result["by_drop"][kind] = {

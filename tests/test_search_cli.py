@@ -56,11 +56,11 @@ def test_search_creates_study_with_eight_trials_and_prints_front(searched):
     assert len(finished) == 8
     origins = [t.user_attrs.get("origin") for t in study.trials[:4]]
     assert origins == ["uniform fp32", "uniform fp16", "uniform bf16", "uniform int8"]
-    # the guided search profiles the layers after the uniform trials and measures knapsack proposals
+    # the guided search profiles the layers after the uniform trials and measures sequential proposals
     profile = study.user_attrs["autoprec_profile"]
     assert set(profile["layers"]) == {"0", "2", "4"}
     assert all(set(v) == {"fp32", "fp16", "bf16", "int8"} for v in profile["layers"].values())
-    assert any(str(t.user_attrs.get("origin", "")).startswith("knapsack") for t in study.trials[4:])
+    assert any(str(t.user_attrs.get("origin", "")).startswith("sequential") for t in study.trials[4:])
     assert "autoprec_retimed" in study.user_attrs
 
 
@@ -126,6 +126,7 @@ def test_studies_and_profile_commands(searched):
     out = autoprec_cli("profile", "--storage", url, "--study", "tiny_mlp").stdout
     assert "int8 drop / ms" in out and "cost model" in out
     assert "profile drops: linearized" in out and "re-fitted on the trials as they come" in out
+    assert "drop model (profile drop -> score drop" in out and "score granularity" in out
     summary = _study(url, "tiny_mlp").user_attrs["autoprec_costmodel"]
     assert summary["error_refit"]["trials"] == summary["error"]["trials"] > 0
 
@@ -137,7 +138,7 @@ def test_a_second_study_of_the_same_model_reuses_the_profile(searched):
     first, second = _study(url, "tiny_mlp"), _study(url, "tiny_loose")
     assert second.user_attrs["autoprec_profile_from"] == "tiny_mlp"
     assert second.user_attrs["autoprec_profile"] == first.user_attrs["autoprec_profile"]
-    assert any(str(t.user_attrs.get("origin", "")).startswith("knapsack") for t in second.trials)
+    assert any(str(t.user_attrs.get("origin", "")).startswith("sequential") for t in second.trials)
     out = autoprec_cli("profile", "--storage", url, "--study", "tiny_loose").stdout
     assert "profile reused from study 'tiny_mlp'" in out
 
