@@ -421,3 +421,29 @@ def test_cuda_zoo_int8_and_bf16():
         assert torch.isfinite(out).all()
         rel = ((out - reference).norm() / reference.norm()).item()
         assert rel < TOLERANCE[fmt][0], (fmt, rel)
+
+
+def test_torchao_conversion_leaves_process_settings_alone(monkeypatch):
+    """torchao's configs change inductor settings, and torchao <= 0.17 turned on TF32 for every fp32
+    matmul of the process: the fp32 reference of a study then changed speed mid-search."""
+    import torch._inductor.config as inductor_config
+    import torchao.quantization
+
+    from autoprec.precision.base import torchao_quantize
+    from autoprec.precision.int8 import _torchao_int8
+
+    before = (torch.get_float32_matmul_precision(), inductor_config.coordinate_descent_tuning)
+    torch.manual_seed(0)
+    converted = _torchao_int8(nn.Linear(16, 8))
+    assert type(converted.weight).__name__ != "Parameter" or converted.weight.dtype != torch.float32
+    assert (torch.get_float32_matmul_precision(), inductor_config.coordinate_descent_tuning) == before
+
+    real = torchao.quantization.quantize_
+
+    def like_torchao_0_17(model, config):  # what recommended_inductor_config_setter did up to 0.17
+        torch.set_float32_matmul_precision("high")
+        return real(model, config)
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", like_torchao_0_17)
+    torchao_quantize(nn.Linear(16, 8), torchao.quantization.Int8DynamicActivationInt8WeightConfig())
+    assert torch.get_float32_matmul_precision() == before[0]

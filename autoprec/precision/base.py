@@ -50,3 +50,26 @@ def convert_layer(handler: FormatHandler, module: nn.Module, device: torch.devic
 def register(handler: FormatHandler) -> FormatHandler:
     HANDLERS[handler.name] = handler
     return handler
+
+
+def torchao_quantize(module: nn.Module, config: object) -> nn.Module:
+    """torchao's `quantize_` on one module, leaving the process as it was.
+
+    Its configs default to `set_inductor_config=True`, which changes process-wide inductor settings
+    (coordinate-descent tuning) and, up to torchao 0.17, set `torch.set_float32_matmul_precision("high")`:
+    after the first int8 candidate every fp32 matmul of the process ran in TF32, so a study's fp32
+    reference changed speed mid-search (seen on an H200: compiled MiniLM fp32 1.71 ms before, 0.64 ms
+    after). A search must time every candidate under the same settings, so none are changed."""
+    import dataclasses
+
+    from torchao.quantization import quantize_
+
+    if dataclasses.is_dataclass(config) and hasattr(config, "set_inductor_config"):
+        config = dataclasses.replace(config, set_inductor_config=False)
+    precision = torch.get_float32_matmul_precision()
+    holder = nn.Sequential(module)
+    try:
+        quantize_(holder, config)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return holder[0]

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from autoprec.precision.base import register
+from autoprec.precision.base import register, torchao_quantize
 from autoprec.precision.int8 import _as_linear
 from autoprec.precision.layers import is_linear_like
 
@@ -44,11 +44,10 @@ class Fp8Format:
                 input_qparams: tuple[float, int] | None = None) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-            holder = nn.Sequential(_as_linear(module).to(device=device, dtype=torch.bfloat16))
-            quantize_(holder, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-        return holder[0]
+            return torchao_quantize(_as_linear(module).to(device=device, dtype=torch.bfloat16),
+                                    Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
     def io_dtype(self, device: torch.device) -> torch.dtype:
         return torch.bfloat16

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import UnsupportedFormat
-from autoprec.precision.base import register
+from autoprec.precision.base import register, torchao_quantize
 from autoprec.precision.layers import is_linear_like
 from autoprec.precision.static_int8 import StaticInt8Conv, static_conv_unsupported_reason
 
@@ -56,11 +56,9 @@ def _torchao_int8(linear: nn.Linear) -> nn.Module:
         # torchao 0.17 announces, once per layer, that its int8 tensor types are deprecated: a search
         # converts hundreds of layers, and the warnings buried its output (seen on an H200)
         warnings.simplefilter("ignore")
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
-        holder = nn.Sequential(linear.float())
-        quantize_(holder, Int8DynamicActivationInt8WeightConfig())
-    return holder[0]
+        return torchao_quantize(linear.float(), Int8DynamicActivationInt8WeightConfig())
 
 
 @functools.cache
