@@ -37,13 +37,18 @@ class HiddenStates(nn.Module):
         return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def build_model() -> nn.Module:
+def build(layers: int = LAYERS, embed: int = EMBED, heads: int = HEADS, seq: int = SEQ, vocab: int = VOCAB) -> nn.Module:
+    """A seeded GPT-2 of this shape returning its last hidden state."""
     from transformers import GPT2Config, GPT2Model
 
-    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=EMBED, n_layer=LAYERS, n_head=HEADS,
-                        n_inner=4 * EMBED, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=embed, n_layer=layers, n_head=heads,
+                        n_inner=4 * embed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(SEED)
     return HiddenStates(GPT2Model(config)).eval()
+
+
+def build_model() -> nn.Module:
+    return build()
 
 
 def _tokens(seed: int, batch: int) -> torch.Tensor:
