@@ -13,6 +13,7 @@ import copy
 import math
 import platform
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +40,8 @@ METHODS = {
     "score_fidelity": "mean per-sample cosine similarity of the compared output to the fp32 model",
     "score_user": "model.py evaluate(model, device)",
     "latency": ("median over interleaved rounds (ABBA) of candidate/fp32 time (9 rounds or more, until its "
-                "~90% confidence interval spans at most 3%), times the study's fp32 latency"),
+                "~90% confidence interval spans at most 3%, or from 5 rounds on as soon as it holds none of the "
+                "ratios the search compares it with), times the study's fp32 latency"),
     "memory": "bytes of all parameters and buffers as applied (int8 packed weights, scales and zero points)",
     "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
     "peak_cuda": "torch.cuda.max_memory_allocated over one forward",
@@ -57,6 +59,10 @@ class Measurement:
     latency_runs: int = 0
     latency_rounds: int = 0  # ABBA rounds it took for the median to settle (see TimingSettings)
     latency_ci: float | None = None  # upper / lower end of the median ratio's confidence interval
+    latency_ratio_lo: float | None = None  # the ends of that interval
+    latency_ratio_hi: float | None = None
+    latency_stopped: str | None = None  # why timing stopped: settled, target or max_rounds (see paired_latency)
+    latency_seconds: float | None = None  # wall time the timing took: what re-timing it would cost
     candidate_ms: float | None = None  # raw median of this run, uncalibrated
     memory_bytes: int | None = None
     peak_bytes: int | None = None
@@ -188,19 +194,24 @@ class Evaluator:
         """A copy of the fp32 reference with `policy` applied on the device."""
         return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device)
 
-    def retime(self, policy: Policy) -> PairedTiming | None:
+    def retime(self, policy: Policy, neighbours: Sequence[float] | None = None) -> PairedTiming | None:
         """Latency of `policy` paired with the fp32 model again (None if it cannot run)."""
         try:
             model = self.candidate(policy)
             with torch.inference_mode():
-                return paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing)
+                return paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing,
+                                      neighbours)
         except (AutoprecError, RuntimeError, torch.OutOfMemoryError):
             return None
 
-    def measure(self, policy: Policy, training: TrainingSettings | None = None, seed: int = 0) -> Measurement:
-        """Measure `policy`; with `training`, after fine-tuning a fresh copy of the fp32 model under it."""
+    def measure(self, policy: Policy, training: TrainingSettings | None = None, seed: int = 0,
+                neighbours: Sequence[float] | None = None) -> Measurement:
+        """Measure `policy`; with `training`, after fine-tuning a fresh copy of the fp32 model under it.
+
+        `neighbours`: the latency ratios to fp32 the candidate's place is decided against (1.0 and
+        the feasible front's); timing stops once its interval holds none of them (paired_latency)."""
         try:
-            return self._measure(policy, training, seed)
+            return self._measure(policy, training, seed, neighbours)
         except (NonFinite, TrainingDiverged) as exc:
             return Measurement.failed(str(exc))
         except KeyboardInterrupt:
@@ -212,7 +223,8 @@ class Evaluator:
                 traceback.print_exc()
             return Measurement.failed(_failure_reason(exc))
 
-    def _measure(self, policy: Policy, training: TrainingSettings | None, seed: int) -> Measurement:
+    def _measure(self, policy: Policy, training: TrainingSettings | None, seed: int,
+                 neighbours: Sequence[float] | None) -> Measurement:
         tuned = None
         if training is not None:
             model = copy.deepcopy(self.model)
@@ -232,7 +244,8 @@ class Evaluator:
         if not math.isfinite(score):
             return Measurement.failed("non-finite score")
         with torch.inference_mode():
-            timing = paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing)
+            timing = paired_latency(self._forward(model), self._forward(self.model), self.device, self.timing,
+                                    neighbours)
             peak = self._peak(model) if self.measure_peak else None
         memory = module_storage_bytes(model)
         result = self._result(score, timing, memory, peak)
@@ -252,5 +265,7 @@ class Evaluator:
         return Measurement(feasible=True, score=score, latency_ms=timing.ratio * self.reference_latency_ms,
                            latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
                            latency_runs=timing.rounds * timing.calls_per_round, latency_rounds=timing.rounds,
-                           latency_ci=timing.ratio_ci, candidate_ms=timing.candidate_ms,
+                           latency_ci=timing.ratio_ci, latency_ratio_lo=timing.ratio_lo,
+                           latency_ratio_hi=timing.ratio_hi, latency_stopped=timing.stopped,
+                           latency_seconds=timing.seconds, candidate_ms=timing.candidate_ms,
                            memory_bytes=memory, peak_bytes=peak, methods=methods)
