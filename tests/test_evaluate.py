@@ -284,3 +284,43 @@ def test_cuda_measurements():
     conv = Evaluator(cnn_spec(), "cuda", timing=FAST, measure_peak=False, threads=1)
     m = conv.measure(Policy(layers={"conv1": "int8"}))
     assert not m.feasible and "layer 'conv1'" in m.reason
+
+
+class _Costly(nn.Module):
+    """A Linear whose every forward books 5 fake seconds in bf16 and 1 in fp32 (see _fake_clock)."""
+
+    spent = [0.0]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        _Costly.spent[0] += 5.0 if self.lin.weight.dtype == torch.bfloat16 else 1.0
+        return self.lin(x)
+
+
+def _fake_clock(monkeypatch) -> None:
+    import autoprec.timing as T
+
+    def fake_time_calls(forward, calls, device):
+        before = _Costly.spent[0]
+        for _ in range(calls):
+            forward()
+        return _Costly.spent[0] - before
+    monkeypatch.setattr(T, "time_calls", fake_time_calls)
+
+
+def test_measure_stops_timing_once_the_neighbours_place_it_and_records_the_interval(monkeypatch):
+    _fake_clock(monkeypatch)
+    spec = make_spec(lambda: nn.Sequential(_Costly()), lambda: _x(2, 4))
+    ev = evaluator(spec, timing=TimingSettings(rounds=9, min_round_s=0.005, warmup_calls=1, max_rounds=33),
+                   reference_latency_ms=10.0)
+    slow = ev.measure(Policy(layers={"0.lin": "bf16"}), neighbours=(1.0, 0.6))
+    assert slow.feasible and slow.latency_rounds == 5 and slow.latency_stopped == "settled"
+    assert slow.latency_ratio_lo == slow.latency_ratio == slow.latency_ratio_hi == pytest.approx(5.0)
+    assert slow.latency_ms == pytest.approx(50.0) and slow.to_json()["latency_ratio_lo"] == pytest.approx(5.0)
+    same = ev.measure(Policy(layers={"0.lin": "fp32"}), neighbours=(1.0, 0.6))  # on a neighbour: full precision
+    assert same.latency_rounds >= 9 and same.latency_stopped == "target"
+    plain = ev.measure(Policy(layers={"0.lin": "bf16"}))  # without neighbours: as before
+    assert plain.latency_rounds == 9 and plain.latency_stopped == "target"
