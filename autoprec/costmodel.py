@@ -34,17 +34,21 @@ class CostModel:
     rest_memory: dict[str, float] = field(default_factory=dict)
     rest_drop: dict[str, float] = field(default_factory=dict)
     drop_scale: dict[str, float] = field(default_factory=lambda: {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0})
+    # latency_scale[D][fmt]: in-model time of a layer in fmt (rest of the model in D) / its time alone
+    latency_scale: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def layer_drop(self, name: str, fmt: str) -> float:
         return self.drop_scale.get(fmt, 1.0) * self.profile.layers[name][fmt]["drop"]
 
+    def layer_latency(self, default: str, name: str, fmt: str) -> float:
+        return self.latency_scale.get(default, {}).get(fmt, 1.0) * self.profile.latency_by_default[default][name][fmt]
+
     def predict(self, default: str, layers: dict[str, str]) -> dict[str, float] | None:
         if default not in self.rest_latency:
             return None
-        lat = self.profile.latency_by_default[default]
         return {
             "drop": self.rest_drop[default] + sum(self.layer_drop(n, f) for n, f in layers.items()),
-            "latency_ms": self.rest_latency[default] + sum(lat[n][f] for n, f in layers.items()),
+            "latency_ms": self.rest_latency[default] + sum(self.layer_latency(default, n, f) for n, f in layers.items()),
             "memory_bytes": self.rest_memory[default] + sum(self.profile.layers[n][f]["memory_bytes"]
                                                             for n, f in layers.items()),
         }
@@ -122,7 +126,7 @@ class CostModel:
                 if weight > _BINS:
                     continue
                 if objective == "latency_ms":
-                    cost = self.profile.latency_by_default[default][name][fmt]
+                    cost = self.layer_latency(default, name, fmt)
                 else:
                     cost = self.profile.layers[name][fmt]["memory_bytes"]
                 shifted = np.full(_BINS + 1, inf)
