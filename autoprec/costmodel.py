@@ -2,10 +2,11 @@
 
 For a policy with default dtype D and layer formats d_l:
     drop(policy)    = rest_drop[D] + sum_l scale[d_l] * profile_drop(l, d_l)
-    latency(policy) = rest_latency[D] + sum_l layer_latency(l, d_l | D)
+    latency(policy) = rest_latency[D] + sum_l latency_scale[D][d_l] * layer_latency(l, d_l | D)
     memory(policy)  = rest_memory[D] + sum_l layer_memory(l, d_l)
-`rest_*[D]` and the int8 drop scale are calibrated on the measured uniform policies (all-D, all-int8),
-so the model reproduces them exactly; its error on every other measured trial is reported.
+`rest_*[D]`, the latency scales and the int8 drop scale are calibrated on the measured uniform policies
+(all-D, all-int8), so the model reproduces them exactly; its error on every other measured trial is
+reported.
 
 Proposals solve a multiple-choice knapsack exactly (dynamic programming over a discretised drop
 budget): the fastest policy whose predicted drop fits each budget, for each default dtype.
@@ -24,6 +25,11 @@ from autoprec.profile import Profile
 
 BUDGET_FRACTIONS = (0.8, 0.5, 0.3, 0.15, 0.05)
 _BINS = 1000
+_SCALE_BOUNDS = (0.25, 4.0)  # a layer in the model vs alone: beyond this the profile is wrong, not the scale
+
+
+def _bounded(scale: float) -> float:
+    return min(max(scale, _SCALE_BOUNDS[0]), _SCALE_BOUNDS[1])
 
 
 @dataclass
@@ -54,7 +60,7 @@ class CostModel:
         }
 
     def calibrate(self, uniform: dict[str, tuple[str, dict[str, str], dict[str, float]]]) -> None:
-        """Fit the rest-of-model terms from measured uniform policies.
+        """Fit the rest-of-model terms and the latency scales from measured uniform policies.
 
         `uniform[fmt] = (default, layers, {"drop", "latency_ms", "memory_bytes"})`.
         """
@@ -66,13 +72,52 @@ class CostModel:
         for fmt, (default, layers, measured) in uniform.items():
             if fmt == "int8" or fmt != default:
                 continue
-            lat = self.profile.latency_by_default.get(default)
-            if lat is None:
+            if default not in self.profile.latency_by_default:
                 continue
-            self.rest_latency[default] = measured["latency_ms"] - sum(lat[n][f] for n, f in layers.items())
             self.rest_memory[default] = measured["memory_bytes"] - sum(
                 self.profile.layers[n][f]["memory_bytes"] for n, f in layers.items())
             self.rest_drop[default] = max(0.0, measured["drop"] - sum(self.layer_drop(n, f) for n, f in layers.items()))
+        self.calibrate_latency(uniform)
+
+    def calibrate_latency(self, uniform: dict[str, tuple[str, dict[str, str], dict[str, float]]]) -> None:
+        """rest_latency[D] and latency_scale[D][fmt] from the uniform policies, each reproduced exactly
+        where the terms stay in bounds.
+
+        A layer timed alone is not the layer in the model: caches are warm or cold differently, and
+        dynamic int8 quantizes its input inside the layer. So each uniform policy fixes one term:
+        all-D (default D) fixes rest_latency[D] (at least 0: where the layers alone add up to more
+        than the model, the excess goes into latency_scale[D][D] instead), and all-fmt (default D)
+        fixes latency_scale[D][fmt]. A format with no uniform policy under D takes its scale from
+        another default where it was measured, else 1. Scales stay in [1/4, 4] and the rest >= 0,
+        so no prediction goes negative.
+        """
+        self.latency_scale = {}
+        measured_scale: dict[str, float] = {}
+        for fmt, (default, layers, measured) in uniform.items():
+            lat = self.profile.latency_by_default.get(default)
+            if fmt != default or lat is None:
+                continue
+            alone = sum(lat[n][f] for n, f in layers.items())
+            rest = measured["latency_ms"] - alone
+            scale = 1.0
+            if rest < 0 and alone > 0:
+                rest, scale = 0.0, _bounded(measured["latency_ms"] / alone)
+            self.rest_latency[default] = rest
+            self.latency_scale[default] = {default: scale}
+            measured_scale[default] = scale
+        for fmt, (default, layers, measured) in uniform.items():
+            lat = self.profile.latency_by_default.get(default)
+            if fmt == default or lat is None or default not in self.rest_latency:
+                continue
+            own = sum(lat[n][f] for n, f in layers.items() if f == fmt)
+            others = sum(self.layer_latency(default, n, f) for n, f in layers.items() if f != fmt)
+            if own > 0:
+                scale = _bounded((measured["latency_ms"] - self.rest_latency[default] - others) / own)
+                self.latency_scale[default][fmt] = scale
+                measured_scale.setdefault(fmt, scale)
+        for default, scales in self.latency_scale.items():
+            for fmt, scale in measured_scale.items():
+                scales.setdefault(fmt, scale)
 
     def refit_rest_latency(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> None:
         """Re-fit `rest_latency[D]` on every measured trial of default D (uniform ones included): the
@@ -83,9 +128,10 @@ class CostModel:
             lat = self.profile.latency_by_default.get(default)
             if lat is None or default not in self.rest_latency:
                 continue
-            residuals.setdefault(default, []).append(m["latency_ms"] - sum(lat[n][f] for n, f in layers.items()))
+            residuals.setdefault(default, []).append(
+                m["latency_ms"] - sum(self.layer_latency(default, n, f) for n, f in layers.items()))
         for default, values in residuals.items():
-            self.rest_latency[default] = statistics.median(values)
+            self.rest_latency[default] = max(0.0, statistics.median(values))
 
     def error(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
         """Median relative error of predicted latency and memory, and of drop in absolute terms."""

@@ -98,6 +98,7 @@ def record_model_error(study: optuna.Study, model: CostModel, reference_score: f
     refit.refit_rest_latency([(d, layers, m) for _, d, layers, m in measured])
     summary = {"error": model.error(others), "error_refit": _refit_error(model, measured),
                "rest_latency_ms": model.rest_latency, "rest_latency_ms_refit": refit.rest_latency,
+               "latency_scale": model.latency_scale,
                "rest_memory_bytes": model.rest_memory, "rest_drop": model.rest_drop, "drop_scale": model.drop_scale}
     study.set_user_attr(COSTMODEL_ATTR, summary)
     return summary
