@@ -177,7 +177,8 @@ def prune(choices: Mapping[str, tuple[str, ...]], kinds: Mapping[str, str], defa
           probe: FormatProbe, limit: float = PRUNE_RATIO) -> Pruning:
     """Take formats slower than `limit` x fp32 on the probe out of the per-layer choices (per kernel
     kind: a format slow for convolutions stays for Linear layers if it is fast there) and out of the
-    default dtypes (the rest of the model runs every kind of kernel, so slow on any is out). fp32 and
+    default dtypes (slow on any kind the model's layers use is out: the rest of the model runs those
+    kernels too, and more). fp32 and
     a layer's last remaining format are never taken out."""
     def slow(fmt: str, kind: str) -> bool:
         ratio = probe.ratio(fmt, kind)
@@ -192,9 +193,10 @@ def prune(choices: Mapping[str, tuple[str, ...]], kinds: Mapping[str, str], defa
             pruned.setdefault(fmt, {})[kind] = probe.ratio(fmt, kind)
         kept[name] = fast
     defaults = tuple(defaults)
-    kept_defaults = tuple(d for d in defaults if not any(slow(d, k) for k in KINDS)) or defaults
+    present = sorted(set(kinds.values())) or KINDS  # the rest of the model: judged on the kernels it uses
+    kept_defaults = tuple(d for d in defaults if not any(slow(d, k) for k in present)) or defaults
     for fmt in set(defaults) - set(kept_defaults):
-        pruned.setdefault(fmt, {}).update({k: probe.ratio(fmt, k) for k in KINDS if slow(fmt, k)})
+        pruned.setdefault(fmt, {}).update({k: probe.ratio(fmt, k) for k in present if slow(fmt, k)})
     return Pruning(kept, kept_defaults, pruned, _announcement(pruned, probe) if pruned else None)
 
 

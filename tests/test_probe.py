@@ -33,6 +33,8 @@ def test_pruning_is_per_kernel_kind_and_nothing_fast_is_pruned():
     slow_convs = P.prune(CHOICES, KINDS, ("fp32", "bf16"), _probe(0.5, 3.0))
     assert slow_convs.choices["fc1"] == ("fp32", "bf16", "int8") and slow_convs.choices["conv"] == ("fp32",)
     assert slow_convs.defaults == ("fp32",)  # the rest of the model runs convolutions too
+    no_convs = P.prune({"fc1": CHOICES["fc1"]}, {"fc1": "linear"}, ("fp32", "bf16"), _probe(0.5, 3.0))
+    assert no_convs.defaults == ("fp32", "bf16") and no_convs.announcement is None  # judged on its own kernels
     fast = P.prune(CHOICES, KINDS, ("fp32", "bf16"), _probe(0.5, 0.6))
     assert fast.choices == CHOICES and fast.defaults == ("fp32", "bf16") and fast.announcement is None
 
