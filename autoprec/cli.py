@@ -15,7 +15,7 @@ def cmd_layers(args: argparse.Namespace) -> None:
     from autoprec.space import load_space
     from autoprec.tables import format_table
     from autoprec.userspec import load_spec
-    from autoprec.evaluate import resolve_device
+    from autoprec.machine import resolve_device
 
     spec = load_spec(args.model)
     space = load_space(args.space)
@@ -30,7 +30,7 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from autoprec.report_apply import apply_and_compare
+    from autoprec.compare import apply_and_compare
 
     print(apply_and_compare(args.policy, args.model, device=args.device, threads=_threads(args.threads),
                             timing=timing_settings(None, args.malloc_defaults)))
@@ -55,42 +55,23 @@ def _threads(threads: int | None) -> int | None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from autoprec.results import pareto_front, trials_frame
-    from autoprec.search import Search, SearchConfig
-    from autoprec.store import storage_url
+    from autoprec.search import SearchConfig, run_search
 
-    devices = args.devices.split(",") if args.devices else None
-    workers = len(devices) if devices and args.workers == 1 else args.workers
+    devices = tuple(args.devices.split(",")) if args.devices else None
     config = SearchConfig(model=args.model, trials=args.trials, timeout=args.timeout, storage=args.storage,
                           study=args.study, space=args.space, device=args.device, max_drop=args.max_drop,
-                          seed=args.seed, threads=_threads(args.threads), workers=workers, progress=not args.no_progress,
+                          seed=args.seed, threads=_threads(args.threads), progress=not args.no_progress,
+                          workers=len(devices) if devices and args.workers == 1 else args.workers, devices=devices,
                           strategy=args.strategy, retime_front=not args.no_retime,
                           timing=timing_settings(args.max_rounds, args.malloc_defaults))
-    if args.workers > 1 and storage_url(args.storage).startswith("sqlite"):
-        raise AutoprecError(f"--workers {args.workers} with SQLite ({storage_url(args.storage)}): SQLite lets one "
-                            "process write at a time, so several workers may fail with 'database is locked'; use "
-                            "--storage postgresql://USER@HOST/DB for several workers")
-    search = Search(config)
-    if args.join:  # a worker started by --workers: run a share of that run's trials, print nothing
-        result = search.run(None, config.timeout, run_id=args.join)
-        if result.interrupted:
-            raise KeyboardInterrupt
-        return
-    print(f"study {search.study_name!r} in {search.storage_url} ({search.finished_trials()} trials so far); "
-          f"{len(search.choices)} searchable layers on {search.device}; fp32 score "
-          f"{search.reference_score:.6f}, max drop {search.max_drop}")
-    if args.workers > 1 or args.devices:
-        from autoprec.workers import run_workers
-
-        result = run_workers(search, workers, devices)
-    else:
-        result = search.run(config.trials, config.timeout)
+    result = run_search(config, on_open=lambda search: print(search.summary()))
     if result.interrupted:
         print(f"stopped: {result.trials_run} trials run this time are kept in the store; "
               "run the same command to resume", file=sys.stderr)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.phase_seconds.items())
     print(f"\n{result.trials_run} trials run, {result.trials_total} in the study ({phases}). Feasible Pareto front:")
-    print(_front_table(pareto_front(trials_frame(search.study))))
-    print(f"\nexport one with: autoprec export --study {search.study_name} --pick fastest -o policy.json"
+    print(_front_table(pareto_front(trials_frame(result.study))))
+    print(f"\nexport one with: autoprec export --study {result.study_name} --pick fastest -o policy.json"
           + (f" --storage {result.storage}" if args.storage else ""))
     if result.interrupted:
         raise KeyboardInterrupt
@@ -168,14 +149,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_trials(args: argparse.Namespace) -> None:
-    from autoprec.report import write_trials
+    from autoprec.results import write_trials
 
     path = write_trials(_open_study(args), args.output)
     print(f"wrote {path}: every trial of study {args.study!r}, one column per layer")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from autoprec.guide import COSTMODEL_ATTR, PROFILE_SOURCE_ATTR, stored_profile
+    from autoprec.guide import stored_profile
+    from autoprec.record import COSTMODEL_ATTR, PROFILE_SOURCE_ATTR
     from autoprec.tables import format_table
 
     study = _open_study(args)
@@ -266,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes sharing the study (needs a server database, e.g. PostgreSQL)")
     p.add_argument("--devices", default=None, help="comma-separated devices, one worker each (cuda:0,cuda:1)")
-    p.add_argument("--join", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", dest="no_progress")
     commands["search"] = cmd_search
 
@@ -313,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def quiet_libraries() -> None:
+    """Silence what libraries print that a user should not read as trouble (set by the commands,
+    never at import: a library user keeps their own warning filters)."""
     # torchao (imported by transformers when installed) registers Enums with torch's pytree, and
     # torch 2.14 logs a deprecation warning per Enum at import: noise for a user, not an error
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
@@ -323,6 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # int8 forward on CUDA: hundreds of lines in a search's output (seen on an H200)
     warnings.filterwarnings("ignore", message=r"Deprecation: .* is deprecated and will be removed in a future "
                             r"release of torchao")
+    # Optuna 4 marks the heartbeat, constraints and metric names "experimental"; autoprec relies on them
+    warnings.filterwarnings("ignore", message=r".* is experimental \(supported from v")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_libraries()
     try:
         args._commands[args.command](args)
     except AutoprecError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprec import cpu_malloc
 from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
 from autoprec.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
+from autoprec.machine import default_threads, prepare_allocator
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
 from autoprec.timing import (
@@ -30,7 +29,6 @@ from autoprec.timing import (
     TimingSettings,
     cpu_activation_peak_bytes,
     cuda_forward_peak_bytes,
-    default_threads,
     paired_latency,
     solo_latency_ms,
 )
@@ -77,41 +75,6 @@ class Measurement:
         return cls(feasible=False, reason=reason)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "threads": str(torch.get_num_threads())}
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        env["device_name"] = cpu_name()
-        env["cpu_allocator"] = cpu_malloc.allocator_state()
-    return env
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AutoprecError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AutoprecError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
-
-
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of memory"
@@ -139,7 +102,7 @@ class Evaluator:
         self.measure_peak = measure_peak
         if self.device.type == "cpu":
             torch.set_num_threads(threads or default_threads())
-            cpu_malloc.prepare(timing.keep_freed_memory)
+            prepare_allocator(timing.keep_freed_memory)
         self.model = spec.new_model().to(self.device)
         self.example = move_inputs(spec.example(), self.device)
         self._batches = [move_inputs(b, self.device) for b in spec.eval_batches()] if spec.evaluate is None else []

@@ -1,10 +1,8 @@
 """The guided part of a search: sensitivity profile in the store, cost model, knapsack proposals.
 
-Kept on the study as user attributes so resumed runs and other workers reuse them:
-- "autoprec_profile": the Profile (see profile.py)
-- "autoprec_proposals": the proposals enqueued, with their predictions
-- "autoprec_costmodel": the calibration and the model's error on measured trials
-- "autoprec_profile_from": where the profile was reused from another study of the same model
+Kept on the study as user attributes (named in autoprec.record) so resumed runs and other workers
+reuse them: the Profile (see profile.py), where it was reused from, the proposals enqueued with
+their predictions, and the cost model's calibration and its error on measured trials.
 """
 
 from __future__ import annotations
@@ -15,14 +13,10 @@ from typing import Any
 
 import optuna
 
+from autoprec import record
 from autoprec.costmodel import CostModel
-from autoprec.profile import PROFILE_ATTR, Profile
-
-PROPOSALS_ATTR = "autoprec_proposals"
-COSTMODEL_ATTR = "autoprec_costmodel"
-PROFILE_SOURCE_ATTR = "autoprec_profile_from"  # the study a reused profile was copied from
-LAYER_PARAM = "layer:"
-DEFAULT_PARAM = "default"
+from autoprec.profile import Profile
+from autoprec.record import COSTMODEL_ATTR, PROFILE_ATTR, PROFILE_SOURCE_ATTR, PROPOSALS_ATTR, Origin, StudyInfo
 
 
 def stored_profile(study: optuna.Study) -> Profile | None:
@@ -31,27 +25,26 @@ def stored_profile(study: optuna.Study) -> Profile | None:
 
 
 def sibling_profile(storage: optuna.storages.BaseStorage, study_name: str,
-                    info: dict[str, Any]) -> tuple[Profile, str] | None:
+                    info: StudyInfo) -> tuple[Profile, str] | None:
     """A profile stored on another study of the same model, space and environment (the same search at
     another --max-drop, say): the drops, latencies and sizes it holds do not depend on the drop."""
-    from autoprec.store import STUDY_ATTR
-
     keys = ("model_fingerprint", "space_fingerprint", "device_type", "environment")
+    mine = info.to_json()
     for other in storage.get_all_studies():
-        their = other.user_attrs.get(STUDY_ATTR)
+        their = other.user_attrs.get(record.STUDY_ATTR)
         data = other.user_attrs.get(PROFILE_ATTR)
         if (other.study_name != study_name and isinstance(their, dict) and isinstance(data, dict)
-                and all(their.get(k) == info.get(k) for k in keys)):
+                and all(their.get(k) == mine.get(k) for k in keys)):
             return Profile.from_json(data), other.study_name
     return None
 
 
-def _measured(study: optuna.Study, reference_score: float) -> list[tuple[str, str, dict[str, str], dict[str, float]]]:
+def _measured(study: optuna.Study, reference_score: float) -> list[tuple[Origin, str, dict[str, str], dict[str, float]]]:
     """(origin, default, layers, {drop, latency_ms, memory_bytes}) of every complete trial."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        policy = t.user_attrs.get("policy") or {}
-        out.append((t.user_attrs.get("origin", "sampler"), policy.get("default", "fp32"), policy.get("layers", {}),
+        r = record.TrialRecord.of(t)
+        out.append((r.origin, r.policy.get("default", "fp32"), r.layers,
                     {"drop": reference_score - t.values[0], "latency_ms": t.values[1], "memory_bytes": t.values[2]}))
     return out
 
@@ -60,8 +53,8 @@ def calibrated_model(study: optuna.Study, profile: Profile, choices: dict[str, t
                      reference_score: float) -> CostModel:
     model = CostModel(profile, choices)
     measured = _measured(study, reference_score)
-    uniform = {origin.split()[1]: (default, layers, m) for origin, default, layers, m in measured
-               if origin.startswith("uniform ")}
+    uniform = {origin.format: (default, layers, m) for origin, default, layers, m in measured
+               if origin.kind == record.UNIFORM}
     model.calibrate(uniform)
     return model
 
@@ -71,13 +64,13 @@ def _copy(model: CostModel) -> CostModel:
     return dataclasses.replace(model, rest_latency=dict(model.rest_latency))
 
 
-def _refit_error(model: CostModel, measured: list[tuple[str, str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
+def _refit_error(model: CostModel, measured: list[tuple[Origin, str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
     """Latency error of the model re-fitted on the trials as they come, each non-uniform trial
     predicted by a model fitted on all the other trials (leave one out: no trial grades itself)."""
     errors = []
     everything = [(d, layers, m) for _, d, layers, m in measured]
     for i, (origin, default, layers, m) in enumerate(measured):
-        if origin.startswith("uniform "):
+        if origin.kind == record.UNIFORM:
             continue
         refit = _copy(model)
         refit.refit_rest_latency(everything[:i] + everything[i + 1:])
@@ -93,7 +86,7 @@ def record_model_error(study: optuna.Study, model: CostModel, reference_score: f
     """The model's error on the non-uniform trials, calibrated on the uniform ones (as the proposals
     were made) and re-fitted on the trials as they come (leave one out); the re-fitted rest terms."""
     measured = _measured(study, reference_score)
-    others = [(d, layers, m) for origin, d, layers, m in measured if not origin.startswith("uniform ")]
+    others = [(d, layers, m) for origin, d, layers, m in measured if origin.kind != record.UNIFORM]
     refit = _copy(model)
     refit.refit_rest_latency([(d, layers, m) for _, d, layers, m in measured])
     summary = {"error": model.error(others), "error_refit": _refit_error(model, measured),
@@ -106,11 +99,11 @@ def record_model_error(study: optuna.Study, model: CostModel, reference_score: f
 
 def enqueue_proposals(study: optuna.Study, model: CostModel, max_drop: float, defaults: tuple[str, ...]) -> int:
     proposals = model.proposals(max_drop, defaults)
-    record = []
+    enqueued = []
     for default, layers, why in proposals:
-        params = {DEFAULT_PARAM: default, **{LAYER_PARAM + n: f for n, f in layers.items()}}
         predicted = model.predict(default, layers)
-        study.enqueue_trial(params, user_attrs={"origin": why, "predicted": predicted}, skip_if_exists=True)
-        record.append({"default": default, "why": why, "predicted": predicted})
-    study.set_user_attr(PROPOSALS_ATTR, record)
-    return len(record)
+        record.enqueue(study, record.params_of(default, layers), Origin.proposal(why),
+                       **{record.TrialKey.PREDICTED: predicted})
+        enqueued.append({"default": default, "why": why, "predicted": predicted})
+    study.set_user_attr(PROPOSALS_ATTR, enqueued)
+    return len(enqueued)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoprec.machine import cpu_name
 from autoprec.precision import HANDLERS
 from autoprec.precision.apply import _cast_floats
 from autoprec.timing import TimingSettings, paired_latency
@@ -60,8 +61,6 @@ def _cpu_flags() -> list[str]:
 
 def machine(device: torch.device) -> dict[str, str]:
     """What a probe result depends on: the same dict means the same kernels at the same speeds."""
-    from autoprec.evaluate import cpu_name  # evaluate imports heavier things; only the name is needed
-
     info = {"device_type": device.type, "torch": torch.__version__, "threads": str(torch.get_num_threads())}
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)

@@ -3,7 +3,8 @@
 For every searchable layer and every format it may take:
 - `drop`: the fidelity drop (1 - mean per-sample cosine of the compared output to fp32) of the whole
   model on `example_inputs()` with only that layer changed. Damages add up almost exactly across
-  layers (shared/facts/cpu-minilm.md), so the cost model sums them, calibrated to the real score.
+  layers (MiniLM-L6 on the CPU, int8: the 36 single-layer drops sum to 0.0568, all 36 layers in int8
+  together drop 0.0600), so the cost model sums them, calibrated to the real score.
   By default the drop is linearized (one forward, a few backward passes, each layer run once per
   format: linear in depth; see `linearized_drops`); `method="exact"` runs one whole-model forward
   per layer and format instead (quadratic in depth).
@@ -30,8 +31,6 @@ from autoprec.precision import FLOAT_DTYPES, HANDLERS, module_storage_bytes
 from autoprec.precision.apply import _cast_floats
 from autoprec.timing import solo_latency_ms
 from autoprec.userspec import ModelSpec, call_model, first_float_tensor
-
-PROFILE_ATTR = "autoprec_profile"
 
 
 @dataclass

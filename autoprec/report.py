@@ -9,14 +9,12 @@ policies (layers x front members, coloured by format), the sensitivity profile (
 ``autoprec_profile``) when there is one, every trial with failures and their reasons, and the
 environment the study was measured in.
 
-`write_trials(study, "trials.csv")` (or ``.parquet``) writes every trial as a row, the policy
-flattened to one ``layer:NAME`` column per searchable layer.
-
-Needs matplotlib (the report) and pyarrow (parquet): ``pip install autoprec[report]``.
+Needs matplotlib: ``pip install autoprec[report]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import io
@@ -31,60 +29,13 @@ import pandas as pd
 
 from autoprec.errors import AutoprecError
 from autoprec.precision import DTYPES
-from autoprec.profile import PROFILE_ATTR
-from autoprec.results import RETIMED_ATTR, pareto_front, trials_frame
-from autoprec.store import study_info
+from autoprec import record
+from autoprec.record import PROFILE_ATTR, RETIMED_ATTR, Origin, StudyInfo
+from autoprec.results import pareto_front, trials_table
 
-TRIAL_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
 DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00"}
 _MISSING_COLOR = "#dddddd"
-
-
-# --------------------------------------------------------------------------------------------
-# data
-
-
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """`trials_frame(flatten_layers=True)` plus start time and duration of each trial."""
-    frame = trials_frame(study, flatten_layers=True)
-    if frame.empty:
-        return frame
-    times, spreads = {}, {}
-    for t in study.get_trials(deepcopy=False):
-        start, end = t.datetime_start, t.datetime_complete
-        times[t.number] = (start.isoformat(timespec="seconds") if start else None,
-                           (end - start).total_seconds() if start and end else None)
-        spreads[t.number] = (t.user_attrs.get("measurement") or {}).get("latency_spread")
-    frame.insert(2, "started", [times[n][0] for n in frame.trial])
-    frame.insert(3, "duration_s", [times[n][1] for n in frame.trial])
-    position = list(frame.columns).index("latency_ms") + 1
-    frame.insert(position, "latency_spread", [spreads[n] for n in frame.trial])
-    return frame
-
-
-def write_trials(study: optuna.Study, path: str | Path) -> Path:
-    """Every trial as a row, to CSV or Parquet chosen by the file's suffix."""
-    path = Path(path)
-    kind = TRIAL_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise AutoprecError(f"-o {path}: unknown file type {path.suffix or '(no suffix)'!r}; "
-                            "name a .csv or .parquet file")
-    frame = trials_table(study)
-    if kind == "csv":
-        frame.to_csv(path, index=False)
-        return path
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise AutoprecError(f"-o {path}: writing Parquet needs pyarrow; pip install 'autoprec[report]' "
-                            "or write a .csv") from None
-    # Columns that are None everywhere (no failure reasons yet) have no type; make them strings.
-    for column in frame.columns:
-        if frame[column].dtype == object and frame[column].isna().all():
-            frame[column] = frame[column].astype("string")
-    frame.to_parquet(path, index=False)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,16 +96,15 @@ def _symlog_threshold(drops: list[float]) -> float:
 
 
 def _uniform_dtype(origin: Any) -> str | None:
-    if isinstance(origin, str) and origin.startswith("uniform "):
-        return origin.split(" ", 1)[1]
-    return None
+    parsed = Origin.parse(origin)
+    return parsed.format if parsed.kind == record.UNIFORM else None
 
 
 @_styled
-def front_plot(frame: pd.DataFrame, front: pd.DataFrame, info: dict[str, Any]) -> str:
+def front_plot(frame: pd.DataFrame, front: pd.DataFrame, info: StudyInfo) -> str:
     """Two panels sharing the y axis: score drop against latency, and against memory."""
-    ref = info["reference"]
-    max_drop = float(info.get("max_drop", 0.0))
+    ref = dataclasses.asdict(info.reference)
+    max_drop = float(info.max_drop)
     done = frame[frame.state == "COMPLETE"] if not frame.empty else frame
     fig = _new_figure(11, 4.6)
     axes = fig.subplots(1, 2, sharey=True)
@@ -449,18 +399,18 @@ def _profile_section(study: optuna.Study) -> str:
 
 def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
     """The report of `study` as one self-contained HTML document."""
-    info = study_info(study)
-    ref = info["reference"]
-    env = info.get("environment") or {}
+    info = record.read_info(study)
+    ref = dataclasses.asdict(info.reference)
+    env = info.environment
     frame = trials_table(study)
     front = pareto_front(frame, max_drop) if not frame.empty else frame
     front_numbers = {int(n) for n in front.trial} if not front.empty else set()
-    layers = list(info.get("layers") or [])
+    layers = list(info.layers)
     n = len(frame)
     states = frame.state.value_counts().to_dict() if n else {}
     infeasible = int(((frame.state == "COMPLETE") & ~frame.feasible).sum()) if n else 0
     best = front.latency_ms.min() if not front.empty else None
-    study_drop = float(info.get("max_drop", 0.0))
+    study_drop = float(info.max_drop)
     retimed_attr = study.user_attrs.get(RETIMED_ATTR)
     retimed = retimed_attr.get("trials") if isinstance(retimed_attr, dict) else None
     retimed = retimed if isinstance(retimed, dict) else None
@@ -478,8 +428,8 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>autoprec report: {_e(study.study_name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>autoprec study <code>{_e(study.study_name)}</code></h1>",
-        f'<p class="sub">{_e(info.get("model_class"))} from {_e(info.get("model_path"))}, '
-        f'{len(layers)} searchable layers, space <code>{_e((info.get("space") or {}).get("name"))}</code>, '
+        f'<p class="sub">{_e(info.model_class)} from {_e(info.model_path)}, '
+        f'{len(layers)} searchable layers, space <code>{_e(info.space.get("name"))}</code>, '
         f'on {_e(env.get("device"))} ({_e(env.get("device_name"))}); max drop {study_drop:g}; '
         f'report written {_e(time.strftime("%Y-%m-%d %H:%M"))}</p>',
         '<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards) + "</div>",
@@ -518,11 +468,11 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
         f'<div class="scroll"><table id="trials-table">{_TRIAL_HEAD}{_trial_rows(frame, front_numbers)}</table></div>',
         '<h2 id="environment">Environment</h2><dl class="env">',
     ]
-    env_rows = {**{k: v for k, v in env.items()}, "model": f"{info.get('model_class')} ({info.get('model_path')})",
-                "model fingerprint": info.get("model_fingerprint"),
-                "search space": (info.get("space") or {}).get("name"), "max drop": study_drop,
+    env_rows = {**{k: v for k, v in env.items()}, "model": f"{info.model_class} ({info.model_path})",
+                "model fingerprint": info.model_fingerprint,
+                "search space": info.space.get("name"), "max drop": study_drop,
                 "fp32 score": f"{ref['score']:.6f}", "fp32 latency": f"{ref['latency_ms']:.3f} ms",
-                "fp32 memory": f"{int(ref['memory_bytes']):,} B", "study created": info.get("created"),
+                "fp32 memory": f"{int(ref['memory_bytes']):,} B", "study created": info.created,
                 "optuna": optuna.__version__}
     parts += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in env_rows.items()]
     parts += ["</dl></body></html>"]

@@ -1,61 +1,105 @@
-"""Reading a study back: trials as a table, the feasible Pareto front, policy export (pandas)."""
+"""Reading a study back (pandas): trials as a table or a CSV/Parquet file, the feasible Pareto front,
+the studies in a store, a trial's policy for export."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
 
+from autoprec import record
 from autoprec.errors import AutoprecError
 from autoprec.policy import Policy, policy_from_json
 from autoprec.precision import DTYPES
-from autoprec.store import study_info
+from autoprec.record import StudyInfo, TrialRecord
 from autoprec.tables import threads_text
 
-RETIMED_ATTR = "autoprec_retimed"  # written by Search.retime_front
+TRIAL_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 PICKS = {"fastest": ("latency_ms", True), "smallest": ("memory_bytes", True), "best-score": ("score", False)}
 
 
 def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFrame:
     """One row per trial: number, state, objectives, drop, feasibility, dtype counts, reason."""
-    info = study_info(study)
-    ref = info["reference"]
-    retimed = (study.user_attrs.get(RETIMED_ATTR) or {}).get("trials", {})
+    info = record.read_info(study)
+    ref = info.reference
+    retimed = record.retimed(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
-        measurement = t.user_attrs.get("measurement") or {}
-        policy = t.user_attrs.get("policy") or {}
-        counts = t.user_attrs.get("counts") or {}
+        r = TrialRecord.of(t)
+        measurement, counts = r.measurement, r.counts
         row: dict[str, Any] = {
-            "trial": t.number, "state": t.state.name, "origin": t.user_attrs.get("origin", "sampler"),
+            "trial": t.number, "state": t.state.name, "origin": r.origin.text,
             "score": t.values[0] if t.values else measurement.get("score"),
             "latency_ms": t.values[1] if t.values else measurement.get("latency_ms"),
             "memory_bytes": t.values[2] if t.values else measurement.get("memory_bytes"),
             "peak_bytes": measurement.get("peak_bytes"),
-            "score_drop": t.user_attrs.get("score_drop"),
+            "score_drop": r.score_drop,
             "feasible": t.state == optuna.trial.TrialState.COMPLETE and all(c <= 0 for c in t.constraints.values()),
-            "default": policy.get("default", counts.get("default")),
+            "default": r.default,
             **{d: counts.get(d, 0) for d in DTYPES},
-            "reason": t.user_attrs.get("failure_reason"),
+            "reason": r.failure_reason,
         }
         if row["latency_ms"] is not None:
-            row["latency_ratio"] = row["latency_ms"] / ref["latency_ms"]
+            row["latency_ratio"] = row["latency_ms"] / ref.latency_ms
         row["retimed_ratio"] = retimed.get(str(t.number), {}).get("ratio")
         if row["memory_bytes"] is not None:
-            row["memory_ratio"] = row["memory_bytes"] / ref["memory_bytes"]
+            row["memory_ratio"] = row["memory_bytes"] / ref.memory_bytes
         training = measurement.get("training")
         if training:  # training mode: how the fine-tuning went, with what the sampler chose
-            settings = policy.get("training") or {}
+            settings = r.policy.get("training") or {}
             row.update({"step_ms": training.get("step_ms"), "step_ratio": training.get("step_ratio"),
                         "skipped_steps": training.get("skipped_steps"),
                         "learning_rate": settings.get("learning_rate"), "loss_scale": settings.get("loss_scale"),
                         "dynamic_loss_scale": settings.get("dynamic_loss_scale")})
         if flatten_layers:
-            for name in info.get("layers", []):
-                row[f"layer:{name}"] = (policy.get("layers") or {}).get(name)
+            for name in info.layers:
+                row[record.LAYER_PARAM + name] = r.layers.get(name)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """`trials_frame(flatten_layers=True)` plus start time and duration of each trial."""
+    frame = trials_frame(study, flatten_layers=True)
+    if frame.empty:
+        return frame
+    times, spreads = {}, {}
+    for t in study.get_trials(deepcopy=False):
+        start, end = t.datetime_start, t.datetime_complete
+        times[t.number] = (start.isoformat(timespec="seconds") if start else None,
+                           (end - start).total_seconds() if start and end else None)
+        spreads[t.number] = TrialRecord.of(t).measurement.get("latency_spread")
+    frame.insert(2, "started", [times[n][0] for n in frame.trial])
+    frame.insert(3, "duration_s", [times[n][1] for n in frame.trial])
+    position = list(frame.columns).index("latency_ms") + 1
+    frame.insert(position, "latency_spread", [spreads[n] for n in frame.trial])
+    return frame
+
+
+def write_trials(study: optuna.Study, path: str | Path) -> Path:
+    """Every trial as a row, to CSV or Parquet chosen by the file's suffix."""
+    path = Path(path)
+    kind = TRIAL_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise AutoprecError(f"-o {path}: unknown file type {path.suffix or '(no suffix)'!r}; "
+                            "name a .csv or .parquet file")
+    frame = trials_table(study)
+    if kind == "csv":
+        frame.to_csv(path, index=False)
+        return path
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise AutoprecError(f"-o {path}: writing Parquet needs pyarrow; pip install 'autoprec[report]' "
+                            "or write a .csv") from None
+    # Columns that are None everywhere (no failure reasons yet) have no type; make them strings.
+    for column in frame.columns:
+        if frame[column].dtype == object and frame[column].isna().all():
+            frame[column] = frame[column].astype("string")
+    frame.to_parquet(path, index=False)
+    return path
 
 
 def _dominates(a: pd.Series, b: pd.Series) -> bool:
@@ -97,29 +141,29 @@ def pick_trial(study: optuna.Study, pick: str | None, trial: int | None, max_dro
 
 def policy_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Policy:
     """The trial's policy with what was measured and the model's identity."""
-    info = study_info(study)
-    policy = policy_from_json(trial.user_attrs["policy"], where=f"trial {trial.number}")
-    measurement = trial.user_attrs.get("measurement") or {}
-    env = info.get("environment", {})
-    retimed = (study.user_attrs.get(RETIMED_ATTR) or {}).get("trials", {}).get(str(trial.number), {})
+    info = record.read_info(study)
+    r = TrialRecord.of(trial)
+    policy = policy_from_json(trial.user_attrs[record.TrialKey.POLICY], where=f"trial {trial.number}")
+    env, ref = info.environment, info.reference
+    retimed = record.retimed(study).get(str(trial.number), {})
     policy.measured = {
         "score": trial.values[0], "latency_ms": trial.values[1], "memory_bytes": int(trial.values[2]),
-        "peak_bytes": measurement.get("peak_bytes"), "score_drop": trial.user_attrs.get("score_drop"),
-        "reference_score": info["reference"]["score"], "reference_latency_ms": info["reference"]["latency_ms"],
-        "latency_ratio": trial.values[1] / info["reference"]["latency_ms"],
+        "peak_bytes": r.measurement.get("peak_bytes"), "score_drop": r.score_drop,
+        "reference_score": ref.score, "reference_latency_ms": ref.latency_ms,
+        "latency_ratio": trial.values[1] / ref.latency_ms,
         "retimed_ratio": retimed.get("ratio"),  # the front re-timed side by side at the end of the search
         "device": env.get("device"), "device_name": env.get("device_name"), "threads": env.get("threads"),
         "cpu_allocator": env.get("cpu_allocator"), "torch": env.get("torch"),
         "study": study.study_name, "trial": trial.number,
     }
-    policy.model = {"class": info["model_class"], "fingerprint": info["model_fingerprint"]}
+    policy.model = {"class": info.model_class, "fingerprint": info.model_fingerprint}
     return policy
 
 
-def _timed_on(info: dict[str, Any]) -> str:
+def _timed_on(info: StudyInfo) -> str:
     """'cpu, 1 thread' or 'cuda' (a study's thread count is fixed, so it belongs with the device)."""
-    device = info.get("device_type") or "-"
-    threads = info.get("environment", {}).get("threads")
+    device = info.device_type or "-"
+    threads = info.environment.get("threads")
     return f"{device}, {threads_text(threads)}" if device == "cpu" and threads else device
 
 
@@ -127,16 +171,16 @@ def studies_frame(storage: Any) -> pd.DataFrame:
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        if "autoprec" not in study.user_attrs:
+        if not record.is_autoprec_study(study):
             continue
+        info = record.read_info(study)
         frame = trials_frame(study)
         front = pareto_front(frame)
         complete = int((frame.state == "COMPLETE").sum()) if not frame.empty else 0
         best = front.latency_ms.min() if not front.empty else None
-        ref = study.user_attrs["autoprec"]["reference"]["latency_ms"]
         rows.append({"study": summary.study_name, "trials": len(frame), "complete": complete,
                      "failed": int((frame.state == "FAIL").sum()) if not frame.empty else 0,
                      "front": len(front), "best_latency_ms": best,
-                     "best_vs_fp32": best / ref if best else None,
-                     "device": _timed_on(study.user_attrs["autoprec"])})
+                     "best_vs_fp32": best / info.reference.latency_ms if best else None,
+                     "device": _timed_on(info)})
     return pd.DataFrame(rows)

@@ -33,7 +33,7 @@ from torch import nn
 from autoprec.errors import SpaceError
 from autoprec.precision import DTYPES, FLOAT_DTYPES, HANDLERS, LayerInfo, searchable_layers
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data (pyproject.toml)
 _KNOWN_CLASSES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 _TOP_FIELDS = {"name", "description", "dtypes", "default_dtypes", "layers", "rules", "training"}
 _TRAINING_FIELDS = {"enabled", "steps", "optimizer", "learning_rate", "loss_scale", "dynamic_loss_scale"}

@@ -11,76 +11,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 Forward = Callable[[], object]
-
-
-def _quota_and_period(quota_file: Path) -> tuple[str, str]:
-    """From cgroup v2 `cpu.max` ("QUOTA PERIOD") or v1 `cpu.cfs_quota_us` beside `cpu.cfs_period_us`."""
-    fields = quota_file.read_text().split()
-    if quota_file.name == "cpu.max":
-        return fields[0], fields[1]
-    return fields[0], (quota_file.parent / "cpu.cfs_period_us").read_text().split()[0]
-
-
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
-    """CPUs this process's cgroup quota allows, None where there is none. A container started with
-    --cpus 2 on a 64-core host sees 64 cores in its affinity mask, and 63 threads under a 2-CPU
-    quota are throttled in bursts."""
-    try:
-        lines = membership.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        rel = path.strip().lstrip("/")
-        # the own group, then the mount's root (inside a cgroup namespace the own group is the root)
-        if controllers == "":  # v2
-            candidates = [root / rel / "cpu.max", root / "cpu.max"]
-        elif "cpu" in controllers.split(","):  # v1
-            candidates = [root / "cpu" / rel / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_quota_us"]
-        else:
-            continue
-        for quota_file in candidates:
-            try:
-                quota, period = _quota_and_period(quota_file)
-            except (OSError, IndexError):
-                continue
-            if quota in ("max", "-1"):
-                break
-            return int(quota) / int(period)
-    return None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its affinity mask, capped by a cgroup CPU quota."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return max(1, min(cores, math.ceil(limit))) if limit else cores
-
-
-def default_threads() -> int:
-    """AUTOPREC_THREADS, else every usable core but one (one core on a one-core machine).
-
-    One core is left to the OS and the rest of the machine: an OpenMP op waits for its slowest
-    thread, so with every core in use anything else that runs stalls whole ops. On a 2-core VM,
-    MiniLM's all-bf16 and all-int8 ratios to fp32 repeated within 1.026 / 1.019 over five
-    measurements at one thread and 1.087 / 1.082 at two (benchmarks/README.md, session 6).
-    """
-    if os.environ.get("AUTOPREC_THREADS", "").isdigit() and int(os.environ["AUTOPREC_THREADS"]) > 0:
-        return int(os.environ["AUTOPREC_THREADS"])
-    return max(1, usable_cores() - 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -105,7 +44,7 @@ class TimingSettings:
     warmup_calls: int = 2  # the last one is timed, to size the rounds
     max_rounds: int = 33  # rounds are added, 4 at a time, until the median is known to within
     target_ci: float = 1.03  # this ratio (upper / lower end of its ~90% confidence interval)
-    keep_freed_memory: bool = True  # on the CPU, glibc keeps freed memory (see autoprec.cpu_malloc)
+    keep_freed_memory: bool = True  # on the CPU, glibc keeps freed memory (see autoprec.machine)
     settled_rounds: int = 5  # with neighbours to place it among, the earliest a candidate may stop
 
 

@@ -1,4 +1,5 @@
-"""Load a user's model.py by path and check it against the contract of DESIGN.md.
+"""Load a user's model.py by path and check it against the model.py contract (README.md,
+"The model.py contract").
 
 Every broken spec raises `SpecError` with one line naming the file, the callable and the fix.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -223,9 +223,3 @@ def load_spec(path: str | Path) -> ModelSpec:
             raise SpecError(f"{path}: {name} is a {type(value).__name__}, not a function; {fix}")
         found[name] = value
     return ModelSpec(path=path, **found)
-
-
-def check_score(spec: ModelSpec, value: float) -> float:
-    if not math.isfinite(value):
-        raise spec.error("evaluate", f"returned {value} for the fp32 model")
-    return value

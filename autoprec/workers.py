@@ -1,56 +1,60 @@
-"""`autoprec search --workers N`: N local worker processes sharing one study through the store.
+"""Local worker processes sharing one study through the store (`autoprec search --workers N`).
 
-The launching process measures the fp32 reference and creates the study, registers one run with
-the requested trial count, and starts N `autoprec search --join RUN` processes (one per device
-with --devices). They reserve trials from that run in the store (autoprec/ledger.py), so together
-they run exactly the requested number, and a worker killed mid-trial has its trial failed by the
-heartbeat and retried by a survivor. Workers on other machines join the same study by running
-`autoprec search` with the same --storage and --study.
+The launching process has opened the study (measured the fp32 reference and created it, or
+resumed it); it registers one run with the requested trial count and starts N processes
+(`python -m autoprec.workers JOB`, one per device with --devices). Each gets its job as JSON
+data: the search config, pinned to the study, its store, the study's thread count and its own
+seed and device, and the run to join. They reserve trials from that run in the store
+(autoprec/ledger.py), so together they run exactly the requested number, and a worker killed
+mid-trial has its trial failed by the heartbeat and retried by a survivor. Workers on other
+machines join the same study by running `autoprec search` with the same --storage and --study.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from autoprec.errors import AutoprecError
 from autoprec.search import Search, SearchConfig, SearchResult
 
 
-def worker_command(config: SearchConfig, study: str, url: str, run_id: str, device: str | None, index: int,
-                   threads: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "autoprec", "search", config.model, "--storage", url, "--study", study,
-           "--join", run_id, "--seed", str(config.seed + index), "--no-progress", "--no-retime",
-           "--strategy", config.strategy, "--max-rounds", str(config.timing.max_rounds)]
-    if config.space:
-        cmd += ["--space", config.space]
-    if device:
-        cmd += ["--device", device]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    if config.timeout is not None:
-        cmd += ["--timeout", str(config.timeout)]
-    if not config.timing.keep_freed_memory:
-        cmd += ["--malloc-defaults"]
-    return cmd
+@dataclass
+class WorkerJob:
+    config: SearchConfig  # pinned: study, storage, threads, device and seed of this worker
+    run_id: str
+
+    def to_json(self) -> str:
+        return json.dumps({"config": self.config.to_json(), "run_id": self.run_id})
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerJob":
+        data: dict[str, Any] = json.loads(text)
+        return cls(SearchConfig.from_json(data["config"]), data["run_id"])
 
 
-def run_workers(search: Search, workers: int, devices: list[str] | None = None) -> SearchResult:
+def worker_job(search: Search, run_id: str, index: int) -> WorkerJob:
     config = search.config
-    if workers < 1:
-        raise AutoprecError(f"--workers {workers}: must be at least 1")
-    if search.storage_url.startswith("sqlite") and workers > 1:
-        raise AutoprecError(f"--workers {workers} with SQLite ({search.storage_url}): SQLite lets one process "
-                            "write at a time, so several workers may fail with 'database is locked'; use "
-                            "--storage postgresql://USER@HOST/DB for several workers")
-    threads = search.threads  # the study's: every worker times as the reference was timed
+    device = config.devices[index % len(config.devices)] if config.devices else config.device
+    pinned = dataclasses.replace(config, study=search.study_name, storage=search.storage_url, threads=search.threads,
+                                 device=device, seed=config.seed + index, workers=1, devices=None,
+                                 progress=False, retime_front=False)
+    return WorkerJob(pinned, run_id)
+
+
+def run_workers(search: Search) -> SearchResult:
+    config = search.config
+    workers = config.workers
     run_id = search.ledger.new_run(search.study_name, config.trials)
     search.run_id = run_id
     before = search.finished_trials()
-    procs = [subprocess.Popen(worker_command(config, search.study_name, search.storage_url, run_id,
-                                             devices[i % len(devices)] if devices else config.device, i, threads))
+    procs = [subprocess.Popen([sys.executable, "-m", "autoprec.workers", worker_job(search, run_id, i).to_json()])
              for i in range(workers)]
     from tqdm.auto import tqdm
 
@@ -77,6 +81,26 @@ def run_workers(search: Search, workers: int, devices: list[str] | None = None) 
         search.finish()
     if failed and not interrupted:
         print(f"autoprec: workers {failed} exited with an error; their trials are in the store", file=sys.stderr)
-    total = search.finished_trials()
-    return SearchResult(search.study_name, search.storage_url, total - before, total, interrupted,
-                        dict(search.phase_seconds))
+    return search.result(before, interrupted)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """One worker: open the study its job names and run a share of the job's run."""
+    from autoprec.cli import quiet_libraries
+    from autoprec.errors import AutoprecError
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    quiet_libraries()
+    try:
+        job = WorkerJob.from_json(args[0])
+        result = Search.open(job.config).run(None, job.config.timeout, run_id=job.run_id)
+    except AutoprecError as exc:
+        print(f"autoprec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

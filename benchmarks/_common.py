@@ -42,7 +42,7 @@ def quiet() -> None:
 
 
 def cpu_model() -> str:
-    from autoprec.evaluate import cpu_name
+    from autoprec.machine import cpu_name
 
     return cpu_name()
 
@@ -100,7 +100,7 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def set_threads(threads: int | None) -> int:
-    from autoprec.timing import default_threads
+    from autoprec.machine import default_threads
 
     torch.set_num_threads(threads or default_threads())
     return torch.get_num_threads()

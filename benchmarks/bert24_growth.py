@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from autoprec.timing import default_threads
+    from autoprec.machine import default_threads
 
     torch.set_num_threads(default_threads())  # what the searches' Evaluators use
     print("# Guided search growth, BERT 6 -> 24 layers\n")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                               study=f"bert{layers}", space="cpu", max_drop=args.max_drop, seed=args.seed,
                               strategy="guided", progress=False)
         started = time.perf_counter()
-        search = Search(config)
+        search = Search.open(config)
         setup = time.perf_counter() - started
         started = time.perf_counter()
         result = search.run(config.trials, config.timeout)

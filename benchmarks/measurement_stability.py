@@ -18,7 +18,7 @@ reference latency), to compare what fixed settings give and cost.
     .venv/bin/python benchmarks/measurement_stability.py --target-ci 1.02,1.03
     .venv/bin/python benchmarks/measurement_stability.py --threads 1,2 --policies fp32,all-int8 --malloc-defaults
 
-Timing keeps freed memory in the process as autoprec does (autoprec.cpu_malloc); --malloc-defaults
+Timing keeps freed memory in the process as autoprec does (autoprec.machine); --malloc-defaults
 measures under glibc's defaults instead, for comparison (run it as its own process: mallopt is
 process-wide and one-way).
 
@@ -48,6 +48,7 @@ import autoprec.evaluate as E  # noqa: E402
 import autoprec.timing as T  # noqa: E402
 from autoprec import Policy  # noqa: E402
 from autoprec.timing import TimingSettings  # noqa: E402
+from autoprec.machine import default_threads  # noqa: E402
 
 SPREAD_TARGET = 1.03
 MEMORY_TARGET = 0.02
@@ -170,12 +171,12 @@ def main() -> None:
                                 min_round_s=args.min_round_s if args.min_round_s is not None else default.min_round_s)]
 
     sweep = [dataclasses.replace(t, keep_freed_memory=not args.malloc_defaults) for t in sweep]
-    from autoprec.cpu_malloc import allocator_state
+    from autoprec.machine import allocator_state
     from autoprec.userspec import load_spec
 
     spec = load_spec(args.spec)
     start = time.perf_counter()
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else [T.default_threads()]
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [default_threads()]
     ev = E.Evaluator(spec, args.device, threads=threads[0], timing=sweep[0], measure_peak=not args.no_peak)
     setup_s = time.perf_counter() - start
     policies = {k: p for k, p in C.three_policies(ev.model).items() if k in args.policies.split(",")}

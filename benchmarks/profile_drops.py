@@ -54,7 +54,7 @@ def main() -> int:
 
     from autoprec.profile import exact_drops, linearized_drops
     from autoprec.space import load_space
-    from autoprec.timing import default_threads
+    from autoprec.machine import default_threads
     from autoprec.userspec import load_spec
 
     torch.set_num_threads(default_threads())

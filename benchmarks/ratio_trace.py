@@ -7,7 +7,7 @@ against the fp32 reference in back-to-back ABBA pairs of single forwards, contin
 instances run the same inputs, the cause is the machine, not the measurement method.
 
 Then minor page faults per forward (getrusage) under glibc's default allocator and after
-`autoprec.cpu_malloc.keep_freed_memory()` (what a server with tcmalloc/jemalloc does), with the
+`autoprec.machine.keep_freed_memory()` (what a server with tcmalloc/jemalloc does), with the
 median ms of 7 forwards each: a forward that faults its activations in on every call pays the
 kernel for it, and that cost moves with the machine's memory state.
 
@@ -28,7 +28,7 @@ C.quiet()
 import torch  # noqa: E402
 
 import autoprec.evaluate as E  # noqa: E402
-from autoprec.cpu_malloc import KEPT, keep_freed_memory  # noqa: E402
+from autoprec.machine import KEPT, keep_freed_memory  # noqa: E402
 from autoprec.timing import TimingSettings, time_calls  # noqa: E402
 from autoprec.userspec import load_spec  # noqa: E402
 

@@ -115,7 +115,7 @@ def hypervolume(points: list[Point], max_drop: float) -> float:
 
 def study_points(study: optuna.Study, max_drop: float) -> list[Point]:
     from autoprec.results import trials_frame
-    from autoprec.search import policy_from_params
+    from autoprec.record import policy_from_params
 
     frame = trials_frame(study)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -164,7 +164,7 @@ def run_search(model: str, method: str, max_drop: float, budget: float, db: Path
                           study=f"{db.stem}", space=SPACE, max_drop=max_drop, seed=seed, strategy=method,
                           retime_front=False, progress=False)
     started = time.perf_counter()
-    search = Search(config)
+    search = Search.open(config)
     setup = time.perf_counter() - started
     started = time.perf_counter()
     result = search.run(config.trials, config.timeout)
@@ -286,7 +286,7 @@ def uniform_run(guided: MethodRun) -> MethodRun:
 
 
 def choose_drops(evaluator, choices, space, override: str | None) -> tuple[dict[str, float], dict[str, float]]:
-    from autoprec.search import policy_from_params, uniform_policy_params
+    from autoprec.record import policy_from_params, uniform_params as uniform_policy_params
 
     measured = {}
     for fmt in ("bf16", "int8"):
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     kinds = [k for k in args.drops.split(",") if k]
-    from autoprec.timing import default_threads
+    from autoprec.machine import default_threads
 
     torch.set_num_threads(default_threads())  # what every Evaluator here uses (AUTOPREC_THREADS, else all usable cores but one)
     print("# Search quality\n")

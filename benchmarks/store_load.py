@@ -70,11 +70,12 @@ import sqlalchemy as sa  # noqa: E402
 
 from autoprec import ledger as ledger_module  # noqa: E402
 from autoprec.ledger import worker_name  # noqa: E402
-from autoprec.search import (  # noqa: E402
-    DEFAULT_PARAM, DIRECTIONS, LAYER_PARAM, OBJECTIVES, CandidateFailed, Search, SearchConfig, policy_from_params,
-)
+from autoprec.opening import DIRECTIONS, OBJECTIVES  # noqa: E402
+from autoprec.record import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params  # noqa: E402
+from autoprec.search import CandidateFailed, Search, SearchConfig  # noqa: E402
 from autoprec import store as store_module  # noqa: E402
-from autoprec.store import GRACE_S, HEARTBEAT_S, open_storage  # noqa: E402
+from autoprec.recovery import GRACE_S, HEARTBEAT_S  # noqa: E402
+from autoprec.store import open_storage  # noqa: E402
 
 DEFAULT_PG = os.environ.get("AUTOPREC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 FORMATS = ["fp32", "fp16", "bf16", "int8"]
@@ -121,7 +122,7 @@ def _standin_objective(self: Search, trial: optuna.Trial) -> tuple[float, float,
     """Search.objective with the measurement replaced by a short sleep (same store writes, same order)."""
     trial.set_user_attr("run_id", self.run_id)
     trial.set_user_attr("worker", worker_name())
-    self._last_origin = str(trial.user_attrs.get("origin", "sampler")).split()[0]
+    self._last_origin = Origin.parse(trial.user_attrs.get("origin"))
     params = {DEFAULT_PARAM: trial.suggest_categorical(DEFAULT_PARAM, ["fp32", "bf16", "fp16"])}
     for name in self._standin_layers:
         params[LAYER_PARAM + name] = trial.suggest_categorical(LAYER_PARAM + name, FORMATS)
@@ -211,7 +212,7 @@ def _worker(url: str, study_name: str, run_id: str, index: int, opts: dict, go: 
         search = object.__new__(Search)  # what Search.__init__ sets that run() uses; no model, no reference
         search.config = config
         search.phase_seconds = {}
-        search._last_origin = "sampler"
+        search._last_origin = Origin()
         search.study_name = study_name
         search.storage_url = url
         search.storage = storage

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import platform
 
-from autoprec.cpu_malloc import KEPT
-from autoprec.report_apply import stored_latency
+from autoprec.machine import KEPT
+from autoprec.compare import stored_latency
 
 HERE = {"device": "cpu", "device_name": "AMD EPYC 7B13", "threads": "2", "cpu_allocator": KEPT}
 STORED = {"latency_ratio": 0.93, "retimed_ratio": 0.925, "device": "cpu", "device_name": "AMD EPYC 7B13",

@@ -37,7 +37,7 @@ def study_url(tmp_path_factory):
                    strategy="tpe", retime_front=False)
     fields = SearchConfig.__dataclass_fields__
     try:
-        search = Search(SearchConfig(**{k: v for k, v in options.items() if k in fields}))
+        search = Search.open(SearchConfig(**{k: v for k, v in options.items() if k in fields}))
         search.evaluator.measure_peak = False  # the profiler's first start imports for seconds; not tested here
         search.run(7)
     finally:

@@ -229,7 +229,7 @@ def test_torchao_deprecation_chatter_stays_out_of_the_output_and_other_warnings_
 
 def test_study_threads_are_set_at_creation_and_shared_among_workers(monkeypatch):
     from autoprec.errors import StoreError
-    from autoprec.search import study_threads
+    from autoprec.opening import study_threads
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("AUTOPREC_THREADS", "6")
@@ -255,17 +255,17 @@ def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path, cap
     assert len(_study(url, "tiny_mlp").trials) == before
     # without --threads the resume takes the study's count, whatever this machine's default is
     from autoprec.search import Search, SearchConfig
-    from autoprec.timing import usable_cores
+    from autoprec.machine import usable_cores
 
     threads = torch.get_num_threads()
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("AUTOPREC_THREADS", "2")
-            search = Search(SearchConfig(model=str(TINY), storage=url, device="cpu", progress=False))
+            search = Search.open(SearchConfig(model=str(TINY), storage=url, device="cpu", progress=False))
             assert search.threads == 1 and torch.get_num_threads() == 1
         assert "oversubscribe" not in capsys.readouterr().err
         workers = usable_cores() + 1  # each at the study's one thread: one more than the machine has cores
-        Search(SearchConfig(model=str(TINY), storage=url, device="cpu", progress=False, workers=workers))
+        Search.open(SearchConfig(model=str(TINY), storage=url, device="cpu", progress=False, workers=workers))
         assert f"{workers} x 1 thread (study 'tiny_mlp''s) oversubscribe" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)

@@ -60,60 +60,6 @@ def test_median_confidence_interval_covers_the_median_about_90_percent(n):
     assert lo < (n - 1) / 2 < hi
 
 
-@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (16, 15)])
-def test_default_threads_leave_one_core_to_the_rest_of_the_machine(monkeypatch, cores, expected):
-    monkeypatch.delenv("AUTOPREC_THREADS", raising=False)
-    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: None)
-    assert T.default_threads() == expected
-
-
-def test_a_cgroup_cpu_quota_caps_the_usable_cores(monkeypatch):
-    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: 1.5)  # docker run --cpus 1.5 on a 64-core host
-    assert T.usable_cores() == 2
-    monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: 0.2)
-    assert T.usable_cores() == 1
-
-
-def _membership(tmp_path, text: str):
-    path = tmp_path / "cgroup"
-    path.write_text(text)
-    return path
-
-
-def test_cgroup_v2_cpu_max(tmp_path):
-    root = tmp_path / "fs"
-    (root / "job").mkdir(parents=True)
-    (root / "job" / "cpu.max").write_text("200000 100000\n")
-    assert T.cgroup_cpu_limit(root, _membership(tmp_path, "0::/job\n")) == 2.0
-    (root / "job" / "cpu.max").write_text("max 100000\n")
-    assert T.cgroup_cpu_limit(root, _membership(tmp_path, "0::/job\n")) is None
-    (root / "cpu.max").write_text("150000 100000\n")  # inside a cgroup namespace: the mount's root
-    assert T.cgroup_cpu_limit(root, _membership(tmp_path, "0::/elsewhere\n")) == 1.5
-
-
-def test_cgroup_v1_cfs_quota(tmp_path):
-    group = tmp_path / "fs" / "cpu" / "docker" / "abc"
-    group.mkdir(parents=True)
-    (group / "cpu.cfs_quota_us").write_text("300000\n")
-    (group / "cpu.cfs_period_us").write_text("100000\n")
-    membership = _membership(tmp_path, "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n")
-    assert T.cgroup_cpu_limit(tmp_path / "fs", membership) == 3.0
-    (group / "cpu.cfs_quota_us").write_text("-1\n")
-    assert T.cgroup_cpu_limit(tmp_path / "fs", membership) is None
-    assert T.cgroup_cpu_limit(tmp_path / "fs", tmp_path / "missing") is None
-
-
-def test_autoprec_threads_overrides_the_default(monkeypatch):
-    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: None)
-    monkeypatch.setenv("AUTOPREC_THREADS", "3")
-    assert T.default_threads() == 3
-    monkeypatch.setenv("AUTOPREC_THREADS", "0")  # not a count: ignored
-    assert T.default_threads() == 15
-
-
 def _ratio_clock(monkeypatch, ratio: float, noise: float, seed: int = 0) -> None:
     """The candidate takes `ratio` x the reference's 1 s per call, times 1 +- noise (uniform)."""
     rng = random.Random(seed)

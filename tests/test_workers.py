@@ -121,15 +121,20 @@ def test_unreachable_store_is_one_line():
 
 
 @pytest.mark.parametrize("malloc_defaults", [False, True])
-def test_workers_are_started_with_the_launchers_timing_settings(malloc_defaults):
-    from autoprec.cli import build_parser, timing_settings
+def test_workers_get_the_launchers_config_as_data(malloc_defaults):
+    from types import SimpleNamespace
+
+    from autoprec.cli import timing_settings
     from autoprec.search import SearchConfig
-    from autoprec.workers import worker_command
+    from autoprec.workers import WorkerJob, worker_job
 
     timing = timing_settings(13, malloc_defaults)
-    config = SearchConfig(model=str(TINY), storage="postgresql://x@h/db", timing=timing, space="cpu")
-    cmd = worker_command(config, "s", "postgresql://x@h/db", "run1", None, index=2, threads=1)
-    assert cmd[1:3] == ["-m", "autoprec"]
-    args = build_parser().parse_args(cmd[3:])
-    assert timing_settings(args.max_rounds, args.malloc_defaults) == timing
-    assert (args.join, args.seed, args.threads, args.space) == ("run1", 2, 1, "cpu")
+    config = SearchConfig(model=str(TINY), storage="postgresql://x@h/db", timing=timing, space="cpu", seed=5,
+                          workers=2, devices=("cuda:0", "cuda:1"), strategy="tpe", timeout=30.0)
+    launcher = SimpleNamespace(config=config, study_name="s", storage_url="postgresql://x@h/db", threads=1)
+    job = WorkerJob.from_json(worker_job(launcher, "run1", index=3).to_json())
+    assert job.run_id == "run1" and job.config.timing == timing
+    assert (job.config.study, job.config.seed, job.config.threads, job.config.space) == ("s", 8, 1, "cpu")
+    assert (job.config.device, job.config.workers, job.config.devices) == ("cuda:1", 1, None)
+    assert (job.config.strategy, job.config.timeout, job.config.progress, job.config.retime_front) == \
+        ("tpe", 30.0, False, False)

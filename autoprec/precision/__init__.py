@@ -8,7 +8,7 @@ differs from the default.
 
 from __future__ import annotations
 
-from autoprec.precision.base import FLOAT_DTYPES, FormatHandler, HANDLERS, register, torch_dtype
+from autoprec.precision.base import FLOAT_DTYPES, FormatHandler, HANDLERS, register
 from autoprec.precision.apply import apply_formats, check_layer_format, module_storage_bytes
 from autoprec.precision.layers import SEARCHABLE_CLASSES, LayerInfo, searchable_layers
 
@@ -30,5 +30,4 @@ __all__ = [
     "module_storage_bytes",
     "register",
     "searchable_layers",
-    "torch_dtype",
 ]

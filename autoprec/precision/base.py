@@ -14,11 +14,6 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a floating format name (fp32/fp16/bf16)."""
-    return FLOAT_DTYPES[name]
-
-
 class FormatHandler(Protocol):
     name: str
 

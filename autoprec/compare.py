@@ -5,9 +5,9 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from autoprec.cpu_malloc import KEPT
 from autoprec.errors import AutoprecError
-from autoprec.evaluate import Evaluator, environment, resolve_device
+from autoprec.evaluate import Evaluator
+from autoprec.machine import KEPT, environment, resolve_device
 from autoprec.policy import Policy, load_policy
 from autoprec.tables import format_bytes, format_table, threads_text
 from autoprec.timing import TimingSettings

@@ -1,0 +1,217 @@
+"""Opening a study for a search: check the config, load the model spec and the space, open the
+store, then create the study (the first worker measures the fp32 reference) or wait for its
+creator, refuse a resume that would measure differently, and fix the CPU thread count.
+
+`open_study(config)` returns an `OpenedStudy`: everything the trial loop (autoprec.search) needs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+import torch
+
+from autoprec import record
+from autoprec.errors import AutoprecError, StoreError
+from autoprec.evaluate import Evaluator
+from autoprec.ledger import Ledger
+from autoprec.machine import default_threads, environment, prepare_allocator, resolve_device, usable_cores
+from autoprec.policy import model_fingerprint
+from autoprec.precision import DTYPES, module_storage_bytes
+from autoprec.record import Origin, Reference, StudyInfo
+from autoprec.space import SearchSpace, load_space
+from autoprec.store import open_storage, storage_url, study_names
+from autoprec.tables import threads_text
+from autoprec.userspec import ModelSpec, load_spec
+
+if TYPE_CHECKING:
+    from optuna.storages import RDBStorage
+
+    from autoprec.search import SearchConfig
+
+OBJECTIVES = ("score", "latency_ms", "memory_bytes")
+DIRECTIONS = ("maximize", "minimize", "minimize")
+DEFAULT_MAX_DROP = 0.01
+STRATEGIES = ("guided", "tpe", "nsga2", "random")
+CLAIM_STALE_S = float(os.environ.get("AUTOPREC_CLAIM_STALE_S", "900"))
+
+
+def default_study_name(model_path: str | Path) -> str:
+    path = Path(model_path).resolve()
+    return path.parent.name if path.stem == "model" else path.stem
+
+
+@dataclass
+class OpenedStudy:
+    config: SearchConfig
+    spec: ModelSpec
+    space: SearchSpace
+    device: torch.device
+    choices: dict[str, tuple[str, ...]]
+    study_name: str
+    storage_url: str
+    storage: RDBStorage
+    evaluator: Evaluator
+    info: StudyInfo
+    threads: int | None
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.storage.ledger  # type: ignore[attr-defined]
+
+
+def check_config(config: SearchConfig) -> None:
+    """Refuse a bad option before anything is loaded or written."""
+    if config.strategy not in STRATEGIES:
+        raise AutoprecError(f"--strategy {config.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if config.max_drop is not None and not config.max_drop >= 0:
+        raise AutoprecError(f"--max-drop {config.max_drop}: must be a number >= 0 (an absolute score drop)")
+    if config.workers < 1:
+        raise AutoprecError(f"--workers {config.workers}: must be at least 1")
+
+
+def study_threads(device: torch.device, stored: str | int | None, requested: int | None, workers: int,
+                  name: str) -> int | None:
+    """The CPU thread count to time a study with: set when the study is created (--threads, else
+    default_threads() shared among the local workers) and kept by every resume and worker, because
+    the ratios of bf16 and int8 to fp32 change with the thread count."""
+    if device.type != "cpu":
+        return requested
+    if stored is None:
+        return requested or max(1, default_threads() // workers)
+    if requested is not None and requested != int(stored):
+        raise StoreError(f"study {name!r} was timed with {threads_text(stored)} on the CPU, and latency ratios "
+                         f"change with the thread count; drop --threads {requested} (a resume keeps the study's), "
+                         "or start a new study with --study NEW_NAME")
+    return int(stored)
+
+
+def check_resume(info: StudyInfo, fingerprint: str, space: SearchSpace, device: torch.device,
+                 max_drop: float | None, name: str, freed_memory_kept: bool) -> None:
+    way_out = f"start a new study with --study NEW_NAME (this one is {name!r})"
+    if info.model_fingerprint != fingerprint:
+        raise StoreError(f"study {name!r} was made for a different model ({info.model_class}, "
+                         f"{info.model_path}); the model's structure changed; {way_out}")
+    if info.space_fingerprint != space.fingerprint():
+        raise StoreError(f"study {name!r} was made with search space {info.space.get('name')!r} "
+                         f"and this run's space {space.name!r} differs; {way_out}")
+    if info.device_type != device.type:
+        raise StoreError(f"study {name!r} was measured on {info.device_type}, not {device.type}; {way_out}")
+    kept = info.cpu_freed_memory_kept
+    if device.type == "cpu" and kept is not None and kept != freed_memory_kept:
+        was, flag = ("kept", "drop --malloc-defaults") if kept else ("returned", "add --malloc-defaults")
+        raise StoreError(f"study {name!r} was timed with the CPU allocator's freed memory {was}, which changes "
+                         f"latencies; {flag} to match it, or {way_out}")
+    if max_drop is not None and abs(max_drop - info.max_drop) > 1e-15:
+        raise StoreError(f"study {name!r} uses --max-drop {info.max_drop}, not {max_drop}; "
+                         f"`autoprec front --max-drop` filters an existing study, or {way_out}")
+
+
+def _ready_info(storage: RDBStorage, name: str) -> StudyInfo | None:
+    if name not in study_names(storage):
+        return None
+    study = optuna.load_study(study_name=name, storage=storage)
+    return record.read_info(study) if record.is_autoprec_study(study) else None
+
+
+class _Opener:
+    """The steps of open_study, sharing what they load."""
+
+    def __init__(self, config: SearchConfig) -> None:
+        self.config = config
+        self.spec = load_spec(config.model)
+        self.space = load_space(config.space)
+        self.device = resolve_device(config.device)
+        model = self.spec.new_model()
+        self.fingerprint = model_fingerprint(model)
+        self.choices = self.space.choices(model, self.device)
+        if not self.choices:
+            raise AutoprecError(f"{self.spec.path}: no searchable layer under space {self.space.name!r} "
+                                f"({self.space.source}); check its 'layers' and 'rules'")
+        if self.space.trains and not self.spec.can_train:
+            raise AutoprecError(f"{self.spec.path}: space {self.space.name!r} enables training, but model.py lacks "
+                                "train_batches() and loss(outputs, targets); define both, or use a space without "
+                                "'training'")
+        if self.space.trains and self.spec.evaluate is None:
+            raise AutoprecError(f"{self.spec.path}: evaluate(model, device) is missing; training mode needs a task "
+                                "score (fidelity to the un-tuned model is no score after fine-tuning)")
+        self.study_name = config.study or default_study_name(config.model)
+        self.storage_url = storage_url(config.storage)
+        self.storage = open_storage(self.storage_url)
+        self.ledger: Ledger = self.storage.ledger  # type: ignore[attr-defined]
+
+    def open(self) -> OpenedStudy:
+        config = self.config
+        evaluator = None
+        info = _ready_info(self.storage, self.study_name)
+        if info is None:
+            threads = study_threads(self.device, None, config.threads, config.workers, self.study_name)
+            info, evaluator = self._create_or_wait(threads)
+        if evaluator is None:
+            check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
+                         prepare_allocator(config.timing.keep_freed_memory))
+            threads = study_threads(self.device, info.environment.get("threads"), config.threads,
+                                    config.workers, self.study_name)
+            evaluator = Evaluator(self.spec, self.device, threads=threads, timing=config.timing,
+                                  reference_latency_ms=info.reference.latency_ms)
+        if self.device.type == "cpu" and threads and threads * config.workers > usable_cores():
+            print(f"autoprec: {config.workers} x {threads_text(threads)} (study {self.study_name!r}'s) "
+                  f"oversubscribe this machine's {usable_cores()} cores, which slows and blurs every timing; "
+                  "use fewer --workers, or a new study with fewer --threads", file=sys.stderr)
+        return OpenedStudy(config=config, spec=self.spec, space=self.space, device=self.device, choices=self.choices,
+                           study_name=self.study_name, storage_url=self.storage_url, storage=self.storage,
+                           evaluator=evaluator, info=info, threads=threads)
+
+    def _create_or_wait(self, threads: int | None) -> tuple[StudyInfo, Evaluator | None]:
+        """The first worker measures the fp32 reference and creates the study; the others wait for it."""
+        while True:
+            if self.ledger.claim(self.study_name, "reference", stale_s=CLAIM_STALE_S):
+                try:
+                    evaluator = Evaluator(self.spec, self.device, threads=threads, timing=self.config.timing)
+                    # Created only once the reference is measured: a broken spec leaves no study behind.
+                    study = optuna.create_study(study_name=self.study_name, storage=self.storage,
+                                                directions=list(DIRECTIONS), load_if_exists=True)
+                    info = self._initialise(study, evaluator)
+                except BaseException:
+                    self.ledger.drop_claim(self.study_name, "reference")
+                    raise
+                self.ledger.finish_claim(self.study_name, "reference")
+                return info, evaluator
+            waited = time.monotonic()
+            while time.monotonic() - waited < CLAIM_STALE_S:
+                info = _ready_info(self.storage, self.study_name)
+                if info is not None:
+                    return info, None
+                time.sleep(1.0)
+
+    def _initialise(self, study: optuna.Study, evaluator: Evaluator) -> StudyInfo:
+        model = evaluator.model
+        max_drop = self.config.max_drop
+        info = StudyInfo(
+            model_path=str(self.spec.path.resolve()), model_class=type(model).__name__,
+            model_fingerprint=self.fingerprint, space=self.space.to_json(),
+            space_fingerprint=self.space.fingerprint(), device_type=self.device.type,
+            environment=environment(self.device),
+            cpu_freed_memory_kept=prepare_allocator(self.config.timing.keep_freed_memory),
+            max_drop=DEFAULT_MAX_DROP if max_drop is None else max_drop,
+            reference=Reference(score=evaluator.reference_score, latency_ms=evaluator.reference_latency_ms,
+                                memory_bytes=module_storage_bytes(model)),
+            layers=list(self.choices), training=self.space.trains, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        study.set_metric_names(list(OBJECTIVES))
+        for fmt in DTYPES:
+            params = record.uniform_params(self.choices, self.space, fmt)
+            if params is not None:
+                record.enqueue(study, params, Origin.uniform(fmt))
+        record.write_info(study, info)  # last: its presence means the study is ready
+        return info
+
+
+def open_study(config: SearchConfig) -> OpenedStudy:
+    check_config(config)
+    return _Opener(config).open()

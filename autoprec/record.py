@@ -1,0 +1,317 @@
+"""The study's record: what autoprec keeps in an Optuna study, and the one module that reads and
+writes it. Every other module goes through the names and types here.
+
+Contract
+--------
+A study in the store (any Optuna RDB storage) is an autoprec study when its user attribute
+``autoprec`` (`STUDY_ATTR`) holds a `StudyInfo` document. It is written last when the study is
+created, after the fp32 reference was measured, so its presence means "ready": a worker that
+finds the study without it waits for the creator.
+
+Study user attributes (JSON, so optuna-dashboard shows them):
+
+- ``autoprec`` (`StudyInfo`): the model (path, class, fingerprint), the space and its fingerprint,
+  the device and environment, whether the CPU allocator kept freed memory, max_drop, the fp32
+  reference (score, latency, memory), the searchable layers, training mode, the creation time.
+  Fixed for the study's life: a resume that would measure differently is refused.
+- ``autoprec_retimed``: the front re-timed beside fp32 at the end of the last search,
+  ``{"at": TIME, "trials": {"NUMBER": {"latency_ms", "ratio", "spread"}}}``.
+- ``autoprec_profile``, ``autoprec_profile_from``, ``autoprec_proposals``,
+  ``autoprec_costmodel``: the guided search's sensitivity profile (profile.Profile), the study a
+  reused profile came from, the proposals enqueued and the cost model's error (autoprec.guide).
+
+Trial params: ``default`` (`DEFAULT_PARAM`) and one ``layer:NAME`` (`LAYER_PARAM`) per searchable
+layer, each a format name; in training mode also ``learning_rate``, ``loss_scale`` and
+``dynamic_loss_scale``. `policy_from_params` and `uniform_params` are the codec.
+
+Trial user attributes (`TrialRecord` reads them all; `TrialKey` names them):
+
+- ``origin``: why the trial exists, an `Origin` written as one string ("uniform bf16",
+  "knapsack fastest, drop <= 0.5 x max_drop", absent for the sampler's).
+- ``run_id``, ``worker``: the invocation (autoprec.ledger) and process that ran it.
+- ``policy`` (policy.Policy JSON), ``counts`` (layers per format and the default),
+  ``measurement`` (evaluate.Measurement JSON), ``score_drop`` (fp32 score minus the trial's):
+  a measured candidate; its constraint ``score_drop - max_drop`` is Optuna's.
+- ``failure_reason``: a FAIL trial's one-line reason.
+- ``duplicate_of``: the trial whose measurement a re-proposed policy copied.
+- ``predicted``: the cost model's prediction for a proposal.
+
+Adding a field: a study-level one goes into `StudyInfo` with a default (the value old studies
+read as), a trial-level one into `TrialKey` and `TrialRecord` with a default. Unknown study
+keys written by a newer autoprec are kept in `StudyInfo.extra` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from autoprec.errors import StoreError
+from autoprec.policy import Policy, TrainingSettings
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autoprec.space import SearchSpace
+
+STUDY_ATTR = "autoprec"
+RETIMED_ATTR = "autoprec_retimed"
+PROFILE_ATTR = "autoprec_profile"
+PROFILE_SOURCE_ATTR = "autoprec_profile_from"
+PROPOSALS_ATTR = "autoprec_proposals"
+COSTMODEL_ATTR = "autoprec_costmodel"
+
+LAYER_PARAM = "layer:"
+DEFAULT_PARAM = "default"
+TRAINING_PARAMS = ("learning_rate", "loss_scale", "dynamic_loss_scale")
+
+
+class TrialKey:
+    ORIGIN = "origin"
+    RUN_ID = "run_id"
+    WORKER = "worker"
+    POLICY = "policy"
+    COUNTS = "counts"
+    MEASUREMENT = "measurement"
+    SCORE_DROP = "score_drop"
+    FAILURE_REASON = "failure_reason"
+    DUPLICATE_OF = "duplicate_of"
+    PREDICTED = "predicted"
+
+
+# --------------------------------------------------------------------------------------------
+# origin
+
+
+UNIFORM, PROPOSAL, SAMPLER = "uniform", "proposal", "sampler"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Why a trial exists: a uniform policy (`format` set), a cost-model proposal, or the sampler.
+
+    Stored as one string; `text` is what tables print."""
+
+    kind: str = SAMPLER
+    format: str | None = None
+    description: str = ""
+
+    @classmethod
+    def uniform(cls, fmt: str) -> "Origin":
+        return cls(UNIFORM, fmt, f"uniform {fmt}")
+
+    @classmethod
+    def proposal(cls, why: str) -> "Origin":
+        return cls(PROPOSAL, None, why)
+
+    @classmethod
+    def parse(cls, value: Any) -> "Origin":
+        text = str(value).strip() if value else ""
+        if not text or text == SAMPLER:
+            return cls()
+        if text.startswith(UNIFORM + " "):
+            return cls.uniform(text.split(None, 1)[1])
+        return cls.proposal(text)
+
+    @property
+    def text(self) -> str:
+        return self.description or self.kind
+
+    @property
+    def phase(self) -> str:
+        """The search phase this trial's time counts to ('uniform', 'knapsack', 'sampler')."""
+        return self.text.split()[0] if self.kind == PROPOSAL else self.kind
+
+
+# --------------------------------------------------------------------------------------------
+# study
+
+
+@dataclass
+class Reference:
+    score: float
+    latency_ms: float
+    memory_bytes: int
+
+
+@dataclass
+class StudyInfo:
+    model_path: str
+    model_class: str
+    model_fingerprint: str
+    space: dict[str, Any]
+    space_fingerprint: str
+    device_type: str
+    environment: dict[str, str]
+    max_drop: float
+    reference: Reference
+    layers: list[str] = field(default_factory=list)
+    training: bool = False
+    cpu_freed_memory_kept: bool | None = None  # None: a study from before this was recorded
+    created: str = ""
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
+
+    @property
+    def threads(self) -> int | None:
+        value = self.environment.get("threads")
+        return int(value) if value else None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data["reference"] = dataclasses.asdict(self.reference)
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "study") -> "StudyInfo":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        try:
+            known = {k: v for k, v in data.items() if k in names}
+            known["reference"] = Reference(**data["reference"])
+            return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        except (KeyError, TypeError) as exc:
+            raise StoreError(f"{where}: its {STUDY_ATTR!r} attribute is incomplete ({exc}); it was not written "
+                             "by `autoprec search`, or by a version this one cannot read") from None
+
+
+def is_autoprec_study(study: "optuna.Study") -> bool:
+    return isinstance(study.user_attrs.get(STUDY_ATTR), dict)
+
+
+def read_info(study: "optuna.Study") -> StudyInfo:
+    data = study.user_attrs.get(STUDY_ATTR)
+    if not isinstance(data, dict):
+        raise StoreError(f"study {study.study_name!r} was not made by `autoprec search` (no {STUDY_ATTR!r} attribute)")
+    return StudyInfo.from_json(data, where=f"study {study.study_name!r}")
+
+
+def write_info(study: "optuna.Study", info: StudyInfo) -> None:
+    study.set_user_attr(STUDY_ATTR, info.to_json())
+
+
+def retimed(study: "optuna.Study") -> dict[str, dict[str, float]]:
+    """Trial number (as a string) -> the front's re-timing at the end of the last search."""
+    return (study.user_attrs.get(RETIMED_ATTR) or {}).get("trials", {})
+
+
+def write_retimed(study: "optuna.Study", at: str, trials: dict[str, dict[str, float]]) -> dict[str, Any]:
+    record = {"at": at, "trials": trials}
+    study.set_user_attr(RETIMED_ATTR, record)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# trial
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str
+    values: list[float] | None
+    params: dict[str, Any]
+    origin: Origin = Origin()
+    policy: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    measurement: dict[str, Any] = field(default_factory=dict)
+    score_drop: float | None = None
+    failure_reason: str | None = None
+    run_id: str | None = None
+    worker: str | None = None
+    duplicate_of: int | None = None
+    predicted: dict[str, float] | None = None
+
+    @classmethod
+    def of(cls, trial: "optuna.trial.FrozenTrial") -> "TrialRecord":
+        a = trial.user_attrs
+        return cls(number=trial.number, state=trial.state.name, values=list(trial.values) if trial.values else None,
+                   params=dict(trial.params), origin=Origin.parse(a.get(TrialKey.ORIGIN)),
+                   policy=a.get(TrialKey.POLICY) or {}, counts=a.get(TrialKey.COUNTS) or {},
+                   measurement=a.get(TrialKey.MEASUREMENT) or {}, score_drop=a.get(TrialKey.SCORE_DROP),
+                   failure_reason=a.get(TrialKey.FAILURE_REASON), run_id=a.get(TrialKey.RUN_ID),
+                   worker=a.get(TrialKey.WORKER), duplicate_of=a.get(TrialKey.DUPLICATE_OF),
+                   predicted=a.get(TrialKey.PREDICTED))
+
+    @property
+    def default(self) -> str | None:
+        return self.policy.get("default", self.counts.get("default"))
+
+    @property
+    def layers(self) -> dict[str, str]:
+        return self.policy.get("layers") or {}
+
+
+def enqueue(study: "optuna.Study", params: dict[str, Any], origin: Origin, **attrs: Any) -> None:
+    study.enqueue_trial(params, user_attrs={TrialKey.ORIGIN: origin.text, **attrs}, skip_if_exists=True)
+
+
+def start_trial(trial: "optuna.Trial", run_id: str, worker: str) -> Origin:
+    trial.set_user_attr(TrialKey.RUN_ID, run_id)
+    trial.set_user_attr(TrialKey.WORKER, worker)
+    return Origin.parse(trial.user_attrs.get(TrialKey.ORIGIN))
+
+
+def record_candidate(trial: "optuna.Trial", policy: Policy) -> None:
+    trial.set_user_attr(TrialKey.POLICY, policy.to_json())
+    trial.set_user_attr(TrialKey.COUNTS, policy.counts() | {"default": policy.default})
+
+
+def record_measurement(trial: "optuna.Trial", measurement: dict[str, Any]) -> None:
+    trial.set_user_attr(TrialKey.MEASUREMENT, measurement)
+
+
+def record_failure(trial: "optuna.Trial", reason: str) -> None:
+    trial.set_user_attr(TrialKey.FAILURE_REASON, reason)
+
+
+def record_drop(trial: "optuna.Trial", drop: float, max_drop: float) -> None:
+    trial.set_user_attr(TrialKey.SCORE_DROP, drop)
+    trial.set_constraint("score_drop", drop - max_drop)
+
+
+def copy_measured(trial: "optuna.Trial", twin: "optuna.trial.FrozenTrial", max_drop: float) -> None:
+    """`trial` re-proposes `twin`'s policy: take its measurement instead of measuring again."""
+    for key in (TrialKey.POLICY, TrialKey.COUNTS, TrialKey.MEASUREMENT, TrialKey.SCORE_DROP):
+        trial.set_user_attr(key, twin.user_attrs.get(key))
+    trial.set_user_attr(TrialKey.DUPLICATE_OF, twin.number)
+    trial.set_constraint("score_drop", twin.user_attrs[TrialKey.SCORE_DROP] - max_drop)
+
+
+def is_measured(trial: "optuna.trial.FrozenTrial") -> bool:
+    return TrialKey.SCORE_DROP in trial.user_attrs
+
+
+def retry_attrs(trial: "optuna.trial.FrozenTrial") -> dict[str, Any]:
+    """The user attributes a retry of `trial` keeps: only why it exists, not what the dead attempt measured."""
+    return {k: v for k, v in trial.user_attrs.items() if k == TrialKey.ORIGIN}
+
+
+# --------------------------------------------------------------------------------------------
+# params codec
+
+
+def params_of(default: str, layers: dict[str, str]) -> dict[str, str]:
+    return {DEFAULT_PARAM: default, **{LAYER_PARAM + name: fmt for name, fmt in layers.items()}}
+
+
+def uniform_params(choices: dict[str, tuple[str, ...]], space: "SearchSpace", fmt: str) -> dict[str, str] | None:
+    """Params of the all-`fmt` policy: every layer that may take `fmt` takes it, the rest the default."""
+    default = fmt if fmt in space.default_dtypes else ("fp32" if "fp32" in space.default_dtypes else space.default_dtypes[0])
+    if fmt not in space.dtypes or not any(fmt in c for c in choices.values()):
+        return None
+    layers = {name: fmt if fmt in options else (default if default in options else options[0])
+              for name, options in choices.items()}
+    return params_of(default, layers)
+
+
+def policy_from_params(params: dict[str, Any], space: "SearchSpace | None" = None) -> Policy:
+    """The policy of a trial's params; with a training space, its training section too."""
+    layers = {k[len(LAYER_PARAM):]: v for k, v in params.items() if k.startswith(LAYER_PARAM)}
+    training = None
+    if space is not None and "learning_rate" in params:
+        training = TrainingSettings(loss_scale=float(params["loss_scale"]),
+                                    dynamic_loss_scale=bool(params["dynamic_loss_scale"]),
+                                    learning_rate=float(params["learning_rate"]),
+                                    steps=int(space.training["steps"]), optimizer=space.training["optimizer"])
+    return Policy(layers=layers, default=params.get(DEFAULT_PARAM, "fp32"), training=training)
