@@ -135,6 +135,7 @@ def run_probe(formats: Iterable[str], device: torch.device, settings: TimingSett
             if fmt == "fp32" or fmt not in HANDLERS:
                 continue
             handler = HANDLERS[fmt]
+            probe.ratios[fmt] = {}  # probed, even where it has no kernel of either kind
             for kind, (module, x) in kernels.items():
                 if handler.unsupported_reason(module, device) is not None:
                     continue
