@@ -59,7 +59,7 @@ class Measurement:
     latency_ci: float | None = None  # upper / lower end of the median ratio's confidence interval
     latency_ratio_lo: float | None = None  # the ends of that interval
     latency_ratio_hi: float | None = None
-    latency_stopped: str | None = None  # why timing stopped: settled, target or max_rounds (see paired_latency)
+    latency_stopped: str | None = None  # settled, target, max_rounds (see paired_latency), or reference (not timed)
     latency_seconds: float | None = None  # wall time the timing took: what re-timing it would cost
     candidate_ms: float | None = None  # raw median of this run, uncalibrated
     memory_bytes: int | None = None
@@ -86,6 +86,11 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+def is_reference(policy: Policy) -> bool:
+    """True for the all-fp32 policy: it computes exactly what the fp32 reference model does."""
+    return policy.default == "fp32" and all(fmt == "fp32" for fmt in policy.layers.values())
+
+
 class NonFinite(Exception):
     pass
 
@@ -95,11 +100,12 @@ class Evaluator:
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *, threads: int | None = None,
                  timing: TimingSettings = TimingSettings(), reference_latency_ms: float | None = None,
-                 measure_peak: bool = True) -> None:
+                 measure_peak: bool = True, time_reference: bool = False) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.timing = timing
         self.measure_peak = measure_peak
+        self.time_reference = time_reference  # time the all-fp32 policy against itself (timing-noise benchmarks)
         if self.device.type == "cpu":
             torch.set_num_threads(threads or default_threads())
             prepare_allocator(timing.keep_freed_memory)
@@ -159,6 +165,8 @@ class Evaluator:
 
     def retime(self, policy: Policy, neighbours: Sequence[float] | None = None) -> PairedTiming | None:
         """Latency of `policy` paired with the fp32 model again (None if it cannot run)."""
+        if is_reference(policy) and not self.time_reference:
+            return self._reference_timing()
         try:
             model = self.candidate(policy)
             with torch.inference_mode():
@@ -198,6 +206,10 @@ class Evaluator:
             model = apply_formats(model, policy.layers, policy.default, self.device)
         else:
             model = self.candidate(policy)
+            if is_reference(policy) and not self.time_reference:  # the fp32 model itself: score and ratio are the reference's
+                with torch.inference_mode():
+                    peak = self._peak(model) if self.measure_peak else None
+                return self._result(self.reference_score, self._reference_timing(), module_storage_bytes(model), peak)
         with torch.inference_mode():
             out = call_model(model, self.example)
             probe = first_float_tensor(out) if self.spec.output is None else self.spec.compared_tensor(out)
@@ -214,6 +226,11 @@ class Evaluator:
         result = self._result(score, timing, memory, peak)
         result.training = tuned.to_json() if tuned is not None else None
         return result
+
+    def _reference_timing(self) -> PairedTiming:
+        """The all-fp32 policy is the reference model: ratio 1 by construction, nothing to time."""
+        ms = self.reference_latency_ms
+        return PairedTiming(1.0, 1.0, ms, ms, 0, 0, 1.0, 1.0, 1.0, "reference", 0.0)
 
     def _peak(self, model: nn.Module) -> int:
         forward = self._forward(model)
