@@ -33,7 +33,6 @@ from autoprec.profile import Profile  # noqa: E402
 def measure(args: argparse.Namespace) -> dict:
     from autoprec.evaluate import Evaluator
     from autoprec.policy import Policy
-    from autoprec.precision import searchable_layers  # noqa: F401
     from autoprec.profile import build_profile
     from autoprec.space import load_space
     from autoprec.userspec import load_spec
