@@ -2,11 +2,11 @@
 
 For a policy with default dtype D and layer formats d_l:
     drop(policy)    = rest_drop[D] + sum_l scale[d_l] * profile_drop(l, d_l)
-    latency(policy) = rest_latency[D] + sum_l layer_latency(l, d_l | D)
+    latency(policy) = rest_latency[D] + sum_l latency_scale[D][d_l] * layer_latency(l, d_l | D)
     memory(policy)  = rest_memory[D] + sum_l layer_memory(l, d_l)
-`rest_*[D]` and the int8 / fp8 drop scales are calibrated on the measured uniform policies (all-D,
-all-int8, all-fp8),
-so the model reproduces them exactly; its error on every other measured trial is reported.
+`rest_*[D]`, the latency scales and the int8 / fp8 drop scales are calibrated on the measured uniform
+policies (all-D, all-int8, all-fp8), so the model reproduces them exactly; its error on every other
+measured trial is reported.
 
 Proposals solve a multiple-choice knapsack exactly (dynamic programming over a discretised drop
 budget): the fastest policy whose predicted drop fits each budget, for each default dtype.
@@ -26,6 +26,11 @@ from autoprec.profile import Profile
 BUDGET_FRACTIONS = (0.8, 0.5, 0.3, 0.15, 0.05)
 QUANTIZED = ("int8", "fp8")  # formats that cannot be a policy's default
 _BINS = 1000
+_SCALE_BOUNDS = (0.25, 4.0)  # a layer in the model vs alone: beyond this the profile is wrong, not the scale
+
+
+def _bounded(scale: float) -> float:
+    return min(max(scale, _SCALE_BOUNDS[0]), _SCALE_BOUNDS[1])
 
 
 @dataclass
@@ -38,23 +43,27 @@ class CostModel:
     drop_scale: dict[str, float] = field(default_factory=lambda: {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0,
                                                                     "fp8": 1.0})
     unreliable: dict[str, str] = field(default_factory=dict)  # default dtype -> why it is not planned on
+    # latency_scale[D][fmt]: in-model time of a layer in fmt (rest of the model in D) / its time alone
+    latency_scale: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def layer_drop(self, name: str, fmt: str) -> float:
         return self.drop_scale.get(fmt, 1.0) * self.profile.layers[name][fmt]["drop"]
 
+    def layer_latency(self, default: str, name: str, fmt: str) -> float:
+        return self.latency_scale.get(default, {}).get(fmt, 1.0) * self.profile.latency_by_default[default][name][fmt]
+
     def predict(self, default: str, layers: dict[str, str]) -> dict[str, float] | None:
         if default not in self.rest_latency:
             return None
-        lat = self.profile.latency_by_default[default]
         return {
             "drop": self.rest_drop[default] + sum(self.layer_drop(n, f) for n, f in layers.items()),
-            "latency_ms": self.rest_latency[default] + sum(lat[n][f] for n, f in layers.items()),
+            "latency_ms": self.rest_latency[default] + sum(self.layer_latency(default, n, f) for n, f in layers.items()),
             "memory_bytes": self.rest_memory[default] + sum(self.profile.layers[n][f]["memory_bytes"]
                                                             for n, f in layers.items()),
         }
 
     def calibrate(self, uniform: dict[str, tuple[str, dict[str, str], dict[str, float]]]) -> None:
-        """Fit the rest-of-model terms from measured uniform policies.
+        """Fit the rest-of-model terms and the latency scales from measured uniform policies.
 
         `uniform[fmt] = (default, layers, {"drop", "latency_ms", "memory_bytes"})`.
         """
@@ -68,13 +77,13 @@ class CostModel:
         for fmt, (default, layers, measured) in uniform.items():
             if fmt in QUANTIZED or fmt != default:
                 continue
-            lat = self.profile.latency_by_default.get(default)
-            if lat is None:
+            if default not in self.profile.latency_by_default:
                 continue
-            self.rest_latency[default] = measured["latency_ms"] - sum(lat[n][f] for n, f in layers.items())
             self.rest_memory[default] = measured["memory_bytes"] - sum(
                 self.profile.layers[n][f]["memory_bytes"] for n, f in layers.items())
             self.rest_drop[default] = max(0.0, measured["drop"] - sum(self.layer_drop(n, f) for n, f in layers.items()))
+        self.calibrate_latency(uniform)
+        for default in list(self.rest_memory):
             self._drop_if_unphysical(default)
 
     def _drop_if_unphysical(self, default: str) -> None:
@@ -104,10 +113,10 @@ class CostModel:
             lat = self.profile.latency_by_default.get(default)
             if lat is None or default not in self.rest_latency:
                 continue
-            residuals.setdefault(default, []).append(m["latency_ms"] - sum(lat[n][f] for n, f in layers.items()))
+            residuals.setdefault(default, []).append(
+                m["latency_ms"] - sum(self.layer_latency(default, n, f) for n, f in layers.items()))
         for default, values in residuals.items():
-            self.rest_latency[default] = statistics.median(values)
-            self._drop_if_unphysical(default)
+            self.rest_latency[default] = max(0.0, statistics.median(values))
 
     def error(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> dict[str, Any]:
         """Median relative error of predicted latency and memory, and of drop in absolute terms."""
@@ -148,7 +157,7 @@ class CostModel:
                 if weight > _BINS:
                     continue
                 if objective == "latency_ms":
-                    cost = self.profile.latency_by_default[default][name][fmt]
+                    cost = self.layer_latency(default, name, fmt)
                 else:
                     cost = self.profile.layers[name][fmt]["memory_bytes"]
                 shifted = np.full(_BINS + 1, inf)

@@ -17,6 +17,7 @@ import copy
 import math
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,7 +46,8 @@ METHODS = {
     "score_fidelity": "mean per-sample cosine similarity of the compared output to the fp32 model",
     "score_user": "model.py evaluate(model, device)",
     "latency": ("median over interleaved rounds (ABBA) of candidate/fp32 time (9 rounds or more, until its "
-                "~90% confidence interval spans at most 3%), times the study's fp32 latency"),
+                "~90% confidence interval spans at most 3%, or from 5 rounds on as soon as it holds none of the "
+                "ratios the search compares it with), times the study's fp32 latency"),
     "memory": "bytes of all parameters and buffers as applied (int8 packed weights, scales and zero points)",
     "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
     "peak_cuda": "torch.cuda.max_memory_allocated over one forward",
@@ -67,6 +69,10 @@ class Measurement:
     latency_runs: int = 0
     latency_rounds: int = 0  # ABBA rounds it took for the median to settle (see TimingSettings)
     latency_ci: float | None = None  # upper / lower end of the median ratio's confidence interval
+    latency_ratio_lo: float | None = None  # the ends of that interval
+    latency_ratio_hi: float | None = None
+    latency_stopped: str | None = None  # settled, target, max_rounds (see paired_latency), or reference (not timed)
+    latency_seconds: float | None = None  # wall time the timing took: what re-timing it would cost
     candidate_ms: float | None = None  # raw median of this run, uncalibrated
     memory_bytes: int | None = None
     peak_bytes: int | None = None
@@ -97,6 +103,11 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+def is_reference(policy: Policy) -> bool:
+    """True for the all-fp32 policy: it computes exactly what the fp32 reference model does."""
+    return policy.default == "fp32" and all(fmt == "fp32" for fmt in policy.layers.values())
+
+
 class NonFinite(Exception):
     pass
 
@@ -106,13 +117,15 @@ class Evaluator:
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *, threads: int | None = None,
                  timing: TimingSettings = TimingSettings(), reference_latency_ms: float | None = None,
-                 measure_peak: bool = True, runtime: str = "eager", regional: bool | None = None) -> None:
+                 measure_peak: bool = True, runtime: str = "eager", regional: bool | None = None,
+                 time_reference: bool = False) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.timing = timing
         self.measure_peak = measure_peak
         self.runtime = runtimes.check_runtime(runtime)
         self.regional = regional
+        self.time_reference = time_reference  # time the all-fp32 policy against itself (timing-noise benchmarks)
         if self.device.type == "cpu":
             torch.set_num_threads(threads or default_threads())
             prepare_allocator(timing.keep_freed_memory)
@@ -224,19 +237,26 @@ class Evaluator:
         return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device,
                              calibration=self.calibration, runtime=self.runtime)
 
-    def retime(self, policy: Policy) -> PairedTiming | None:
+    def retime(self, policy: Policy, neighbours: Sequence[float] | None = None) -> PairedTiming | None:
         """Latency of `policy` paired with the fp32 model again (None if it cannot run)."""
+        if is_reference(policy) and not self.time_reference:
+            return self._reference_timing()
         try:
             prepared = self._prepare_candidate(self.candidate(policy))
             with torch.inference_mode():
-                return paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing)
+                return paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing,
+                                      neighbours)
         except (AutoprecError, RuntimeError, torch.OutOfMemoryError):
             return None
 
-    def measure(self, policy: Policy, training: TrainingSettings | None = None, seed: int = 0) -> Measurement:
-        """Measure `policy`; with `training`, after fine-tuning a fresh copy of the fp32 model under it."""
+    def measure(self, policy: Policy, training: TrainingSettings | None = None, seed: int = 0,
+                neighbours: Sequence[float] | None = None) -> Measurement:
+        """Measure `policy`; with `training`, after fine-tuning a fresh copy of the fp32 model under it.
+
+        `neighbours`: the latency ratios to fp32 the candidate's place is decided against (1.0 and
+        the feasible front's); timing stops once its interval holds none of them (paired_latency)."""
         try:
-            result = self._measure(policy, training, seed)
+            result = self._measure(policy, training, seed, neighbours)
         except (NonFinite, TrainingDiverged) as exc:
             result = Measurement.failed(str(exc))
         except KeyboardInterrupt:
@@ -248,7 +268,8 @@ class Evaluator:
         result.runtime = self.runtime
         return result
 
-    def _measure(self, policy: Policy, training: TrainingSettings | None, seed: int) -> Measurement:
+    def _measure(self, policy: Policy, training: TrainingSettings | None, seed: int,
+                 neighbours: Sequence[float] | None) -> Measurement:
         tuned = None
         if training is not None:
             model = copy.deepcopy(self.model)
@@ -260,6 +281,10 @@ class Evaluator:
                                   runtime=self.runtime)
         else:
             model = self.candidate(policy)
+            if is_reference(policy) and not self.time_reference:  # the fp32 model itself: score and ratio are the reference's
+                with torch.inference_mode():
+                    peak = self._peak(model, self.reference) if self.measure_peak else None
+                return self._result(self.reference_score, self._reference_timing(), module_storage_bytes(model), peak)
         prepared = self._prepare_candidate(model)
         with torch.inference_mode():
             out = call_model(prepared.model, self.example)
@@ -271,7 +296,8 @@ class Evaluator:
         if not math.isfinite(score):
             return Measurement.failed("non-finite score")
         with torch.inference_mode():
-            timing = paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing)
+            timing = paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing,
+                                    neighbours)
             peak = self._peak(model, prepared) if self.measure_peak else None
         memory = module_storage_bytes(model)
         result = self._result(score, timing, memory, peak)
@@ -280,6 +306,11 @@ class Evaluator:
             result.compile_s = prepared.compile_s + self._score_compile_s
             result.graph_breaks = prepared.graph_breaks
         return result
+
+    def _reference_timing(self) -> PairedTiming:
+        """The all-fp32 policy is the reference model: ratio 1 by construction, nothing to time."""
+        ms = self.reference_latency_ms
+        return PairedTiming(1.0, 1.0, ms, ms, 0, 0, 1.0, 1.0, 1.0, "reference", 0.0)
 
     def _peak(self, model: nn.Module, prepared: Prepared) -> int:
         forward = self._timed(prepared)
@@ -296,5 +327,7 @@ class Evaluator:
         return Measurement(feasible=True, runtime=self.runtime, score=score, latency_ms=timing.ratio * self.reference_latency_ms,
                            latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
                            latency_runs=timing.rounds * timing.calls_per_round, latency_rounds=timing.rounds,
-                           latency_ci=timing.ratio_ci, candidate_ms=timing.candidate_ms,
+                           latency_ci=timing.ratio_ci, latency_ratio_lo=timing.ratio_lo,
+                           latency_ratio_hi=timing.ratio_hi, latency_stopped=timing.stopped,
+                           latency_seconds=timing.seconds, candidate_ms=timing.candidate_ms,
                            memory_bytes=memory, peak_bytes=peak, methods=methods)

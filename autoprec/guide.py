@@ -29,14 +29,16 @@ def sibling_profile(storage: optuna.storages.BaseStorage, study_name: str,
                     info: StudyInfo) -> tuple[Profile, str] | None:
     """A profile stored on another study of the same model, space and environment (the same search at
     another --max-drop, say): the drops, latencies and sizes it holds do not depend on the drop."""
-    keys = ("model_fingerprint", "space_fingerprint", "device_type", "environment")
+    keys = ("model_fingerprint", "space_fingerprint", "device_type", "environment", "prune")
     mine = info.to_json()
+    machine = (mine.get("probe") or {}).get("machine")  # the probe's machine: ISA restrictions included
     for other in storage.get_all_studies():
         their = other.user_attrs.get(record.STUDY_ATTR)
         data = other.user_attrs.get(PROFILE_ATTR)
         if (other.study_name != study_name and isinstance(their, dict) and isinstance(data, dict)
                 and all(their.get(k) == mine.get(k) for k in keys)
-                and data.get("runtime", "eager") == mine.get("runtime", "eager")):  # latencies are per runtime
+                and data.get("runtime", "eager") == mine.get("runtime", "eager")  # latencies are per runtime
+                and (their.get("probe") or {}).get("machine") == machine):
             return Profile.from_json(data), other.study_name
     return None
 
@@ -93,6 +95,7 @@ def record_model_error(study: optuna.Study, model: CostModel, reference_score: f
     refit.refit_rest_latency([(d, layers, m) for _, d, layers, m in measured])
     summary = {"error": model.error(others), "error_refit": _refit_error(model, measured),
                "rest_latency_ms": model.rest_latency, "rest_latency_ms_refit": refit.rest_latency,
+               "latency_scale": model.latency_scale,
                "rest_memory_bytes": model.rest_memory, "rest_drop": model.rest_drop, "drop_scale": model.drop_scale}
     study.set_user_attr(COSTMODEL_ATTR, summary)
     return summary

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import optuna
 import torch
 
-from autoprec import record, runtime as runtimes
+from autoprec import probe, record, runtime as runtimes
 from autoprec.errors import AutoprecError, StoreError
 from autoprec.evaluate import Evaluator
 from autoprec.ledger import Ledger
@@ -72,6 +72,7 @@ class OpenedStudy:
     evaluator: Evaluator
     info: StudyInfo
     threads: int | None
+    pruning: probe.Pruning | None = None  # formats left out of per-layer search (None: nothing)
 
     @property
     def ledger(self) -> Ledger:
@@ -210,7 +211,16 @@ class _Opener:
                   "use fewer --workers, or a new study with fewer --threads", file=sys.stderr)
         return OpenedStudy(config=config, spec=self.spec, space=self.space, device=self.device, choices=self.choices,
                            study_name=self.study_name, storage_url=self.storage_url, storage=self.storage,
-                           evaluator=evaluator, info=info, threads=threads)
+                           evaluator=evaluator, info=info, threads=threads, pruning=self._pruning(info))
+
+    def _pruning(self, info: StudyInfo) -> probe.Pruning | None:
+        """What the study leaves out of per-layer search: fixed when it was created (its probe and
+        its --no-prune), so every resume and worker searches the same choices."""
+        if not info.prune or not isinstance(info.probe, dict):
+            return None
+        kinds = {layer.name: probe.layer_kind(layer.cls) for layer in self.space.layers(self.spec.new_model())}
+        pruning = probe.prune(self.choices, kinds, self.space.default_dtypes, probe.FormatProbe.from_json(info.probe))
+        return None if pruning.announcement is None else pruning
 
     def _evaluator(self, threads: int | None, runtime: str, reference_latency_ms: float | None = None) -> Evaluator:
         cache = inductor_cache_dir(self.storage_url)
@@ -254,8 +264,13 @@ class _Opener:
             reference=Reference(score=evaluator.reference_score, latency_ms=evaluator.reference_latency_ms,
                                 memory_bytes=module_storage_bytes(model)),
             layers=list(self.choices), training=self.space.trains, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        # the format probe runs in the study's thread count, set by the Evaluator; cached per machine
+        found, _ = probe.cached_probe(record.stored_probes(self.storage), self.space.dtypes, self.device)
+        info.probe, info.prune = found.to_json(), self.config.prune
         study.set_metric_names(list(OBJECTIVES))
-        for fmt in DTYPES:
+        # fp32, then the others fastest first: a slow format's uniform policy then meets a front that
+        # settles its timing in a few rounds
+        for fmt in ["fp32", *found.order(d for d in DTYPES if d != "fp32")]:
             params = record.uniform_params(self.choices, self.space, fmt)
             if params is not None:
                 record.enqueue(study, params, Origin.uniform(fmt))

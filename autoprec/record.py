@@ -13,10 +13,13 @@ Study user attributes (JSON, so optuna-dashboard shows them):
 - ``autoprec`` (`StudyInfo`): the model (path, class, fingerprint), the example inputs' shapes and
   dtypes, the space and its fingerprint, the device and environment, whether the CPU allocator kept
   freed memory, the runtime (eager or compiled, autoprec.runtime), max_drop, the fp32 reference
-  (score, latency, memory), the searchable layers, training mode, the creation time.
+  (score, latency, memory), the searchable layers, training mode, the creation time, the format
+  probe of the machine it was created on (probe.FormatProbe JSON; the store's cache of probes, keyed
+  by machine: `stored_probes`) and whether slow formats are pruned.
   Fixed for the study's life: a resume that would measure differently is refused.
 - ``autoprec_retimed``: the front re-timed beside fp32 at the end of the last search,
-  ``{"at": TIME, "trials": {"NUMBER": {"latency_ms", "ratio", "spread"}}}``.
+  ``{"at": TIME, "trials": {"NUMBER": {"latency_ms", "ratio", "spread", "lo", "hi", "rounds"}},
+  "not_retimed": [NUMBER, ...], "budget_s": SECONDS}`` (autoprec.retime: what did not fit the budget).
 - ``autoprec_profile``, ``autoprec_profile_from``, ``autoprec_proposals``,
   ``autoprec_costmodel``: the guided search's sensitivity profile (profile.Profile), the study a
   reused profile came from, the proposals enqueued (one at a time, as planned) and the cost model's
@@ -162,6 +165,8 @@ class StudyInfo:
     runtime: str = "eager"  # autoprec.runtime: how candidates are run and timed (studies before it: eager)
     inputs: str | None = None  # example_inputs() shapes and dtypes; None: a study from before 2026-11-30
     created: str = ""
+    probe: dict[str, Any] | None = None  # probe.FormatProbe JSON, measured (or found cached) at creation
+    prune: bool = False  # slow formats left out of per-layer search (studies from before: never)
     version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
 
@@ -207,10 +212,29 @@ def retimed(study: "optuna.Study") -> dict[str, dict[str, float]]:
     return (study.user_attrs.get(RETIMED_ATTR) or {}).get("trials", {})
 
 
-def write_retimed(study: "optuna.Study", at: str, trials: dict[str, dict[str, float]]) -> dict[str, Any]:
-    record = {"at": at, "trials": trials}
+def not_retimed(study: "optuna.Study") -> set[int]:
+    """Front members the last search's re-time pass left out (past its time budget)."""
+    return set((study.user_attrs.get(RETIMED_ATTR) or {}).get("not_retimed", []))
+
+
+def write_retimed(study: "optuna.Study", at: str, trials: dict[str, dict[str, float]],
+                  left_out: list[int] | None = None, budget_s: float | None = None) -> dict[str, Any]:
+    record = {"at": at, "trials": trials, "not_retimed": list(left_out or []), "budget_s": budget_s}
     study.set_user_attr(RETIMED_ATTR, record)
     return record
+
+
+def stored_probes(storage: "optuna.storages.BaseStorage") -> dict[str, dict[str, Any]]:
+    """Every format probe kept in the store (on its studies' info), by machine key."""
+    from autoprec.probe import machine_key
+
+    found: dict[str, dict[str, Any]] = {}
+    for other in storage.get_all_studies():
+        data = other.user_attrs.get(STUDY_ATTR)
+        probe = data.get("probe") if isinstance(data, dict) else None
+        if isinstance(probe, dict) and isinstance(probe.get("machine"), dict):
+            found[machine_key(probe["machine"])] = probe
+    return found
 
 
 # --------------------------------------------------------------------------------------------

@@ -350,7 +350,8 @@ def _trial_rows(frame: pd.DataFrame, front_numbers: set[int], retimed: dict[str,
             + "".join(f"<td class=num>{int(getattr(r, d))}</td>" for d in DTYPES)
             + f"<td class=num>{_num(r.duration_s, '.1f')}</td><td class=num>{_num(getattr(r, 'compile_s', None), '.1f')}</td>"
             + f"<td class=reason>{_e(r.reason)}</td>"
-            + (_retimed_cell(retimed.get(str(number))) if retimed is not None else "") + "</tr>")
+            + (_retimed_cell(retimed.get(str(number)), bool(getattr(r, "not_retimed", False)))
+               if retimed is not None else "") + "</tr>")
     return "\n".join(lines)
 
 
@@ -364,9 +365,9 @@ def _spread_cell(spread: Any) -> str:
     return f'<td class="{css}">{spread:.3g}</td>'
 
 
-def _retimed_cell(entry: Any) -> str:
+def _retimed_cell(entry: Any, left_out: bool = False) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("latency_ms"), (int, float)):
-        return "<td class=num>-</td>"
+        return "<td class=num>not re-timed</td>" if left_out else "<td class=num>-</td>"
     spread = entry.get("spread")
     title = f' title="max/min of the per-round ratios {spread:.3f}"' if isinstance(spread, (int, float)) else ""
     return f"<td class=num{title}>{entry['latency_ms']:.3f}</td>"
@@ -451,7 +452,7 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
             '<h3>Front members</h3>',
             '<p class="note">Fastest first. <i>re-timed ms</i>: the front measured again together beside the '
             "fp32 model at the end of the last search run, so these latencies compare with each other "
-            "best.</p>" if retimed is not None else "",
+            "best; fastest and smallest first, within 15% of the search's time (the rest: not re-timed).</p>" if retimed is not None else "",
             '<div class="scroll"><table id="front-table">',
             _TRIAL_HEAD.replace("</tr>", "<th>re-timed ms</th></tr>") if retimed is not None else _TRIAL_HEAD,
             _trial_rows(front, set(), retimed), "</table></div>",

@@ -25,6 +25,7 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
     info = record.read_info(study)
     ref = info.reference
     retimed = record.retimed(study)
+    left_out = record.not_retimed(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         r = TrialRecord.of(t)
@@ -46,6 +47,7 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
         if row["latency_ms"] is not None:
             row["latency_ratio"] = row["latency_ms"] / ref.latency_ms
         row["retimed_ratio"] = retimed.get(str(t.number), {}).get("ratio")
+        row["not_retimed"] = t.number in left_out  # on the front, past the re-time pass's budget
         if row["memory_bytes"] is not None:
             row["memory_ratio"] = row["memory_bytes"] / ref.memory_bytes
         training = measurement.get("training")

@@ -30,11 +30,10 @@ from autoprec.opening import CLAIM_STALE_S, OpenedStudy, open_study
 from autoprec.profile import build_profile
 from autoprec.record import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params
 from autoprec.recovery import fail_stale, retry_interrupted
+from autoprec.retime import FrontMember, plan_retime, retime_budget
+from autoprec.sampling import KeepOut
 from autoprec.store import storage_url
 from autoprec.timing import TimingSettings
-
-MAX_RETIMED = 12
-
 
 class CandidateFailed(Exception):
     """A candidate that could not run; the trial is recorded as FAIL with the reason."""
@@ -88,6 +87,7 @@ class SearchConfig:
     devices: tuple[str, ...] | None = None  # one worker per device (cuda:0,cuda:1), round robin
     strategy: str = "guided"  # guided (profile + sequential proposals, then TPE), tpe, nsga2, random
     retime_front: bool = True
+    prune: bool = True  # leave formats the probe finds far slower than fp32 out of per-layer search
     timing: TimingSettings = field(default_factory=TimingSettings)
     progress: bool = True
 
@@ -131,6 +131,9 @@ class Search:
         self.reference_score = float(self.info.reference.score)
         self.phase_seconds: dict[str, float] = {}
         self._last_origin = Origin()
+        self.pruning = opened.pruning
+        self.search_choices = self.choices if self.pruning is None else self.pruning.choices
+        self.search_defaults = self.space.default_dtypes if self.pruning is None else self.pruning.defaults
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
 
     @classmethod
@@ -145,10 +148,17 @@ class Search:
     def _sampler(self) -> optuna.samplers.BaseSampler:
         seed = self.config.seed
         if self.config.strategy == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
-        if self.config.strategy == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8, constant_liar=True)
+            base: optuna.samplers.BaseSampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+        elif self.config.strategy == "random":
+            base = optuna.samplers.RandomSampler(seed=seed)
+        else:
+            base = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8, constant_liar=True)
+        if self.pruning is None:
+            return base
+        # the distributions keep every format (the uniform policies use them); the sampler skips the pruned
+        pruned = {LAYER_PARAM + n: set(self.choices[n]) - set(kept) for n, kept in self.search_choices.items()}
+        pruned[DEFAULT_PARAM] = set(self.space.default_dtypes) - set(self.search_defaults)
+        return KeepOut(base, pruned, seed)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
         try:
@@ -177,13 +187,23 @@ class Search:
             record.copy_measured(trial, twin, self.max_drop)
             return tuple(twin.values)
         record.record_candidate(trial, policy)
-        measurement = self.evaluator.measure(policy, policy.training, seed=self.config.seed)
+        measurement = self.evaluator.measure(policy, policy.training, seed=self.config.seed,
+                                             neighbours=self._neighbours(self._last_origin))
         record.record_measurement(trial, measurement.to_json())
         if not measurement.feasible:
             record.record_failure(trial, measurement.reason)
             raise CandidateFailed(measurement.reason)
         record.record_drop(trial, self.reference_score - measurement.score, self.max_drop)
         return measurement.score, measurement.latency_ms, float(measurement.memory_bytes)
+
+    def _neighbours(self, origin: Origin) -> tuple[float, ...] | None:
+        """The latency ratios a candidate's place is decided against: fp32's and the feasible front's.
+        None (time to the 3% target) for the uniform policies the cost model is calibrated on."""
+        searched = set(self.search_defaults).union(*self.search_choices.values())
+        if origin.kind == record.UNIFORM and origin.format in searched:
+            return None
+        reference = self.evaluator.reference_latency_ms
+        return (1.0, *(t.values[1] / reference for t in self.study.best_trials))
 
     def _measured_twin(self, number: int, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
         if self.trains:  # a fine-tuned trial's score depends on its training knobs' exact values too
@@ -217,8 +237,9 @@ class Search:
                 self.study.set_user_attr(record.PROFILE_ATTR, profile.to_json())
                 self.study.set_user_attr(record.PROFILE_SOURCE_ATTR, source)
             if profile is None:
-                profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example, self.choices,
-                                        self.space.default_dtypes, self.device, runtime=self.info.runtime)
+                profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example,
+                                        self.search_choices, self.search_defaults, self.device,
+                                        runtime=self.info.runtime)
                 profile.reference_latency_ms = self.evaluator.reference_latency_ms
                 self.study.set_user_attr(record.PROFILE_ATTR, profile.to_json())
             self.phase_seconds["profile"] = time.perf_counter() - started
@@ -238,8 +259,8 @@ class Search:
         profile = guide.stored_profile(self.study)
         if profile is None:
             return 0
-        proposal = guide.next_sequential(self.study, profile, self.choices, self.reference_score, self.max_drop,
-                                         self.space.default_dtypes)
+        proposal = guide.next_sequential(self.study, profile, self.search_choices, self.reference_score, self.max_drop,
+                                         self.search_defaults)
         if proposal is None:
             return 0
         planned = list(self.study.user_attrs.get(record.PROPOSALS_ATTR) or [])
@@ -322,32 +343,52 @@ class Search:
         """After the trials: record the cost model's error, re-time the front beside fp32."""
         profile = guide.stored_profile(self.study)
         if profile is not None:
-            model = guide.calibrated_model(self.study, profile, self.choices, self.reference_score)
+            model = guide.calibrated_model(self.study, profile, self.search_choices, self.reference_score)
             guide.record_model_error(self.study, model, self.reference_score)
             guide.record_drop_model(self.study, profile, self.reference_score, self.max_drop,
-                                    self.space.default_dtypes)
+                                    self.search_defaults)
         if self.config.retime_front:
             started = time.perf_counter()
             self.retime_front()
             self.phase_seconds["retime"] = time.perf_counter() - started
 
     def retime_front(self) -> dict[str, Any]:
-        """Re-time every front member beside the fp32 model in one pass, so their ratios compare."""
+        """Re-time the front beside the fp32 model in one pass, so their ratios compare: the members a
+        user picks from first (fastest, smallest, ...), within a share of this run's time
+        (autoprec.retime); the rest are recorded as not re-timed."""
         from autoprec.results import pareto_front, trials_frame
 
         front = pareto_front(trials_frame(self.study))
-        timings = {}
         by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-        for number in front.trial.astype(int).tolist()[:MAX_RETIMED]:
-            timing = self.evaluator.retime(policy_from_params(by_number[number].params))
+        members = [FrontMember(int(r.trial), float(r.score_drop), float(r.latency_ms), float(r.memory_bytes),
+                               _timing_cost(record.TrialRecord.of(by_number[int(r.trial)])))
+                   for r in front.itertuples()]
+        plan = plan_retime(members, self.max_drop, retime_budget(sum(self.phase_seconds.values())))
+        reference = self.evaluator.reference_latency_ms
+        ratios = {m.trial: m.latency_ms / reference for m in members}
+        timings = {}
+        for number in plan.retime:
+            # placed against fp32 and the other members: a member far from all of them settles early
+            neighbours = (1.0, *(r for n, r in ratios.items() if n != number))
+            timing = self.evaluator.retime(policy_from_params(by_number[number].params), neighbours)
             if timing is not None:
-                timings[str(number)] = {"latency_ms": timing.ratio * self.evaluator.reference_latency_ms,
-                                        "ratio": timing.ratio, "spread": timing.ratio_spread}
-        return record.write_retimed(self.study, time.strftime("%Y-%m-%dT%H:%M:%S%z"), timings)
+                timings[str(number)] = {"latency_ms": timing.ratio * reference, "ratio": timing.ratio,
+                                        "spread": timing.ratio_spread, "lo": timing.ratio_lo, "hi": timing.ratio_hi,
+                                        "rounds": timing.rounds}
+        return record.write_retimed(self.study, time.strftime("%Y-%m-%dT%H:%M:%S%z"), timings,
+                                    plan.not_retimed, plan.budget_s)
 
     def finished_trials(self) -> int:
         return len(self._trials(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
                                 optuna.trial.TrialState.PRUNED))
+
+
+def _timing_cost(trial: record.TrialRecord) -> float:
+    """Seconds its timing took when it was measured (estimated for trials from before that was kept)."""
+    m = trial.measurement
+    if m.get("latency_seconds"):
+        return float(m["latency_seconds"])
+    return 2 * (m.get("latency_runs") or 0) * (m.get("candidate_ms") or 0) / 1000
 
 
 class _ProgressBar:

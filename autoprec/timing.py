@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +41,11 @@ def time_calls(forward: Forward, calls: int, device: torch.device) -> float:
 class TimingSettings:
     rounds: int = 9  # at least this many rounds
     min_round_s: float = 0.05  # each side of a round runs at least this long
-    warmup_calls: int = 2
+    warmup_calls: int = 2  # the last one is timed, to size the rounds
     max_rounds: int = 33  # rounds are added, 4 at a time, until the median is known to within
     target_ci: float = 1.03  # this ratio (upper / lower end of its ~90% confidence interval)
     keep_freed_memory: bool = True  # on the CPU, glibc keeps freed memory (see autoprec.machine)
+    settled_rounds: int = 5  # with neighbours to place it among, the earliest a candidate may stop
 
 
 @dataclass
@@ -56,6 +57,10 @@ class PairedTiming:
     rounds: int
     calls_per_round: int
     ratio_ci: float = 1.0  # upper / lower end of the median ratio's ~90% confidence interval
+    ratio_lo: float | None = None  # the ends of that interval
+    ratio_hi: float | None = None
+    stopped: str = "target"  # settled (its place among the neighbours is known), target, or max_rounds
+    seconds: float = 0.0  # wall time of the whole measurement, warm-up included
 
 
 def median_ci(values: list[float], z: float = 1.645) -> tuple[float, float]:
@@ -71,20 +76,37 @@ def median_ci(values: list[float], z: float = 1.645) -> tuple[float, float]:
     return ordered[lo], ordered[hi]
 
 
+def settles(lo: float, hi: float, neighbours: Sequence[float], margin: float = 1.0) -> bool:
+    """True when the interval [lo, hi], widened by `margin` (a ratio) on each side, holds none of the
+    neighbours' ratios: more rounds would not change which of them the candidate is faster than."""
+    return bool(neighbours) and not any(lo / margin <= r <= hi * margin for r in neighbours)
+
+
 def paired_latency(candidate: Forward, reference: Forward, device: torch.device,
-                   settings: TimingSettings = TimingSettings()) -> PairedTiming:
+                   settings: TimingSettings = TimingSettings(),
+                   neighbours: Sequence[float] | None = None) -> PairedTiming:
     """Time candidate and reference interleaved (ABBA) and keep the ratio.
 
     After `settings.rounds` rounds, more are added until the median ratio's confidence interval is
-    within `target_ci` (a quiet machine stops early, a busy one measures longer, up to max_rounds)."""
-    for _ in range(settings.warmup_calls):
+    within `target_ci` (a quiet machine stops early, a busy one measures longer, up to max_rounds).
+    With `neighbours` (the ratios the candidate's place is decided against: fp32's 1.0 and the
+    front's), timing stops as soon as the interval, widened by `target_ci`, holds none of them, from
+    `settled_rounds` on, then at every step of 4: a candidate 5x slower than everything stops after a
+    handful of rounds, and the 3% target only binds where a neighbour is that close. (The widening
+    keeps a close candidate from settling on a lucky first handful: at 5 rounds the interval is the
+    range, which misses the median about 6% of the time.)"""
+    started = time.perf_counter()
+    for _ in range(max(0, settings.warmup_calls - 1)):
         candidate()
         reference()
+    # the last warm-up call of each side is timed, to size the rounds
     probe = max(time_calls(candidate, 1, device), time_calls(reference, 1, device), 1e-6)
     calls = max(1, math.ceil(settings.min_round_s / probe))
     ratios, cand_ms, ref_ms = [], [], []
     target = settings.rounds
-    while len(ratios) < target:
+    checks = {settings.settled_rounds} if neighbours else set()
+    stopped = "target"
+    while True:
         if len(ratios) % 2 == 0:
             tc = time_calls(candidate, calls, device)
             tr = time_calls(reference, calls, device)
@@ -94,13 +116,23 @@ def paired_latency(candidate: Forward, reference: Forward, device: torch.device,
         ratios.append(tc / tr)
         cand_ms.append(1000 * tc / calls)
         ref_ms.append(1000 * tr / calls)
-        if len(ratios) == target and target < settings.max_rounds:
+        n = len(ratios)
+        if n in checks or (neighbours and n >= target):
+            if settles(*median_ci(ratios), neighbours or (), settings.target_ci):
+                stopped = "settled"
+                break
+        if n >= target:
             lo, hi = median_ci(ratios)
-            if hi / lo > settings.target_ci:
-                target = min(settings.max_rounds, target + 4)
+            if hi / lo <= settings.target_ci:
+                break
+            if n >= settings.max_rounds:
+                stopped = "max_rounds"
+                break
+            target = min(settings.max_rounds, target + 4)
     lo, hi = median_ci(ratios)
     return PairedTiming(statistics.median(ratios), max(ratios) / min(ratios), statistics.median(cand_ms),
-                        statistics.median(ref_ms), len(ratios), calls, hi / lo)
+                        statistics.median(ref_ms), len(ratios), calls, hi / lo, lo, hi, stopped,
+                        time.perf_counter() - started)
 
 
 def solo_latency_ms(forward: Forward, device: torch.device, rounds: int = 15,

@@ -95,3 +95,33 @@ def test_refit_on_trials_as_they_come_corrects_a_biased_rest_term():
     assert model.rest_latency["fp32"] == pytest.approx(7.0)
     assert model.error(measured)["latency_rel_median"] < before / 100
     assert model.rest_latency.keys() == {"fp32"}  # defaults never measured are left alone
+
+
+def test_latency_calibration_reproduces_uniform_int8_and_stays_positive():
+    model = _random_model(1)
+    lat = model.profile.latency_by_default["fp32"]
+    names = list(model.choices)
+    fp32_alone = sum(lat[n]["fp32"] for n in names)
+    int8_alone = sum(lat[n]["int8"] for n in names)
+    all_fp32, all_int8 = {n: "fp32" for n in names}, {n: "int8" for n in names}
+    # in the model, int8 layers save only half what they save alone (their input quantization, caches)
+    uniform = {"fp32": ("fp32", all_fp32, {"drop": 0.0, "latency_ms": fp32_alone + 5.0, "memory_bytes": 1.0}),
+               "int8": ("fp32", all_int8, {"drop": 1e-3, "latency_ms": 5.0 + 2 * int8_alone, "memory_bytes": 1.0})}
+    model.calibrate(uniform)
+    assert model.rest_latency["fp32"] == pytest.approx(5.0)
+    assert model.latency_scale["fp32"] == {"fp32": 1.0, "int8": pytest.approx(2.0)}
+    assert model.predict("fp32", all_int8)["latency_ms"] == pytest.approx(5.0 + 2 * int8_alone)
+    half = {n: ("int8" if i % 2 else "fp32") for i, n in enumerate(names)}
+    expected = 5.0 + sum(lat[n]["fp32"] if f == "fp32" else 2 * lat[n]["int8"] for n, f in half.items())
+    assert model.predict("fp32", half)["latency_ms"] == pytest.approx(expected)
+    # layers alone add up to more than the whole model: no negative rest, the layers are scaled down
+    uniform["fp32"] = ("fp32", all_fp32, {"drop": 0.0, "latency_ms": 0.5 * fp32_alone, "memory_bytes": 1.0})
+    uniform["int8"] = ("fp32", all_int8, {"drop": 1e-3, "latency_ms": 0.01 * int8_alone, "memory_bytes": 1.0})
+    model.calibrate(uniform)
+    assert model.rest_latency["fp32"] == 0.0 and model.latency_scale["fp32"]["fp32"] == pytest.approx(0.5)
+    assert model.latency_scale["fp32"]["int8"] == 0.25  # bounded
+    assert model.predict("fp32", all_fp32)["latency_ms"] == pytest.approx(0.5 * fp32_alone)
+    rng = random.Random(0)
+    for _ in range(50):
+        layers = {n: rng.choice(model.choices[n]) for n in names}
+        assert model.predict("fp32", layers)["latency_ms"] > 0

@@ -251,12 +251,12 @@ def test_latency_and_peak_fields():
     timing = TimingSettings(rounds=5, min_round_s=0.01, warmup_calls=2)
     ev = evaluator(load_spec(SPECS / "mlp.py"), timing=timing, measure_peak=True)
     assert ev.reference_latency_ms > 0
-    m = ev.measure(Policy())
+    m = ev.measure(Policy(layers={"2": "int8"}))
     assert m.feasible
     assert m.latency_ms > 0 and m.candidate_ms > 0 and m.latency_runs >= timing.rounds
-    assert m.latency_spread >= 1.0
-    assert 0.7 <= m.latency_ratio <= 1.4  # the same model against itself; loose for a shared 2-core machine
-    assert m.latency_ms == pytest.approx(m.latency_ratio * ev.reference_latency_ms)
+    assert m.latency_spread >= 1.0 and m.latency_ratio_lo <= m.latency_ratio <= m.latency_ratio_hi
+    assert m.latency_ms == pytest.approx(m.latency_ratio * ev.reference_latency_ms) and m.latency_seconds > 0
+    assert ev.measure(Policy()).latency_ratio == 1.0  # the fp32 model itself: not timed against itself
     assert m.peak_bytes is not None and m.peak_bytes >= m.memory_bytes > 0
     assert m.methods["peak_bytes"].startswith("memory_bytes + peak live tensor bytes")
     bf16 = ev.measure(Policy(default="bf16"))
@@ -291,3 +291,46 @@ def test_cuda_measurements():
     conv = Evaluator(cnn_spec(), "cuda", timing=FAST, measure_peak=False, threads=1)
     m = conv.measure(Policy(layers={"conv1": "int8"}))
     assert not m.feasible and "layer 'conv1'" in m.reason
+
+
+class _Costly(nn.Module):
+    """A Linear whose every forward books 5 fake seconds in bf16 and 1 in fp32 (see _fake_clock)."""
+
+    spent = [0.0]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        _Costly.spent[0] += 5.0 if self.lin.weight.dtype == torch.bfloat16 else 1.0
+        return self.lin(x)
+
+
+def _fake_clock(monkeypatch) -> None:
+    import autoprec.timing as T
+
+    def fake_time_calls(forward, calls, device):
+        before = _Costly.spent[0]
+        for _ in range(calls):
+            forward()
+        return _Costly.spent[0] - before
+    monkeypatch.setattr(T, "time_calls", fake_time_calls)
+
+
+def test_measure_stops_timing_once_the_neighbours_place_it_and_records_the_interval(monkeypatch):
+    _fake_clock(monkeypatch)
+    spec = make_spec(lambda: nn.Sequential(_Costly()), lambda: _x(2, 4))
+    ev = evaluator(spec, timing=TimingSettings(rounds=9, min_round_s=0.005, warmup_calls=1, max_rounds=33),
+                   reference_latency_ms=10.0)
+    slow = ev.measure(Policy(layers={"0.lin": "bf16"}), neighbours=(1.0, 0.6))
+    assert slow.feasible and slow.latency_rounds == 5 and slow.latency_stopped == "settled"
+    assert slow.latency_ratio_lo == slow.latency_ratio == slow.latency_ratio_hi == pytest.approx(5.0)
+    assert slow.latency_ms == pytest.approx(50.0) and slow.to_json()["latency_ratio_lo"] == pytest.approx(5.0)
+    close = ev.measure(Policy(layers={"0.lin": "bf16"}), neighbours=(1.0, 5.0))  # on a neighbour: full precision
+    assert close.latency_rounds >= 9 and close.latency_stopped == "target"
+    fp32 = ev.measure(Policy(layers={"0.lin": "fp32"}), neighbours=(1.0, 0.6))  # the reference itself: not timed
+    assert fp32.latency_ratio == 1.0 and fp32.latency_rounds == 0 and fp32.latency_stopped == "reference"
+    assert fp32.score == ev.reference_score and fp32.latency_ms == 10.0 and ev.retime(Policy()).ratio == 1.0
+    plain = ev.measure(Policy(layers={"0.lin": "bf16"}))  # without neighbours: as before
+    assert plain.latency_rounds == 9 and plain.latency_stopped == "target"

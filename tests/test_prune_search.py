@@ -1,0 +1,71 @@
+"""The format probe in a search: run once per machine and kept in the store, pruning announced and obeyed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from autoprec import probe as P
+from autoprec import record
+from autoprec.search import Search, SearchConfig
+from autoprec.timing import TimingSettings
+
+TINY = Path(__file__).parent / "specs" / "tiny_mlp.py"
+FAST = TimingSettings(rounds=3, min_round_s=0.002, warmup_calls=1, max_rounds=3)
+
+
+def _slow_bf16(formats, device):
+    return P.FormatProbe(P.machine(device), {f: {"linear": 9.0 if f == "bf16" else 0.5} for f in formats})
+
+
+def _config(url: str, study: str, **kwargs) -> SearchConfig:
+    return SearchConfig(model=str(TINY), trials=1, storage=url, study=study, timing=FAST, progress=False,
+                        space="cpu", **kwargs)
+
+
+def test_probe_is_cached_in_the_store_and_pruning_is_announced_and_obeyed(tmp_path, monkeypatch, one_thread):
+    runs = []
+    monkeypatch.setattr(P, "run_probe", lambda formats, device: runs.append(list(formats)) or _slow_bf16(formats, device))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    search = Search.open(_config(url, "first", strategy="random", retime_front=False))
+    assert len(runs) == 1
+    line = search.pruning.announcement
+    assert line.startswith("pruned bf16 (9.0x fp32 on linear)") and "--no-prune" in line and "\n" not in line
+    assert search.search_choices == {name: ("fp32", "int8") for name in search.choices}
+    assert search.search_defaults == ("fp32",)
+    search.run(10)
+    trials = search.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 10
+    bf16 = [t for t in trials if "bf16" in t.params.values()]
+    assert [t.user_attrs["origin"] for t in bf16] == ["uniform bf16"]  # only its uniform policy, for memory
+    assert record.read_info(search.study).probe["ratios"]["bf16"]["linear"] == 9.0
+    # another study on this machine, same store: the probe comes from the store
+    second = Search.open(_config(url, "second"))
+    assert len(runs) == 1 and second.pruning is not None
+    everything = Search.open(_config(url, "third", prune=False))
+    assert len(runs) == 1 and everything.pruning is None and everything.search_choices == everything.choices
+    resumed = Search.open(_config(url, "first", prune=False))  # fixed at creation: a resume keeps it
+    assert resumed.pruning is not None
+
+
+def test_the_final_re_time_is_bounded_and_marks_the_rest(tmp_path, monkeypatch, one_thread):
+    import autoprec.search as S
+    from autoprec.cli import _front_table
+    from autoprec.results import pareto_front, trials_frame
+
+    monkeypatch.setattr(S, "retime_budget", lambda seconds: 0.0)  # no time: only the fastest is re-timed
+    search = Search.open(_config(f"sqlite:///{tmp_path / 'study.db'}", "bounded", strategy="random", prune=False,
+                                 max_drop=1.0))
+    search.run(8)
+    front = pareto_front(trials_frame(search.study))
+    retimed, left_out = record.retimed(search.study), record.not_retimed(search.study)
+    fastest = int(front.trial.iloc[0])
+    assert list(retimed) == [str(fastest)] and "lo" in retimed[str(fastest)]
+    assert left_out == set(front.trial.astype(int)) - {fastest}
+    assert left_out and "not re-timed" in _front_table(front)  # fp32 (best score) and int8 (smallest) at least
+    # every measured trial says what its timing cost, which is what the plan budgets with
+    measured = [t.user_attrs["measurement"] for t in search.study.trials
+                if t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
+    assert all(m["latency_seconds"] > 0 for m in measured if m["latency_stopped"] != "reference")
+    assert [m["latency_seconds"] for m in measured if m["latency_stopped"] == "reference"] == [0.0]  # fp32
