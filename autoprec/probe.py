@@ -29,6 +29,8 @@ from torch import nn
 
 from autoprec.machine import cpu_name
 from autoprec.precision import HANDLERS
+from autoprec.precision.base import convert_layer
+from autoprec.precision.calibration import calibrate
 from autoprec.precision.apply import _cast_floats
 from autoprec.timing import TimingSettings, paired_latency
 
@@ -140,7 +142,10 @@ def run_probe(formats: Iterable[str], device: torch.device, settings: TimingSett
                 if handler.unsupported_reason(module, device) is not None:
                     continue
                 try:
-                    converted = handler.convert(copy.deepcopy(module), device)
+                    qparams = None
+                    if handler.needs_calibration(module):  # static int8: its input range, from the probe's input
+                        qparams = calibrate(nn.Sequential(module), ["0"], [x]).inputs["0"]
+                    converted = convert_layer(handler, copy.deepcopy(module), device, input_qparams=qparams)
                     inside = _cast_floats(x, handler.io_dtype(device))
                     timing = paired_latency(lambda: converted(inside), lambda: module(x), device, settings,
                                             neighbours=(1.0, PRUNE_RATIO))
