@@ -284,7 +284,10 @@ class Evaluator:
             if is_reference(policy) and not self.time_reference:  # the fp32 model itself: score and ratio are the reference's
                 with torch.inference_mode():
                     peak = self._peak(model, self.reference) if self.measure_peak else None
-                return self._result(self.reference_score, self._reference_timing(), module_storage_bytes(model), peak)
+                result = self._result(self.reference_score, self._reference_timing(), module_storage_bytes(model), peak)
+                if self.runtime != "eager":  # the reference's graph, compiled when the study was opened
+                    result.compile_s, result.graph_breaks = 0.0, self.reference.graph_breaks
+                return result
         prepared = self._prepare_candidate(model)
         with torch.inference_mode():
             out = call_model(prepared.model, self.example)
