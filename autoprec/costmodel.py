@@ -85,6 +85,9 @@ class CostModel:
         self.calibrate_latency(uniform)
         for default in list(self.rest_memory):
             self._drop_if_unphysical(default)
+        for default in self.unreliable:  # predictions under it would be nonsense: not planned on
+            for term in (self.rest_latency, self.rest_memory, self.rest_drop):
+                term.pop(default, None)
 
     def _drop_if_unphysical(self, default: str) -> None:
         """A rest of the model that costs negative time or storage means the layers timed alone do not
@@ -103,6 +106,51 @@ class CostModel:
             for other in (self.rest_latency, self.rest_memory, self.rest_drop):
                 other.pop(default, None)
             return
+
+    def calibrate_latency(self, uniform: dict[str, tuple[str, dict[str, str], dict[str, float]]]) -> None:
+        """rest_latency[D] and latency_scale[D][fmt] from the uniform policies, each reproduced exactly
+        where the terms stay in bounds.
+
+        A layer timed alone is not the layer in the model: caches are warm or cold differently, and
+        dynamic int8 quantizes its input inside the layer. So each uniform policy fixes one term:
+        all-D (default D) fixes rest_latency[D] (at least 0: where the layers alone add up to more
+        than the model, the excess goes into latency_scale[D][D] instead), and all-fmt (default D)
+        fixes latency_scale[D][fmt]. A format with no uniform policy under D takes its scale from
+        another default where it was measured, else 1. Scales stay in [1/4, 4] and the rest >= 0,
+        so no prediction goes negative.
+        """
+        self.latency_scale = {}
+        measured_scale: dict[str, float] = {}
+        for fmt, (default, layers, measured) in uniform.items():
+            lat = self.profile.latency_by_default.get(default)
+            if fmt != default or lat is None:
+                continue
+            alone = sum(lat[n][f] for n, f in layers.items())
+            rest = measured["latency_ms"] - alone
+            scale = 1.0
+            if rest < 0 and alone > 0:
+                wanted = measured["latency_ms"] / alone
+                rest, scale = 0.0, _bounded(wanted)
+                if scale != wanted and default != "fp32":  # fp32 is the reference: always planned on
+                    self.unreliable[default] = (
+                        f"under default {default} the layers timed alone add up to {alone:.4g} ms against "
+                        f"{measured['latency_ms']:.4g} ms for the whole model: its latency cannot be calibrated")
+            self.rest_latency[default] = rest
+            self.latency_scale[default] = {default: scale}
+            measured_scale[default] = scale
+        for fmt, (default, layers, measured) in uniform.items():
+            lat = self.profile.latency_by_default.get(default)
+            if fmt == default or lat is None or default not in self.rest_latency:
+                continue
+            own = sum(lat[n][f] for n, f in layers.items() if f == fmt)
+            others = sum(self.layer_latency(default, n, f) for n, f in layers.items() if f != fmt)
+            if own > 0:
+                scale = _bounded((measured["latency_ms"] - self.rest_latency[default] - others) / own)
+                self.latency_scale[default][fmt] = scale
+                measured_scale.setdefault(fmt, scale)
+        for default, scales in self.latency_scale.items():
+            for fmt, scale in measured_scale.items():
+                scales.setdefault(fmt, scale)
 
     def refit_rest_latency(self, measured: list[tuple[str, dict[str, str], dict[str, float]]]) -> None:
         """Re-fit `rest_latency[D]` on every measured trial of default D (uniform ones included): the

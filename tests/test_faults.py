@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,22 +79,26 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_the_next_run_retries_it(tmp
     url = f"sqlite:///{tmp_path / 's.db'}"
     args = ["search", str(SPECS / "slow_mlp.py"), "--storage", url, "--strategy", "random", "--no-retime", *QUICK]
     proc = _cli(*args, "--trials", "4", env={"SLOW_MLP_LOG": str(log), "SLOW_MLP_SLEEP": "3"})
-    _wait_for_calls(log, 2)  # the fp32 reference, then trial 0 (uniform fp32) in its evaluate()
+    # the fp32 reference, then trial 1 (the second uniform policy) in its evaluate(): trial 0, all fp32,
+    # is the reference itself and calls nothing
+    _wait_for_calls(log, 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
-    assert "\n0 trials run, " in out and "(re-timed" not in out
+    assert "\n1 trials run, " in out and "(re-timed" not in out
     study = optuna.load_study(study_name="slow_mlp", storage=url)
-    first = study.trials[0]
-    assert first.state.name == "FAIL" and first.user_attrs["failure_reason"] == record.INTERRUPTED
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["failure_reason"] == record.INTERRUPTED
+    origin = record.TrialRecord.of(failed[0]).origin
+    assert origin.kind == record.UNIFORM and origin.format != "fp32"
     resumed = _cli(*args, "--trials", "3", env={"SLOW_MLP_LOG": str(log), "SLOW_MLP_SLEEP": "0"})
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "\n3 trials run, " in out and "(re-timed" not in out
     study = optuna.load_study(study_name="slow_mlp", storage=url)
-    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
-    assert record.TrialRecord.of(retry[0]).origin == record.Origin.uniform("fp32")
+    assert record.TrialRecord.of(retry[0]).origin == origin
     uniform = {record.TrialRecord.of(t).origin.format for t in study.trials if t.state.name == "COMPLETE"}
     assert uniform >= {"fp32", "bf16", "int8"}
 
@@ -210,13 +215,18 @@ def test_a_failed_candidate_is_one_line_and_its_traceback_goes_to_the_store(tmp_
     spec = tmp_path / "picky.py"
     spec.write_text(PICKY)
     url = f"sqlite:///{tmp_path / 's.db'}"
-    proc = _cli("search", str(spec), "--storage", url, "--trials", "2", "--strategy", "random", "--no-retime", *QUICK)
+    # the four uniform policies (their order follows the format probe): fp16 and bf16 fail in Picky
+    proc = _cli("search", str(spec), "--storage", url, "--trials", "4", "--strategy", "random", "--no-retime", *QUICK)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "Traceback" not in err, err
     failed = [line for line in err.splitlines() if "failed" in line]
-    assert len(failed) == 1 and "trial 1 failed: ValueError: Picky takes float32" in failed[0], err
-    trial = optuna.load_study(study_name="picky", storage=url).trials[1]
-    assert "Traceback" in trial.user_attrs["measurement"]["traceback"]
+    numbers = [int(m.group(1)) for line in failed
+               if (m := re.search(r"trial (\d+) failed: ValueError: Picky takes float32", line))]
+    assert len(failed) == 2 and len(numbers) == 2, err
+    trials = optuna.load_study(study_name="picky", storage=url).trials
+    for number in numbers:
+        assert trials[number].state.name == "FAIL"
+        assert "Traceback" in trials[number].user_attrs["measurement"]["traceback"]
 
 
 # 4. changes the measurements depend on are refused ------------------------------------------
