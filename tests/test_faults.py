@@ -37,9 +37,16 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
+def _default_sigint() -> None:
+    # a test run started in the background of a shell without job control inherits SIGINT ignored, and
+    # Python then never turns Ctrl-C into KeyboardInterrupt: the searches here must see a user's Ctrl-C
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "autoprec", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _one_line_error(capsys_or_err) -> str:
