@@ -202,10 +202,6 @@ class Evaluator:
             raise self.spec.error("example_inputs", f"the fp32 model fails on them: {type(exc).__name__}: {exc}",
                                   "make example_inputs() match what build_model()'s forward takes") from exc
 
-    def _forward(self, model: nn.Module):
-        example = self.example
-        return lambda: call_model(model, example)
-
     def _compared(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.spec.compared_tensor(call_model(model, batch)).float()
 

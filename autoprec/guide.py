@@ -17,7 +17,7 @@ from autoprec import record
 from autoprec.costmodel import CostModel
 from autoprec.planner import Measured, Proposal, drop_model_report, next_proposal
 from autoprec.profile import Profile
-from autoprec.record import COSTMODEL_ATTR, PROFILE_ATTR, PROFILE_SOURCE_ATTR, PROPOSALS_ATTR, Origin, StudyInfo
+from autoprec.record import COSTMODEL_ATTR, PROFILE_ATTR, Origin, StudyInfo
 
 
 def stored_profile(study: optuna.Study) -> Profile | None:
@@ -99,18 +99,6 @@ def record_model_error(study: optuna.Study, model: CostModel, reference_score: f
                "rest_memory_bytes": model.rest_memory, "rest_drop": model.rest_drop, "drop_scale": model.drop_scale}
     study.set_user_attr(COSTMODEL_ATTR, summary)
     return summary
-
-
-def enqueue_proposals(study: optuna.Study, model: CostModel, max_drop: float, defaults: tuple[str, ...]) -> int:
-    proposals = model.proposals(max_drop, defaults)
-    enqueued = []
-    for default, layers, why in proposals:
-        predicted = model.predict(default, layers)
-        record.enqueue(study, record.params_of(default, layers), Origin.proposal(why),
-                       **{record.TrialKey.PREDICTED: predicted})
-        enqueued.append({"default": default, "why": why, "predicted": predicted})
-    study.set_user_attr(PROPOSALS_ATTR, enqueued)
-    return len(enqueued)
 
 
 # --------------------------------------------------------------------------- sequential proposals

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import autoprec.evaluate as E  # noqa: E402
 from autoprec.machine import KEPT, keep_freed_memory  # noqa: E402
 from autoprec.timing import TimingSettings, time_calls  # noqa: E402
-from autoprec.userspec import load_spec  # noqa: E402
+from autoprec.userspec import call_model, load_spec  # noqa: E402
 
 def faults_and_ms(forward, calls: int = 7) -> tuple[float, float]:
     forward()
@@ -59,8 +59,8 @@ def main() -> None:
     ev = E.Evaluator(spec, "cpu", threads=args.threads, measure_peak=False, reference_latency_ms=1.0,
                      timing=TimingSettings(keep_freed_memory=False))
     models = {k: ev.candidate(p) for k, p in C.three_policies(ev.model).items()}
-    forwards = {k: ev._forward(m) for k, m in models.items()}
-    reference = ev._forward(ev.model)
+    forwards = {k: (lambda m=m: call_model(m, ev.example)) for k, m in models.items()}
+    reference = lambda: call_model(ev.model, ev.example)  # noqa: E731
 
     print("### Latency ratio over time and page faults per forward (ratio_trace.py)\n")
     print(C.machine_header({"model": "studies/minilm (batch 16 x 128)",

@@ -143,7 +143,7 @@ def study_points(study: optuna.Study, max_drop: float) -> list[Point]:
 
 def guided_notes(study: optuna.Study, reference_score: float, max_drop: float) -> dict[str, Any]:
     """How the knapsack proposals fared: predicted vs measured drop and latency."""
-    from autoprec import guide
+    from autoprec import record
 
     ref = study.user_attrs["autoprec"]["reference"]
     rows = []
@@ -158,10 +158,10 @@ def guided_notes(study: optuna.Study, reference_score: float, max_drop: float) -
                      "predicted_ratio": (predicted.get("latency_ms") or math.nan) / ref["latency_ms"],
                      "ratio": (t.values[1] / ref["latency_ms"]) if t.values else None,
                      "feasible": measured_drop is not None and measured_drop <= max_drop})
-    profile = study.user_attrs.get(guide.PROFILE_ATTR) or {}
-    return {"proposals_enqueued": len(study.user_attrs.get(guide.PROPOSALS_ATTR) or []), "proposals": rows,
+    profile = study.user_attrs.get(record.PROFILE_ATTR) or {}
+    return {"proposals_enqueued": len(study.user_attrs.get(record.PROPOSALS_ATTR) or []), "proposals": rows,
             "profile_seconds": profile.get("seconds"),
-            "costmodel": study.user_attrs.get(guide.COSTMODEL_ATTR)}
+            "costmodel": study.user_attrs.get(record.COSTMODEL_ATTR)}
 
 
 def run_search(model: str, method: str, max_drop: float, budget: float, db: Path, seed: int) -> MethodRun:
