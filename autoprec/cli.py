@@ -95,12 +95,14 @@ def _front_table(front) -> str:
 
     if front.empty:
         return "(no feasible trial yet)"
+    # fp8 exists on recent GPUs only: its column shows where a member uses it
+    formats = ["fp32", "fp16", "bf16", "int8"] + (["fp8"] if "fp8" in front.columns and front.fp8.gt(0).any() else [])
     rows = [(int(r.trial), f"{r.score:.6f}", f"{r.score_drop:.2e}", f"{r.latency_ms:.2f}", f"{r.latency_ratio:.3f}x",
-             _retimed_text(r),
-             format_bytes(r.memory_bytes), f"{r.memory_ratio:.3f}x", r.default, r.fp32, r.fp16, r.bf16, r.int8, r.origin)
+             _retimed_text(r), format_bytes(r.memory_bytes), f"{r.memory_ratio:.3f}x", r.default,
+             *(getattr(r, f) for f in formats), r.origin)
             for r in front.itertuples()]
-    header = ["trial", "score", "drop", "latency_ms", "vs fp32", "re-timed", "memory", "vs fp32",
-              "default", "fp32", "fp16", "bf16", "int8", "origin"]
+    header = ["trial", "score", "drop", "latency_ms", "vs fp32", "re-timed", "memory", "vs fp32", "default",
+              *formats, "origin"]
     retimed = front.retimed_ratio.notna().any()
     note = ("\n(re-timed: the front timed again beside fp32 in one pass at the end of the last search, fastest and "
             "smallest first, within 15% of the search's time)") if retimed else ""
@@ -199,6 +201,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
         rows.append(row)
     print(format_table(["layer", "fp32 ms"] + [f"{f} drop / ms" for f in fmts], rows))
     print(f"\nprofile drops: {profile.method}; time: " + ", ".join(f"{k} {v:.1f} s" for k, v in profile.seconds.items()))
+    if profile.model_latency_ms and profile.reference_latency_ms:
+        print(f"layer times tied to the reference: the fp32 model took {profile.model_latency_ms:.4g} ms while the "
+              f"layers were timed, {profile.reference_latency_ms:.4g} ms when the study was created: layer times "
+              f"x {profile.time_scale:.3f} in the cost model")
     if study.user_attrs.get(PROFILE_SOURCE_ATTR):
         print(f"profile reused from study {study.user_attrs[PROFILE_SOURCE_ATTR]!r} (same model, space and machine)")
     summary = study.user_attrs.get(COSTMODEL_ATTR)

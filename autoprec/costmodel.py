@@ -49,8 +49,12 @@ class CostModel:
     def layer_drop(self, name: str, fmt: str) -> float:
         return self.drop_scale.get(fmt, 1.0) * self.profile.layers[name][fmt]["drop"]
 
+    def alone(self, default: str, name: str, fmt: str) -> float:
+        """The layer's time alone, in the reference's terms (Profile.time_scale)."""
+        return self.profile.time_scale * self.profile.latency_by_default[default][name][fmt]
+
     def layer_latency(self, default: str, name: str, fmt: str) -> float:
-        return self.latency_scale.get(default, {}).get(fmt, 1.0) * self.profile.latency_by_default[default][name][fmt]
+        return self.latency_scale.get(default, {}).get(fmt, 1.0) * self.alone(default, name, fmt)
 
     def predict(self, default: str, layers: dict[str, str]) -> dict[str, float] | None:
         if default not in self.rest_latency:
@@ -125,7 +129,7 @@ class CostModel:
             lat = self.profile.latency_by_default.get(default)
             if fmt != default or lat is None:
                 continue
-            alone = sum(lat[n][f] for n, f in layers.items())
+            alone = sum(self.alone(default, n, f) for n, f in layers.items())
             rest = measured["latency_ms"] - alone
             scale = 1.0
             if rest < 0 and alone > 0:
@@ -142,7 +146,7 @@ class CostModel:
             lat = self.profile.latency_by_default.get(default)
             if fmt == default or lat is None or default not in self.rest_latency:
                 continue
-            own = sum(lat[n][f] for n, f in layers.items() if f == fmt)
+            own = sum(self.alone(default, n, f) for n, f in layers.items() if f == fmt)
             others = sum(self.layer_latency(default, n, f) for n, f in layers.items() if f != fmt)
             if own > 0:
                 scale = _bounded((measured["latency_ms"] - self.rest_latency[default] - others) / own)

@@ -12,7 +12,8 @@ every measured trial of one default dtype as they come:
   all-D trial is known, so `g` stays flat (at the lowest fitted drop) below its lowest point: a default
   whose own uniform trial misses the budget is never planned on until trials of it say otherwise;
 - between fitted points interpolated in log-log (a local power law); below the lowest, from the origin,
-  with the power of the lowest two (at most 1; PRIOR_POWER while there is one); beyond the highest, with
+  with the power of the lowest two (at most 1; while there is one, a prior by the score's kind: 0.5 for a
+  count of decisions, 1 for a continuous score, see `prior_power`); beyond the highest, with
   the power over the whole range (at most 1): one plan measured near the budget (with the all-int8 point far
   beyond) gives the curvature, so the next plan lands near the budget instead of creeping to it.
 
@@ -31,10 +32,18 @@ from dataclasses import dataclass
 import numpy as np
 
 _MIN_POWER, _MAX_POWER = 0.2, 4.0  # power-law exponents believed between points: clamps a noisy slope
-# Below the only measured point (in practice the all-int8 trial, far beyond the budget), the power is
-# unknown: 0.5 plans low for a score linear in fidelity (a feasible first plan, and the refit then has
-# the true power) and much less high than a straight line for the concave task metrics.
-PRIOR_POWER = 0.5
+# Below the only measured point (in practice the all-int8 trial, far beyond the budget) the power is
+# not measured, but the score's kind tells it. Fidelity (1 - cosine) and continuous losses move with the
+# square of a small perturbation, as the profile's drops do: power 1. A count of discrete decisions
+# (accuracy, top-k agreement) flips in proportion to the perturbation itself, its square root in
+# fidelity terms: power 0.5. A wrong prior costs one plan (the refit then has the measured power).
+PRIOR_POWER = 0.5  # a score on a lattice (a count over N samples)
+CONTINUOUS_PRIOR_POWER = 1.0
+
+
+def prior_power(granularity: "Granularity") -> float:
+    """The power believed below the only measured point: 0.5 for a count of decisions, 1 for a continuous score."""
+    return PRIOR_POWER if granularity.step > 0 else CONTINUOUS_PRIOR_POWER
 _MAX_DENOMINATOR = 100_000
 _LATTICE_VALUES = 16  # distinct scores tested against a lattice (enough to rule out chance fits)
 
@@ -127,22 +136,23 @@ class DropModel:
     knots_x: list[float]
     knots_y: list[float]
     anchored: bool  # through (0, 0): the fp32 default
+    prior: float = PRIOR_POWER  # the power from the origin while one point is measured (prior_power)
 
     @classmethod
-    def fit(cls, points: Iterable[tuple[float, float]], anchored: bool) -> "DropModel":
+    def fit(cls, points: Iterable[tuple[float, float]], anchored: bool, prior: float = PRIOR_POWER) -> "DropModel":
         """`points`: (fidelity x, measured score drop); negative drops (noise) count as 0, non-finite x
         are left out."""
         clean = [(float(x), max(0.0, float(y))) for x, y in points if math.isfinite(x) and math.isfinite(y)]
         if anchored:
             clean = [(0.0, 0.0)] + [(max(x, 0.0), y) for x, y in clean]
         if not clean:
-            return cls([], [], anchored)
+            return cls([], [], anchored, prior)
         xs, ys = isotonic([p[0] for p in clean], [p[1] for p in clean])
         if anchored and xs[0] == 0.0:
             ys[0] = 0.0  # the reference: noise at x = 0 is the granularity's business, not g's
             for i in range(1, len(ys)):
                 ys[i] = max(ys[i], ys[i - 1])
-        return cls(xs, ys, anchored)
+        return cls(xs, ys, anchored, prior)
 
     @property
     def empty(self) -> bool:
@@ -164,7 +174,7 @@ class DropModel:
         if x0 > 0 and y0 > 0:
             return y0 * (x / x0) ** (math.log(y1 / y0) / math.log(x1 / x0))
         if i == 1 and x0 == 0 and y0 == 0:  # from the origin: the power of the next two points
-            p = _power(x1, y1, xs[i + 1], ys[i + 1]) if i + 1 < len(xs) else PRIOR_POWER
+            p = _power(x1, y1, xs[i + 1], ys[i + 1]) if i + 1 < len(xs) else self.prior
             return y1 * (x / x1) ** min(p, 1.0)
         return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
@@ -202,7 +212,7 @@ class DropModel:
         return lo
 
 
-def loo_error(points: Sequence[tuple[float, float]], anchored: bool) -> list[tuple[float, float]]:
+def loo_error(points: Sequence[tuple[float, float]], anchored: bool, prior: float = PRIOR_POWER) -> list[tuple[float, float]]:
     """(predicted, measured) for every point, each predicted by the model fitted on all the others
     (leave one out: no trial grades itself). Points whose prediction is unknown are skipped, and so is
     x = 0 on an anchored model (the fp32 policy: exact by construction, it would flatter the median)."""
@@ -210,7 +220,7 @@ def loo_error(points: Sequence[tuple[float, float]], anchored: bool) -> list[tup
     for i, (x, y) in enumerate(points):
         if anchored and x <= 0:
             continue  # the fp32 policy itself: the anchor predicts it exactly
-        model = DropModel.fit(list(points[:i]) + list(points[i + 1:]), anchored)
+        model = DropModel.fit(list(points[:i]) + list(points[i + 1:]), anchored, prior)
         predicted = model.predict(x)
         if math.isfinite(predicted) and math.isfinite(y):
             out.append((predicted, max(0.0, y)))

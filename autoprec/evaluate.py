@@ -181,6 +181,13 @@ class Evaluator:
             raise self.spec.error("build_model", f"the fp32 model does not compile: {exc}",
                                   "time it with --runtime eager") from exc
 
+    def reference_solo_ms(self, rounds: int = 5) -> float:
+        """The fp32 reference timed alone, now: what the machine's state makes of it at this moment."""
+        with torch.inference_mode():
+            ms, _ = solo_latency_ms(self._timed(self.reference), self.device, rounds=rounds,
+                                    min_round_s=self.timing.min_round_s)
+        return ms
+
     def _timed(self, prepared: Prepared):
         example = self.example
         return prepared.forward(lambda fn: call_model(fn, example))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoprec.costmodel import CostModel
-from autoprec.dropmodel import DropModel, Granularity, error_summary, loo_error, score_granularity
+from autoprec.dropmodel import DropModel, Granularity, error_summary, loo_error, prior_power, score_granularity
 from autoprec.profile import Profile
 
 MAX_CONVERGE = 6  # proposals spent closing in on the budget, per default dtype
@@ -140,9 +140,9 @@ class _Excluded:
 
 
 def _state(profile: Profile, trials: Sequence[Measured], reference_score: float, max_drop: float,
-           default: str) -> _Default:
+           default: str, grain: Granularity) -> _Default:
     points = drop_points(profile, trials, reference_score, default)
-    state = _Default(DropModel.fit(points, anchored=default == "fp32"))
+    state = _Default(DropModel.fit(points, anchored=default == "fp32", prior=prior_power(grain)))
     for x, drop in points:
         if drop <= max_drop:
             state.x_lo = max(state.x_lo, x)
@@ -188,7 +188,7 @@ def next_proposal(profile: Profile, choices: dict[str, tuple[str, ...]], trials:
     for default in defaults:
         if default not in cost.rest_latency:  # no uniform trial of it, or its calibration is unreliable
             continue
-        state = _state(profile, trials, reference_score, max_drop, default)
+        state = _state(profile, trials, reference_score, max_drop, default, grain)
         if state.model.empty:
             continue
         candidates: list[tuple[int, float, str, str]] = []  # (stage, budget, objective, why)
@@ -244,7 +244,7 @@ def drop_model_report(profile: Profile, trials: Sequence[Measured], reference_sc
     pairs: list[tuple[float, float]] = []
     for default in defaults:
         points = drop_points(profile, trials, reference_score, default)
-        pairs += loo_error(points, anchored=default == "fp32")
+        pairs += loo_error(points, anchored=default == "fp32", prior=prior_power(grain))
     report = error_summary(pairs, grain)
     if max_drop is not None:
         near = error_summary([(p, m) for p, m in pairs if m <= 2 * max_drop], grain)

@@ -46,6 +46,9 @@ class Profile:
     layers: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     latency_by_default: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     reference_latency_ms: float | None = None
+    # the fp32 model timed solo beside the layers (before and after them, mean): the layers' times are in
+    # the machine's state of that moment, the trials' in the reference's (see time_scale)
+    model_latency_ms: float | None = None
     method: str = "exact"
     seconds: dict[str, float] = field(default_factory=dict)
     runtime: str = "eager"  # the runtime the latencies were measured in (autoprec.runtime)
@@ -56,6 +59,17 @@ class Profile:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Profile":
         return cls(**data)
+
+    @property
+    def time_scale(self) -> float:
+        """Reference latency / the fp32 model's latency while the layers were timed: 1 on a steady machine.
+
+        Trials are latency ratios times the reference latency, taken when the study was created; the
+        layers are timed later, maybe on a busier or quieter machine (shared hosts move by 2x), so their
+        times are put in the reference's terms before the cost model adds them to trial latencies."""
+        if self.reference_latency_ms and self.model_latency_ms:
+            return self.reference_latency_ms / self.model_latency_ms
+        return 1.0
 
 
 def _compared(spec: ModelSpec, outputs: Any) -> torch.Tensor:
@@ -276,12 +290,15 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
 def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict[str, tuple[str, ...]],
                   defaults: tuple[str, ...], device: torch.device,
                   progress: Callable[[str], None] | None = None, method: str = "linearized",
-                  calibration: Calibration | None = None, runtime: str = "eager") -> Profile:
+                  calibration: Calibration | None = None, runtime: str = "eager",
+                  time_model: Callable[[], float] | None = None) -> Profile:
     """Profile every (layer, format) of `choices` on the fp32 `model` (left unchanged).
 
     method: "linearized" (default; linear in depth, see linearized_drops) or "exact".
     calibration: the static int8 input ranges; observed on the spec's calibration batches if None.
-    runtime: the study's (autoprec.runtime): the kernels the formats get, and how layers are timed."""
+    runtime: the study's (autoprec.runtime): the kernels the formats get, and how layers are timed.
+    time_model: times the fp32 model solo (ms), called before and after the layers are timed: their
+    mean is `model_latency_ms`, which ties the layers' times to the reference's (Profile.time_scale)."""
     if method not in ("linearized", "exact"):
         raise ValueError(f"profile method must be 'linearized' or 'exact', not {method!r}")
     profile = Profile(method=method, runtime=runtimes.check_runtime(runtime))
@@ -309,6 +326,7 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
     profile.seconds["drop"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    model_ms = [time_model()] if time_model else []
     compile_s = 0.0
     timed: dict[tuple, float] = {}  # compiled runtime: (layer key, format, default) -> ms
     captured = capture_layer_inputs(model, names, example)
@@ -343,6 +361,9 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
             profile.layers[name][fmt]["latency_ms"] = profile.latency_by_default[defaults[0]][name][fmt]
         if progress:
             progress(f"latency {index + 1}/{len(names)}")
+    if time_model:
+        model_ms.append(time_model())
+        profile.model_latency_ms = sum(model_ms) / len(model_ms)
     profile.seconds["latency"] = time.perf_counter() - start
     if runtime != "eager":
         profile.seconds["compile"] = compile_s

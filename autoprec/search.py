@@ -234,12 +234,17 @@ class Search:
             reused = None if profile is not None else guide.sibling_profile(self.storage, self.study_name, self.info)
             if reused is not None:
                 profile, source = reused
+                profile.reference_latency_ms = self.evaluator.reference_latency_ms  # its layers in this study's terms
                 self.study.set_user_attr(record.PROFILE_ATTR, profile.to_json())
                 self.study.set_user_attr(record.PROFILE_SOURCE_ATTR, source)
             if profile is None:
                 profile = build_profile(self.spec, self.evaluator.model, self.evaluator.example,
                                         self.search_choices, self.search_defaults, self.device,
-                                        runtime=self.info.runtime)
+                                        runtime=self.info.runtime,
+                                        # compiled: timing the reference would compile it again after the
+                                        # layers' resets; its profile keeps the layers' own times
+                                        time_model=self.evaluator.reference_solo_ms if self.info.runtime == "eager"
+                                        else None)
                 profile.reference_latency_ms = self.evaluator.reference_latency_ms
                 self.study.set_user_attr(record.PROFILE_ATTR, profile.to_json())
             self.phase_seconds["profile"] = time.perf_counter() - started

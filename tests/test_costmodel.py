@@ -125,3 +125,38 @@ def test_latency_calibration_reproduces_uniform_int8_and_stays_positive():
     for _ in range(50):
         layers = {n: rng.choice(model.choices[n]) for n in names}
         assert model.predict("fp32", layers)["latency_ms"] > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_layer_times_from_a_quieter_moment_are_tied_to_the_reference(tied):
+    """The layers were timed when the machine ran twice as fast as when the reference (and so every trial,
+    a ratio times it) was: tied to the reference by the fp32 model timed beside them, mixed policies are
+    predicted exactly; untied, the rest term absorbs the difference and mixed policies miss."""
+    true = _random_model(1)
+    names = list(true.choices)
+    rest = 5.0
+
+    def measured(layers: dict[str, str]) -> dict[str, float]:
+        return {"drop": 0.0, "latency_ms": rest + sum(true.profile.latency_by_default["fp32"][n][f]
+                                                      for n, f in layers.items()), "memory_bytes": 1.0}
+
+    all_fp32 = {n: "fp32" for n in names}
+    all_int8 = {n: "int8" for n in names}
+    quiet = Profile(layers=true.profile.layers,
+                    latency_by_default={"fp32": {n: {f: ms / 2 for f, ms in by_fmt.items()}
+                                                 for n, by_fmt in true.profile.latency_by_default["fp32"].items()}},
+                    reference_latency_ms=measured(all_fp32)["latency_ms"])
+    if tied:
+        quiet.model_latency_ms = measured(all_fp32)["latency_ms"] / 2
+    model = CostModel(quiet, true.choices)
+    model.calibrate({"fp32": ("fp32", all_fp32, measured(all_fp32)), "int8": ("fp32", all_int8, measured(all_int8))})
+    errors = []
+    for seed in range(5):
+        rng = random.Random(seed)
+        mixed = {n: rng.choice(("fp32", "int8")) for n in names}
+        errors.append(abs(model.predict("fp32", mixed)["latency_ms"] / measured(mixed)["latency_ms"] - 1))
+    if tied:
+        assert quiet.time_scale == pytest.approx(2.0)
+        assert max(errors) < 1e-9
+    else:
+        assert max(errors) > 0.02

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoprec.dropmodel import DropModel, isotonic, loo_error, score_granularity
+from autoprec.dropmodel import DropModel, Granularity, isotonic, loo_error, score_granularity
 
 
 def test_isotonic_is_monotone_and_pools_violators():
@@ -92,3 +92,17 @@ def test_a_default_known_only_at_zero_fidelity_still_predicts():
     model = DropModel.fit([(0.0, 0.003)], anchored=False)
     assert model.predict(0.0) == 0.003 and model.predict(1e-3) == pytest.approx(0.004)
     assert loo_error([(0.0, 0.003), (0.0, 0.004)], anchored=False)  # each from the other, no division by zero
+
+
+def test_the_prior_below_the_only_point_follows_the_score_kind():
+    from autoprec.dropmodel import CONTINUOUS_PRIOR_POWER, PRIOR_POWER, prior_power
+
+    assert prior_power(Granularity(step=1 / 450, denominator=450)) == PRIOR_POWER == 0.5
+    assert prior_power(Granularity()) == CONTINUOUS_PRIOR_POWER == 1.0
+    # a continuous (fidelity-like) score: drop linear in fidelity, the all-int8 point 1000x beyond the budget
+    far = [(0.03, 0.03)]
+    budget = 3e-5
+    continuous = DropModel.fit(far, anchored=True, prior=1.0).inverse(budget)
+    assert continuous == pytest.approx(budget, rel=1e-6)  # planned at the budget, not 1000x under it
+    counted = DropModel.fit(far, anchored=True, prior=0.5).inverse(budget)
+    assert counted == pytest.approx(0.03 * (budget / 0.03) ** 2, rel=1e-6)

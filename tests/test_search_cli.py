@@ -140,7 +140,13 @@ def test_a_second_study_of_the_same_model_reuses_the_profile(searched):
                  "--max-drop", "0.05", "--no-progress", "--no-retime", "--no-prune")  # the same searched choices
     first, second = _study(url, "tiny_mlp"), _study(url, "tiny_loose")
     assert second.user_attrs["autoprec_profile_from"] == "tiny_mlp"
-    assert second.user_attrs["autoprec_profile"] == first.user_attrs["autoprec_profile"]
+    reused, original = dict(second.user_attrs["autoprec_profile"]), dict(first.user_attrs["autoprec_profile"])
+    # the same layers, drops and times; tied to the second study's own reference latency (Profile.time_scale)
+    assert reused.pop("reference_latency_ms") == second.user_attrs["autoprec"]["reference"]["latency_ms"]
+    original.pop("reference_latency_ms")
+    assert reused == original and reused["model_latency_ms"] > 0
+    out = autoprec_cli("profile", "--storage", url, "--study", "tiny_mlp").stdout
+    assert "layer times tied to the reference" in out
     assert any(str(t.user_attrs.get("origin", "")).startswith("sequential") for t in second.trials)
     out = autoprec_cli("profile", "--storage", url, "--study", "tiny_loose").stdout
     assert "profile reused from study 'tiny_mlp'" in out

@@ -37,3 +37,7 @@ def test_guided_search_plans_one_proposal_at_a_time_and_holds_the_drop(tmp_path)
     assert not search.study.get_trials(states=(optuna.trial.TrialState.WAITING,))  # one at a time: none left over
     drop_model = search.study.user_attrs[record.COSTMODEL_ATTR]["drop_model"]
     assert drop_model["denominator"] == 1000 and drop_model["trials"] >= 2
+    # the layers' times are tied to the reference: the fp32 model was timed beside them
+    profile = search.study.user_attrs[record.PROFILE_ATTR]
+    assert profile["model_latency_ms"] > 0 and profile["reference_latency_ms"] > 0
+    assert 0.1 < profile["reference_latency_ms"] / profile["model_latency_ms"] < 10
