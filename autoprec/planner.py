@@ -268,6 +268,9 @@ def describe_drop_model(report: dict[str, Any]) -> list[str]:
                      f"{near['worst_predicted']:.3g}, measured {near['worst_measured']:.3g})")
     step = (f"steps of 1/{report['denominator']} = {report['step']:.3g}" if report.get("denominator")
             else "no step seen (continuous)")
+    prior = ("0.5 (a count of decisions flips with the perturbation)" if report.get("denominator")
+             else "1 (a continuous score moves with fidelity)")
     lines.append(f"score granularity: {step}, fp32 re-measured within {report['noise']:.2g}; plans aim "
-                 f"{report['margin']:.2g} under max_drop (and at 0.95 x it)")
+                 f"{report['margin']:.2g} under max_drop (and at 0.95 x it); below the only measured point "
+                 f"the drop is believed to grow with fidelity to the power {prior}")
     return lines

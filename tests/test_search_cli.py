@@ -130,6 +130,7 @@ def test_studies_and_profile_commands(searched):
     assert "int8 drop / ms" in out and "cost model" in out
     assert "profile drops: linearized" in out and "re-fitted on the trials as they come" in out
     assert "drop model (profile drop -> score drop" in out and "score granularity" in out
+    assert "to the power 1 (a continuous score" in out  # the default fidelity score: no lattice
     summary = _study(url, "tiny_mlp").user_attrs["autoprec_costmodel"]
     assert summary["error_refit"]["trials"] == summary["error"]["trials"] > 0
 
