@@ -40,10 +40,6 @@ _MIN_POWER, _MAX_POWER = 0.2, 4.0  # power-law exponents believed between points
 PRIOR_POWER = 0.5  # a score on a lattice (a count over N samples)
 CONTINUOUS_PRIOR_POWER = 1.0
 
-
-def prior_power(granularity: "Granularity") -> float:
-    """The power believed below the only measured point: 0.5 for a count of decisions, 1 for a continuous score."""
-    return PRIOR_POWER if granularity.step > 0 else CONTINUOUS_PRIOR_POWER
 _MAX_DENOMINATOR = 100_000
 _LATTICE_VALUES = 16  # distinct scores tested against a lattice (enough to rule out chance fits)
 
@@ -68,6 +64,11 @@ class Granularity:
 
     def to_json(self) -> dict[str, float | int | None]:
         return {"step": self.step, "noise": self.noise, "denominator": self.denominator, "margin": self.margin}
+
+
+def prior_power(granularity: Granularity) -> float:
+    """The power believed below the only measured point: 0.5 for a count of decisions, 1 for a continuous score."""
+    return PRIOR_POWER if granularity.step > 0 else CONTINUOUS_PRIOR_POWER
 
 
 def _lattice(values: Sequence[float]) -> int | None:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoprec.costmodel import CostModel
-from autoprec.dropmodel import DropModel, Granularity, error_summary, loo_error, prior_power, score_granularity
+from autoprec.dropmodel import (PRIOR_POWER, DropModel, Granularity, error_summary, loo_error, prior_power,
+                                score_granularity)
 from autoprec.profile import Profile
 
 MAX_CONVERGE = 6  # proposals spent closing in on the budget, per default dtype
@@ -268,7 +269,8 @@ def describe_drop_model(report: dict[str, Any]) -> list[str]:
                      f"{near['worst_predicted']:.3g}, measured {near['worst_measured']:.3g})")
     step = (f"steps of 1/{report['denominator']} = {report['step']:.3g}" if report.get("denominator")
             else "no step seen (continuous)")
-    prior = ("0.5 (a count of decisions flips with the perturbation)" if report.get("denominator")
+    prior = ("0.5 (a count of decisions flips with the perturbation)"
+             if prior_power(Granularity(step=report.get("step") or 0.0)) == PRIOR_POWER
              else "1 (a continuous score moves with fidelity)")
     lines.append(f"score granularity: {step}, fp32 re-measured within {report['noise']:.2g}; plans aim "
                  f"{report['margin']:.2g} under max_drop (and at 0.95 x it); below the only measured point "
