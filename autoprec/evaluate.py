@@ -161,10 +161,7 @@ class Evaluator:
         if not math.isfinite(self.reference_score):
             raise spec.error("evaluate", f"returned {self.reference_score} for the fp32 model")
         if reference_latency_ms is None:
-            with torch.inference_mode():
-                reference_latency_ms, _ = solo_latency_ms(self._timed(self.reference), self.device,
-                                                          rounds=2 * self.timing.rounds,
-                                                          min_round_s=self.timing.min_round_s)
+            reference_latency_ms = self.reference_solo_ms(rounds=2 * self.timing.rounds)
         self.reference_latency_ms = reference_latency_ms
 
     def _prepare(self, model: nn.Module) -> Prepared:
