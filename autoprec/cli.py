@@ -82,6 +82,8 @@ def _print_opened(search) -> None:
     print(search.summary())
     if search.pruning is not None:
         print(search.pruning.announcement)
+    if search.layout_hint:
+        print(search.layout_hint)
 
 
 def _retimed_text(row) -> str:

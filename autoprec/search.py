@@ -27,6 +27,7 @@ from autoprec import guide, record
 from autoprec.errors import AutoprecError
 from autoprec.ledger import worker_name
 from autoprec.opening import CLAIM_STALE_S, OpenedStudy, open_study
+from autoprec.precision.static_int8 import layout_hint
 from autoprec.profile import build_profile
 from autoprec.record import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params
 from autoprec.recovery import fail_stale, retry_interrupted
@@ -34,6 +35,7 @@ from autoprec.retime import FrontMember, plan_retime, retime_budget
 from autoprec.sampling import KeepOut
 from autoprec.store import storage_url
 from autoprec.timing import TimingSettings
+
 
 class CandidateFailed(Exception):
     """A candidate that could not run; the trial is recorded as FAIL with the reason."""
@@ -134,6 +136,7 @@ class Search:
         self.pruning = opened.pruning
         self.search_choices = self.choices if self.pruning is None else self.pruning.choices
         self.search_defaults = self.space.default_dtypes if self.pruning is None else self.pruning.defaults
+        self.layout_hint = layout_hint(self.evaluator.model, self.choices, self.device)
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
 
     @classmethod

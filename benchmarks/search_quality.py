@@ -66,8 +66,9 @@ MODELS = {
     # scored by task metrics through evaluate(): top-10 neighbour agreement, test accuracy
     "minilm_retrieval": REPO / "studies" / "minilm_retrieval" / "model.py",
     "digits": REPO / "studies" / "digits_cnn" / "model.py",
+    "digits_deep": REPO / "benchmarks" / "models" / "digits_deep.py",
 }
-TASK_MODELS = ("minilm_retrieval", "digits")
+TASK_MODELS = ("minilm_retrieval", "digits", "digits_deep")
 METHODS = ("guided", "nsga2", "tpe", "random", "greedy")
 LABELS = {"guided": "autoprec (guided)", "nsga2": "NSGA-II", "tpe": "TPE", "random": "random",
           "greedy": "INC-like greedy", "uniform": "best uniform"}
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drops-gpt2", help="override 'tight,loose' max drops for gpt2")
     parser.add_argument("--drops-minilm-retrieval", help="override 'tight,loose' max drops for minilm_retrieval")
     parser.add_argument("--drops-digits", help="override 'tight,loose' max drops for digits")
+    parser.add_argument("--drops-digits-deep", help="override 'tight,loose' max drops for digits_deep")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--workdir", default="/tmp/autoprec-search-quality")
     parser.add_argument("--seed", type=int, default=0)

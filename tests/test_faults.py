@@ -222,18 +222,21 @@ def test_a_failed_candidate_is_one_line_and_its_traceback_goes_to_the_store(tmp_
     spec = tmp_path / "picky.py"
     spec.write_text(PICKY)
     url = f"sqlite:///{tmp_path / 's.db'}"
-    # the four uniform policies (their order follows the format probe): fp16 and bf16 fail in Picky
+    # every policy that hands Picky a bf16 tensor fails (the uniform bf16 one at least; whether the
+    # sampler draws bf16 again depends on the host: a CPU with slow bf16 prunes it from sampling)
     proc = _cli("search", str(spec), "--storage", url, "--trials", "4", "--strategy", "random", "--no-retime", *QUICK)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "Traceback" not in err, err
     failed = [line for line in err.splitlines() if "failed" in line]
     numbers = [int(m.group(1)) for line in failed
                if (m := re.search(r"trial (\d+) failed: ValueError: Picky takes float32", line))]
-    assert len(failed) == 2 and len(numbers) == 2, err
     trials = optuna.load_study(study_name="picky", storage=url).trials
+    with_bf16 = [t.number for t in trials if "bf16" in t.params.values()]
+    assert with_bf16 and len(failed) == len(numbers) and sorted(numbers) == with_bf16, err
     for number in numbers:
         assert trials[number].state.name == "FAIL"
         assert "Traceback" in trials[number].user_attrs["measurement"]["traceback"]
+    assert all(t.state.name == "COMPLETE" for t in trials if t.number not in numbers)
 
 
 # 4. changes the measurements depend on are refused ------------------------------------------

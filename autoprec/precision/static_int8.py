@@ -6,6 +6,14 @@ float format and any model works, traceable or not (benchmarks/README.md: measur
 mode, which keeps int8 between neighbours and fuses BatchNorm, but needs a traceable model). The
 floating output skips the output requantization that torch.ao's quantized modules do: one rounding
 less per layer, and one pass less over the output.
+
+The output keeps the memory layout the float convolution would have given (channels_last where the
+input or the weight is channels_last, as PyTorch's own convolution decides), although oneDNN computes
+in channels_last either way: otherwise one int8 layer would switch every layer after it to
+channels_last, and a policy's cost would depend on which layer came first, not on each layer's
+format (ResNet-18 with only its first convolution in int8 ran 1.7x slower than fp32 that way,
+benchmarks/README.md "Static int8 and memory layout"). A channels_last model keeps int8 and float
+layers in channels_last, with no reorder between them.
 """
 
 from __future__ import annotations
@@ -16,6 +24,14 @@ import torch
 from torch import nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor rank
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """True where `t` is laid out channels_last and not also plainly contiguous (a tensor with one
+    channel is both, and counts as contiguous, as torch's suggest_memory_format decides)."""
+    layout = _CHANNELS_LAST.get(t.dim())
+    return layout is not None and t.is_contiguous(memory_format=layout) and not t.is_contiguous()
 
 
 def static_conv_unsupported_reason(module: nn.Module, device: torch.device) -> str | None:
@@ -44,6 +60,7 @@ class StaticInt8Conv(nn.Module):
         self.kernel_size, self.groups = tuple(conv.kernel_size), conv.groups
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
+        self.weight_channels_last = _is_channels_last(conv.weight)
         weight = conv.weight.detach().float().cpu()
         amax = weight.abs().reshape(weight.shape[0], -1).amax(dim=1).clamp_min(1e-12)
         scale = amax / 127.0
@@ -76,15 +93,44 @@ class StaticInt8Conv(nn.Module):
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensor types are deprecated; only the uint8 codes are kept
-            return torch.quantize_per_tensor(x.float().contiguous(), self.input_scale, self.input_zero_point,
-                                             torch.quint8).int_repr()
+            # channels_last codes: the layout oneDNN computes in, so it reorders nothing itself
+            layout = _CHANNELS_LAST.get(x.dim(), torch.contiguous_format)
+            return torch.quantize_per_tensor(x.float().contiguous(memory_format=layout), self.input_scale,
+                                             self.input_zero_point, torch.quint8).int_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.onednn.qconv_pointwise(
+        out = torch.ops.onednn.qconv_pointwise(
             self._quantize(x), self.input_scale, self.input_zero_point, self.packed_weight(), self.weight_scale,
             self.weight_zero_point, self.bias, self.stride, self.padding, self.dilation, self.groups,
             1.0, 0, torch.float32, "none", [], "")
+        if self.weight_channels_last or _is_channels_last(x):
+            return out
+        return out.contiguous()  # the float convolution's layout: see the module's docstring
 
     def extra_repr(self) -> str:
         return (f"{self.kind} {self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, stride={self.stride}, "
                 f"groups={self.groups}, input scale={self.input_scale:.3g} zero point={self.input_zero_point}")
+
+
+def layout_hint(model: nn.Module, choices: dict[str, tuple[str, ...]], device: torch.device) -> str | None:
+    """One line for a contiguous (NCHW) model whose 2-d convolutions may take static int8, else None.
+
+    oneDNN's int8 convolution computes in channels_last, so in a contiguous model each int8 layer
+    reorders its input and output (it keeps the float layer's layout, see the module's docstring); a
+    channels_last model pays no reorder, in int8 or float (ResNet-18 here: all-int8 0.37x fp32 in
+    channels_last against 0.68x contiguous)."""
+    if device.type != "cpu":
+        return None
+    def only_contiguous(weight: torch.Tensor) -> bool:  # a 1x1 kernel is both layouts at once: not counted
+        return weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+
+    contiguous = [name for name, options in choices.items() if "int8" in options
+                  and isinstance(model.get_submodule(name), nn.Conv2d)
+                  and only_contiguous(model.get_submodule(name).weight)]
+    if not contiguous:
+        return None
+    count = "1 Conv2d layer that may take int8 is" if len(contiguous) == 1 else \
+        f"{len(contiguous)} Conv2d layers that may take int8 are"
+    return (f"{count} contiguous (NCHW): each int8 one reorders "
+            f"to and from channels_last, oneDNN's layout; return model.to(memory_format=torch.channels_last) "
+            f"from build_model() to run float and int8 convolutions without reorders")
