@@ -415,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- fp32 reference: latency {evaluator.reference_latency_ms:.1f} ms, score "
               f"{evaluator.reference_score:.6f}; setup with the drop probe {time.perf_counter() - started:.1f} s")
         print(f"- measured drops: all-bf16 {uniform_drops['bf16']:.3g}, all-int8 {uniform_drops['int8']:.3g}")
-        print(f"- drops: tight {drops['tight']:g} (all-bf16 fails it: fp32 is the only feasible uniform "
-              f"policy), loose {drops['loose']:g} (all-bf16 passes)"
+        def holding(max_drop: float) -> str:
+            return "uniform policies holding it: " + ", ".join(
+                ["fp32"] + [f"all-{f}" for f, d in uniform_drops.items() if d <= max_drop])
+
+        print(f"- drops: tight {drops['tight']:g} ({holding(drops['tight'])}), loose {drops['loose']:g} "
+              f"({holding(drops['loose'])})"
               + ("" if getattr(args, f"drops_{model_name}") else "; chosen as 0.5x and 4x the all-bf16 drop"))
         sys.stdout.flush()
         model_result: dict[str, Any] = {"drops": drops, "uniform_drops": uniform_drops, "by_drop": {}}

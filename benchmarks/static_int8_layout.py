@@ -68,21 +68,23 @@ def measure(path, rounds: int) -> list[list[object]]:
     calibration = spec.calibration_inputs() if spec.calibration_inputs else [x]
     convs = [n for n, m in fp32.named_modules() if isinstance(m, nn.Conv2d)]
     channels_last = copy.deepcopy(fp32).to(memory_format=torch.channels_last)
-    rows = []
-    for name, layers in policies(convs).items():
-        with mock.patch.object(static_int8.StaticInt8Conv, "_quantize", _old_quantize), \
-                mock.patch.object(static_int8.StaticInt8Conv, "forward", _old_forward):
-            before = apply_policy(copy.deepcopy(fp32), Policy(layers=layers), "cpu", calibration=calibration)
-            old = C.interleaved({"fp32": lambda: fp32(x), "int8": lambda: before(x)}, "fp32", rounds, 0.05)
-        now = apply_policy(copy.deepcopy(fp32), Policy(layers=layers), "cpu", calibration=calibration)
-        now_cl = apply_policy(copy.deepcopy(channels_last), Policy(layers=layers), "cpu", calibration=calibration)
-        new = C.interleaved({"fp32": lambda: fp32(x), "int8": lambda: now(x), "fp32 cl": lambda: channels_last(x),
-                             "int8 cl": lambda: now_cl(x)}, "fp32", rounds, 0.05)
-        cl_ratio = new["int8 cl"]["ms"] / new["fp32 cl"]["ms"]
-        rows.append([name, sum(1 for f in layers.values() if f == "int8"), f"{old['int8']['ratio']:.3f}",
-                     f"{new['int8']['ratio']:.3f}", f"{cl_ratio:.3f}",
-                     f"{new['fp32']['ms']:.1f} / {new['fp32 cl']['ms']:.1f}"])
-    return rows
+    with torch.inference_mode():
+        return [_row(name, layers, fp32, channels_last, x, calibration, rounds)
+                for name, layers in policies(convs).items()]
+
+
+def _row(name, layers, fp32, channels_last, x, calibration, rounds) -> list[object]:
+    with mock.patch.object(static_int8.StaticInt8Conv, "_quantize", _old_quantize), \
+            mock.patch.object(static_int8.StaticInt8Conv, "forward", _old_forward):
+        before = apply_policy(copy.deepcopy(fp32), Policy(layers=layers), "cpu", calibration=calibration)
+        old = C.interleaved({"fp32": lambda: fp32(x), "int8": lambda: before(x)}, "fp32", rounds, 0.05)
+    now = apply_policy(copy.deepcopy(fp32), Policy(layers=layers), "cpu", calibration=calibration)
+    now_cl = apply_policy(copy.deepcopy(channels_last), Policy(layers=layers), "cpu", calibration=calibration)
+    new = C.interleaved({"fp32": lambda: fp32(x), "int8": lambda: now(x)}, "fp32", rounds, 0.05)
+    new_cl = C.interleaved({"fp32": lambda: channels_last(x), "int8": lambda: now_cl(x)}, "fp32", rounds, 0.05)
+    return [name, sum(1 for f in layers.values() if f == "int8"), f"{old['int8']['ratio']:.3f}",
+            f"{new['int8']['ratio']:.3f}", f"{new_cl['int8']['ratio']:.3f}",
+            f"{new['fp32']['ms']:.1f} / {new_cl['fp32']['ms']:.1f}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     C.set_threads(args.threads)
     print("# Static int8 convolutions and memory layout\n")
     print(C.machine_header({"rounds": args.rounds, "command": "python " + " ".join(sys.argv)}))
-    with torch.inference_mode():
-        for model in args.models.split(","):
-            print(f"\n## {model}\n")
-            print(C.table(["policy", "int8 convs", "before: / fp32 (contiguous)", "now: / fp32 (contiguous)",
-                           "now, channels_last: / fp32 channels_last", "fp32 ms contiguous / channels_last"],
-                          measure(MODELS[model], args.rounds)))
+    for model in args.models.split(","):
+        print(f"\n## {model}\n")
+        print(C.table(["policy", "int8 convs", "before: / fp32 (contiguous)", "now: / fp32 (contiguous)",
+                       "now, channels_last: / fp32 channels_last", "fp32 ms contiguous / channels_last"],
+                      measure(MODELS[model], args.rounds)), flush=True)
     return 0
 
 

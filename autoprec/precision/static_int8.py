@@ -11,7 +11,7 @@ The output keeps the memory layout the float convolution would have given (chann
 input or the weight is channels_last, as PyTorch's own convolution decides), although oneDNN computes
 in channels_last either way: otherwise one int8 layer would switch every layer after it to
 channels_last, and a policy's cost would depend on which layer came first, not on each layer's
-format (ResNet-18 with only its first convolution in int8 ran 1.7x slower than fp32 that way,
+format (ResNet-18 with only its first convolution in int8 ran 1.2x slower than fp32 that way,
 benchmarks/README.md "Static int8 and memory layout"). A channels_last model keeps int8 and float
 layers in channels_last, with no reorder between them.
 """
@@ -117,8 +117,7 @@ def layout_hint(model: nn.Module, choices: dict[str, tuple[str, ...]], device: t
 
     oneDNN's int8 convolution computes in channels_last, so in a contiguous model each int8 layer
     reorders its input and output (it keeps the float layer's layout, see the module's docstring); a
-    channels_last model pays no reorder, in int8 or float (ResNet-18 here: all-int8 0.37x fp32 in
-    channels_last against 0.68x contiguous)."""
+    channels_last model pays no reorder, in int8 or float (benchmarks/static_int8_layout.py)."""
     if device.type != "cpu":
         return None
     def only_contiguous(weight: torch.Tensor) -> bool:  # a 1x1 kernel is both layouts at once: not counted
