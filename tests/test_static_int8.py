@@ -130,6 +130,23 @@ def test_the_search_says_when_int8_convolutions_would_reorder():
     assert layout_hint(model, {"conv1": ("fp32", "bf16")}, torch.device("cpu")) is None  # no int8 to reorder for
 
 
+def test_static_int8_convolutions_compile_into_one_graph_with_eager_numbers():
+    """torch.compile traced neither the weight packing nor the quantized tensor type: a graph break at
+    every int8 convolution (51 on ResNet-18). Packed eagerly, quantized with the decomposed op, the
+    whole network is one graph, also after a copy."""
+    model = copy.deepcopy(conv_net()).to(memory_format=torch.channels_last)
+    candidate = copy.deepcopy(apply_formats(model, {n: "int8" for n in CONVS}, calibration=CALIBRATION))
+    x = images(16, 1)
+    eager = run(candidate, x)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(candidate)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        compiled = torch.compile(candidate, dynamic=False)(x)
+    torch._dynamo.reset()
+    assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 def test_mixed_policy_int8_bf16_fp32_applies_under_either_default():
     model = conv_net()
     x = images(16, 1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 from torch import nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -66,18 +67,29 @@ class StaticInt8Conv(nn.Module):
         scale = amax / 127.0
         qweight = torch.clamp(torch.round(weight / scale.reshape(-1, *[1] * (dims + 1))), -127, 127).to(torch.int8)
         # The int8 weight is the module's state (copied, saved, counted by memory_bytes); oneDNN's
-        # packed (blocked) copy of it is made on first use and never copied or saved.
+        # packed (blocked) copy of it is made here and again after a copy or a state load, never copied
+        # or saved: packed eagerly, because torch.compile cannot trace the packing (a graph break per layer).
         self.register_buffer("weight_int8", qweight)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", torch.zeros(scale.shape[0], dtype=torch.int64))
         bias = conv.bias.detach().float().cpu() if conv.bias is not None else None
         self.register_buffer("bias", bias)
         self._packed: torch.Tensor | None = None
+        self.packed_weight()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_packed"] = None  # an opaque oneDNN tensor: neither deep-copyable nor picklable
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.packed_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._packed = None
+        self.packed_weight()
 
     def packed_weight(self) -> torch.Tensor:
         if self._packed is None:
@@ -91,12 +103,15 @@ class StaticInt8Conv(nn.Module):
         return cls(conv, *input_qparams)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last codes: the layout oneDNN computes in, so it reorders nothing itself
+        x = x.float().contiguous(memory_format=_CHANNELS_LAST.get(x.dim(), torch.contiguous_format))
+        if torch.compiler.is_compiling():  # the op inductor lowers into one fused kernel; no graph break
+            return torch.ops.quantized_decomposed.quantize_per_tensor.default(
+                x, self.input_scale, self.input_zero_point, 0, 255, torch.uint8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensor types are deprecated; only the uint8 codes are kept
-            # channels_last codes: the layout oneDNN computes in, so it reorders nothing itself
-            layout = _CHANNELS_LAST.get(x.dim(), torch.contiguous_format)
-            return torch.quantize_per_tensor(x.float().contiguous(memory_format=layout), self.input_scale,
-                                             self.input_zero_point, torch.quint8).int_repr()
+            # eager: one fused kernel (the decomposed op above is four in eager mode)
+            return torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8).int_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.ops.onednn.qconv_pointwise(
