@@ -71,6 +71,12 @@ class _Default:
     proposals: int = 0
 
 
+# `autoprec profile` calls the score unpredictable from fidelity where, over at least this many trials
+# near the budget, the drop model's median error is at least this share of max_drop
+UNPREDICTABLE_TRIALS = 3
+UNPREDICTABLE_SHARE = 0.5
+
+
 def fidelity(profile: Profile, default: str, layers: Mapping[str, str]) -> float:
     """A policy's predicted fidelity drop: the sum of its layers' profile drops (a listed layer in the
     default dtype counts, a layer not listed takes the default's)."""
@@ -251,6 +257,7 @@ def drop_model_report(profile: Profile, trials: Sequence[Measured], reference_sc
         near = error_summary([(p, m) for p, m in pairs if m <= 2 * max_drop], grain)
         report["near_budget"] = {k: near[k] for k in ("trials", "drop_abs_median", "drop_abs_max",
                                                       "worst_predicted", "worst_measured")}
+        report["max_drop"] = max_drop
     return report
 
 
@@ -267,6 +274,12 @@ def describe_drop_model(report: dict[str, Any]) -> list[str]:
         lines.append(f"  near the budget (measured drop <= 2 x max_drop, {near['trials']} trials): median "
                      f"{near['drop_abs_median']:.2g}, worst {near['drop_abs_max']:.2g} (predicted "
                      f"{near['worst_predicted']:.3g}, measured {near['worst_measured']:.3g})")
+        share = near["drop_abs_median"] / report["max_drop"] if report.get("max_drop") else 0.0
+        if near["trials"] >= UNPREDICTABLE_TRIALS and share >= UNPREDICTABLE_SHARE:
+            lines.append(f"  the score is hardly predictable from output fidelity here (the median error near the "
+                         f"budget is {share:.0%} of max_drop): proposals near the budget are guesses, the "
+                         f"measured trials carry the search; a longer search (more sampler trials) helps, a "
+                         f"longer profile does not")
     step = (f"steps of 1/{report['denominator']} = {report['step']:.3g}" if report.get("denominator")
             else "no step seen (continuous)")
     prior = ("0.5 (a count of decisions flips with the perturbation)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 
@@ -214,3 +215,39 @@ def test_the_study_adapter_plans_one_at_a_time_and_never_twice(tmp_path):
     report = guide.record_drop_model(store, study.profile, REFERENCE, 0.02, ("fp32",))
     assert report["denominator"] == 2000 and store.user_attrs[guide.COSTMODEL_ATTR]["drop_model"] == report
     assert any("1/2000" in line for line in describe_drop_model(report))
+
+
+class _RuggedStudy(_Study):
+    """As _Study, but each policy's drop scatters around the truth by up to max_drop, the same for the
+    same policy: what an accuracy over a few thousand borderline images does (benchmarks/accuracy_flips.py)."""
+
+    SCATTER = 0.01
+
+    def measure(self, default: str, layers: dict[str, str], **kw) -> Measured:
+        smooth = super().measure(default, layers, **kw)
+        if set(layers.values()) == {"fp32"}:
+            return smooth
+        digest = hashlib.sha256(repr(sorted(layers.items())).encode()).digest()
+        scatter = (int.from_bytes(digest[:4], "big") / 2**32 * 2 - 1) * self.SCATTER
+        drop = max(0.0, REFERENCE - smooth.score + scatter)
+        return Measured(default, layers, REFERENCE - drop, smooth.latency_ms, smooth.memory_bytes, **kw)
+
+
+def _proposals(study: _Study, max_drop: float, count: int = 8) -> None:
+    for _ in range(count):
+        p = next_proposal(study.profile, study.choices, study.trials, REFERENCE, max_drop, ("fp32",))
+        if p is None:
+            return
+        study.trials.append(study.measure(p.default, p.layers, proposed=True))
+
+
+def test_the_profile_says_when_the_score_is_not_predictable_from_fidelity():
+    from autoprec.planner import describe_drop_model
+
+    max_drop = 0.01
+    verdicts = {}
+    for kind, study in (("smooth", _Study(0)), ("rugged", _RuggedStudy(0))):
+        _proposals(study, max_drop)
+        lines = describe_drop_model(drop_model_report(study.profile, study.trials, REFERENCE, ("fp32",), max_drop))
+        verdicts[kind] = any("hardly predictable from output fidelity" in line for line in lines)
+    assert verdicts == {"smooth": False, "rugged": True}
