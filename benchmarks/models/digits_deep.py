@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "studies" / "digits_cnn"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits_noisy  # noqa: E402
 import model as digits_study  # noqa: E402
 
-NOISE = 0.3
 COPIES = 100
-NOISE_SEED = 1
 TIMED_BATCH = 256
-_NOISY: dict[str, torch.Tensor] = {}
 _TRAINED: dict[str, torch.Tensor] = {}
 
 
@@ -51,13 +50,7 @@ def build_model() -> nn.Module:
 
 
 def noisy_test_split() -> tuple[torch.Tensor, torch.Tensor]:
-    if not _NOISY:
-        data = digits_study.digits()
-        generator = torch.Generator().manual_seed(NOISE_SEED)
-        x = data["x_test"]
-        _NOISY["x"] = torch.cat([x + NOISE * torch.randn(x.shape, generator=generator) for _ in range(COPIES)])
-        _NOISY["y"] = data["y_test"].repeat(COPIES)
-    return _NOISY["x"], _NOISY["y"]
+    return digits_noisy.noisy_copies(COPIES)
 
 
 def example_inputs() -> torch.Tensor:
@@ -70,10 +63,4 @@ def calibration_inputs() -> list[torch.Tensor]:
 
 def evaluate(model: nn.Module, device: torch.device) -> float:
     """Accuracy on the 45,000 noisy test digits."""
-    x, y = noisy_test_split()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(y), 1000):
-            logits = model(x[start:start + 1000].to(device))
-            correct += int((logits.argmax(1).cpu() == y[start:start + 1000]).sum())
-    return correct / len(y)
+    return digits_noisy.accuracy(model, *noisy_test_split(), device, batch=1000)

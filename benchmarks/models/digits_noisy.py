@@ -23,32 +23,40 @@ import model as digits_study  # noqa: E402
 NOISE = 0.3
 COPIES = 10
 NOISE_SEED = 1
-_NOISY: dict[str, torch.Tensor] = {}
+_NOISY: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 build_model = digits_study.build_model
 example_inputs = digits_study.example_inputs
 
 
-def noisy_test_split() -> tuple[torch.Tensor, torch.Tensor]:
-    if not _NOISY:
+def noisy_copies(copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`copies` seeded noisy copies of the test split and their labels (the first k the same for any count)."""
+    if copies not in _NOISY:
         data = digits_study.digits()
         generator = torch.Generator().manual_seed(NOISE_SEED)
         x = data["x_test"]
-        _NOISY["x"] = torch.cat([x + NOISE * torch.randn(x.shape, generator=generator) for _ in range(COPIES)])
-        _NOISY["y"] = data["y_test"].repeat(COPIES)
-    return _NOISY["x"], _NOISY["y"]
+        _NOISY[copies] = (torch.cat([x + NOISE * torch.randn(x.shape, generator=generator) for _ in range(copies)]),
+                          data["y_test"].repeat(copies))
+    return _NOISY[copies]
+
+
+def noisy_test_split() -> tuple[torch.Tensor, torch.Tensor]:
+    return noisy_copies(COPIES)
 
 
 def calibration_inputs() -> list[torch.Tensor]:
     return [noisy_test_split()[0][start:start + 64] for start in range(0, 256, 64)]
 
 
-def evaluate(model: nn.Module, device: torch.device) -> float:
-    """Accuracy on the 4500 noisy test digits."""
-    x, y = noisy_test_split()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 500) -> float:
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(y), 500):
-            logits = model(x[start:start + 500].to(device))
-            correct += int((logits.argmax(1).cpu() == y[start:start + 500]).sum())
+        for start in range(0, len(y), batch):
+            logits = model(x[start:start + batch].to(device))
+            correct += int((logits.argmax(1).cpu() == y[start:start + batch]).sum())
     return correct / len(y)
+
+
+def evaluate(model: nn.Module, device: torch.device) -> float:
+    """Accuracy on the 4500 noisy test digits."""
+    return accuracy(model, *noisy_test_split(), device)
