@@ -35,6 +35,11 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return layout is not None and t.is_contiguous(memory_format=layout) and not t.is_contiguous()
 
 
+def _is_only_contiguous(t: torch.Tensor) -> bool:
+    """True where a 4-d `t` is plainly contiguous and not also channels_last (a 1x1 kernel is both)."""
+    return t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+
+
 def static_conv_unsupported_reason(module: nn.Module, device: torch.device) -> str | None:
     """None when `module` can run as a static int8 convolution on `device`, else why not."""
     if device.type != "cpu":
@@ -135,12 +140,9 @@ def layout_hint(model: nn.Module, choices: dict[str, tuple[str, ...]], device: t
     channels_last model pays no reorder, in int8 or float (benchmarks/static_int8_layout.py)."""
     if device.type != "cpu":
         return None
-    def only_contiguous(weight: torch.Tensor) -> bool:  # a 1x1 kernel is both layouts at once: not counted
-        return weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
-
     contiguous = [name for name, options in choices.items() if "int8" in options
                   and isinstance(model.get_submodule(name), nn.Conv2d)
-                  and only_contiguous(model.get_submodule(name).weight)]
+                  and _is_only_contiguous(model.get_submodule(name).weight)]
     if not contiguous:
         return None
     count = "1 Conv2d layer that may take int8 is" if len(contiguous) == 1 else \
