@@ -248,11 +248,13 @@ def drop_model_report(profile: Profile, trials: Sequence[Measured], reference_sc
     on the trials that measured at most 2 x max_drop ("near_budget"): where plans are made, away from
     the far extrapolation that predicting the all-int8 trial from the others takes."""
     grain = granularity_of(trials, reference_score)
+    power = prior_power(grain)
     pairs: list[tuple[float, float]] = []
     for default in defaults:
         points = drop_points(profile, trials, reference_score, default)
-        pairs += loo_error(points, anchored=default == "fp32", prior=prior_power(grain))
+        pairs += loo_error(points, anchored=default == "fp32", prior=power)
     report = error_summary(pairs, grain)
+    report["prior_power"] = power
     if max_drop is not None:
         near = error_summary([(p, m) for p, m in pairs if m <= 2 * max_drop], grain)
         report["near_budget"] = {k: near[k] for k in ("trials", "drop_abs_median", "drop_abs_max",
@@ -282,8 +284,7 @@ def describe_drop_model(report: dict[str, Any]) -> list[str]:
                          f"longer profile does not")
     step = (f"steps of 1/{report['denominator']} = {report['step']:.3g}" if report.get("denominator")
             else "no step seen (continuous)")
-    prior = ("0.5 (a count of decisions flips with the perturbation)"
-             if prior_power(Granularity(step=report.get("step") or 0.0)) == PRIOR_POWER
+    prior = ("0.5 (a count of decisions flips with the perturbation)" if report.get("prior_power") == PRIOR_POWER
              else "1 (a continuous score moves with fidelity)")
     lines.append(f"score granularity: {step}, fp32 re-measured within {report['noise']:.2g}; plans aim "
                  f"{report['margin']:.2g} under max_drop (and at 0.95 x it); below the only measured point "

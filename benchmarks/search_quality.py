@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                          "its memory / fp32", "hypervolume", "trials", "wall s", "setup s"], rows))
             if "guided" in runs:
                 g = runs["guided"]
-                print(f"\nguided phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in g.phase_seconds.items())
+                print("\nguided phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in g.phase_seconds.items())
                       + f"; profile {g.notes.get('profile_seconds')}; proposals enqueued "
                         f"{g.notes.get('proposals_enqueued')}, run {len(g.notes.get('proposals', []))}, feasible "
                         f"{sum(1 for p in g.notes.get('proposals', []) if p['feasible'])}")

@@ -214,7 +214,9 @@ def test_the_study_adapter_plans_one_at_a_time_and_never_twice(tmp_path):
     assert len(waiting) == 2 and waiting[0].user_attrs["origin"].startswith(guide.SEQUENTIAL_ORIGIN)
     report = guide.record_drop_model(store, study.profile, REFERENCE, 0.02, ("fp32",))
     assert report["denominator"] == 2000 and store.user_attrs[guide.COSTMODEL_ATTR]["drop_model"] == report
-    assert any("1/2000" in line for line in describe_drop_model(report))
+    lines = describe_drop_model(report)
+    assert any("1/2000" in line for line in lines)
+    assert any("to the power 0.5" in line for line in lines)  # a stepped score: a count of flipped decisions
 
 
 class _RuggedStudy(_Study):

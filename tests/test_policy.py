@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import autoprec
 from autoprec.errors import AutoprecError, PolicyError
 from autoprec.policy import (POLICY_FORMAT, POLICY_VERSION, Policy, TrainingSettings, apply_policy, load_policy,
                              model_fingerprint, policy_from_json)

@@ -17,7 +17,6 @@ import torch
 import autoprec
 from autoprec import record
 from autoprec.evaluate import Evaluator
-from autoprec.results import pareto_front, trials_frame
 from autoprec.userspec import load_spec
 
 SPECS = Path(__file__).parent / "specs"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from autoprec.errors import SpecError
 from autoprec.evaluate import Evaluator
