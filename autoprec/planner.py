@@ -8,7 +8,10 @@ of the same store. For each default dtype the plannable ones are:
    the budget the drop model (dropmodel.py) gives for `0.95 max_drop - margin` (the margin from the
    score's granularity), kept strictly inside the
    bracket of what was measured (above the largest feasible fidelity, below the smallest infeasible
-   one): an overshoot shrinks the next plan's budget, an undershoot relaxes it;
+   one): an overshoot shrinks the next plan's budget, an undershoot relaxes it. Where the fitted map
+   says nothing above the largest feasible fidelity holds, but a policy measured near that fidelity lost
+   at most half the target (a scattered score: the map's "no further" is in doubt), the next plan probes
+   above it instead (PROBE_STEP, or halfway into the bracket in log), within the same proposal count;
 2. once that converges (its plan was already measured, or the bracket is closed): the smallest policy
    within the largest feasible budget, and the fastest at fractions of it, to fill the front.
 
@@ -33,6 +36,9 @@ from autoprec.profile import Profile
 MAX_CONVERGE = 6  # proposals spent closing in on the budget, per default dtype
 SPREAD_FRACTIONS = (0.5, 0.2)  # of the largest feasible fidelity budget, once converged
 BRACKET_CLOSED = 1.02  # x_hi / x_lo under which the bracket is closed
+PROBE_STEP = 1.5  # how far above the largest feasible fidelity a probe plans, at most
+ROOM_NEAR = 0.8  # a feasible policy at >= this x the largest feasible fidelity counts as "measured near it"
+ROOM_SHARE = 0.5  # ... and shows room above it when it lost at most this share of the target
 MAX_PROPOSALS = 12
 PLAN_SHARE = 0.95  # of max_drop, before the granularity margin: the fitted map's own error near the budget
 
@@ -69,6 +75,7 @@ class _Default:
     x_lo: float = 0.0  # largest fidelity measured within max_drop
     x_hi: float = math.inf  # smallest fidelity measured over it
     proposals: int = 0
+    feasible: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (fidelity, drop) within max_drop
 
 
 # `autoprec profile` calls the score unpredictable from fidelity where, over at least this many trials
@@ -153,6 +160,7 @@ def _state(profile: Profile, trials: Sequence[Measured], reference_score: float,
     for x, drop in points:
         if drop <= max_drop:
             state.x_lo = max(state.x_lo, x)
+            state.feasible.append((x, drop))
         else:
             state.x_hi = min(state.x_hi, x)
     state.proposals = sum(1 for t in trials if t.proposed and t.default == default)
@@ -166,19 +174,30 @@ def _predict(cost: CostModel, drops: DropModel, default: str, layers: dict[str, 
             "memory_bytes": p.get("memory_bytes", math.nan)}
 
 
-def _converge_budget(state: _Default, target: float) -> float | None:
-    """The fidelity budget of the next converging plan, inside the open bracket (x_lo, x_hi); None
-    when the bracket is closed or the drop model puts nothing above x_lo within the target."""
+def _converge_budgets(state: _Default, target: float) -> list[tuple[float, str]]:
+    """The fidelity budgets of the next converging plan, inside the open bracket (x_lo, x_hi), each with
+    what it is, to try in turn: the drop model's budget for the target, then, where a policy measured
+    near x_lo lost far less than the target (the map's "no further" is in doubt), a probe above x_lo
+    (bisecting the bracket once a probe has missed). Empty when the bracket is closed."""
     bounded = math.isfinite(state.x_hi)
     if target <= 0 or (bounded and state.x_hi <= state.x_lo * BRACKET_CLOSED):
-        return None
+        return []
+    budgets = []
     budget = state.model.inverse(target, ceiling=state.x_hi)
     if state.x_lo < budget < state.x_hi:
-        return budget
-    if budget <= state.x_lo:
-        return None  # what holds is already at the target, as far as the fitted map can tell
-    # the map, pooled over noisy points, allows the whole bracket: bisect it (in log)
-    return math.sqrt(state.x_lo * state.x_hi) if state.x_lo > 0 else 0.25 * state.x_hi
+        budgets.append((budget, "converge"))
+    elif budget >= state.x_hi:  # the map, pooled over noisy points, allows the whole bracket: bisect it (in log)
+        budgets.append((math.sqrt(state.x_lo * state.x_hi) if state.x_lo > 0 else 0.25 * state.x_hi, "converge"))
+    # else what holds is already at the target, as far as the fitted map can tell
+    if state.x_lo > 0 and _room_above(state, target):
+        probe = min(PROBE_STEP * state.x_lo, math.sqrt(state.x_lo * state.x_hi))
+        if not budgets or probe > budgets[0][0]:
+            budgets.append((probe, "probe above the largest feasible fidelity"))
+    return budgets
+
+
+def _room_above(state: _Default, target: float) -> bool:
+    return any(x >= ROOM_NEAR * state.x_lo and drop <= ROOM_SHARE * target for x, drop in state.feasible)
 
 
 def next_proposal(profile: Profile, choices: dict[str, tuple[str, ...]], trials: Sequence[Measured],
@@ -199,9 +218,8 @@ def next_proposal(profile: Profile, choices: dict[str, tuple[str, ...]], trials:
         if state.model.empty:
             continue
         candidates: list[tuple[int, float, str, str]] = []  # (stage, budget, objective, why)
-        budget = _converge_budget(state, target) if state.proposals < MAX_CONVERGE else None
-        if budget is not None:
-            candidates.append((0, budget, "latency_ms", "converge"))
+        if state.proposals < MAX_CONVERGE:
+            candidates += [(0, budget, "latency_ms", why) for budget, why in _converge_budgets(state, target)]
         if state.x_lo > 0:
             candidates.append((1, state.x_lo, "memory_bytes", "smallest at the largest feasible fidelity"))
             candidates += [(2, f * state.x_lo, "latency_ms", f"fastest at {f:g} x the largest feasible fidelity")

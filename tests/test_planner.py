@@ -253,3 +253,36 @@ def test_the_profile_says_when_the_score_is_not_predictable_from_fidelity():
         lines = describe_drop_model(drop_model_report(study.profile, study.trials, REFERENCE, ("fp32",), max_drop))
         verdicts[kind] = any("hardly predictable from output fidelity" in line for line in lines)
     assert verdicts == {"smooth": False, "rugged": True}
+
+
+@pytest.mark.parametrize("second_drop,probes", [(0.0, True), (0.9, False)])
+def test_a_policy_losing_far_less_near_the_edge_sends_the_next_plan_above_it(second_drop, probes):
+    """A scattered score: the converging plan lands on the target, a second policy at about the same
+    fidelity loses nothing (second_drop 0) or nearly as much (0.9 x max_drop). Only the first earns a probe
+    above the largest feasible fidelity; without the room, the planner moves on to filling the front."""
+    study = _Study(0)
+    max_drop = 0.01
+
+    def propose() -> Measured:
+        p = next_proposal(study.profile, study.choices, study.trials, REFERENCE, max_drop, ("fp32",))
+        assert p is not None
+        return p
+
+    first = propose()
+    assert "converge" in first.why
+    study.trials.append(Measured(first.default, first.layers, REFERENCE - 0.94 * max_drop, 100.0, 1000.0,
+                                 proposed=True))  # on the target (0.95 x max_drop less the margin)
+    x_first = fidelity(study.profile, "fp32", first.layers)
+    second = propose()
+    assert "smallest at the largest feasible fidelity" in second.why  # the map says nothing above holds
+    x_second = fidelity(study.profile, "fp32", second.layers)
+    assert 0.8 * x_first <= x_second <= x_first  # "near" it, as the planner counts (ROOM_NEAR)
+    study.trials.append(Measured(second.default, second.layers, REFERENCE - second_drop * max_drop, 100.0, 1000.0,
+                                 proposed=True))
+    third = propose()
+    x_third = fidelity(study.profile, "fp32", third.layers)
+    if probes:
+        assert third.why.startswith("sequential probe above the largest feasible fidelity")
+        assert x_first < x_third <= 1.5 * x_first
+    else:
+        assert "probe" not in third.why and x_third <= x_first
