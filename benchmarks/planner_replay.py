@@ -1,0 +1,71 @@
+"""Replay stored guided studies through this code's planner: the same proposals, given the same measurements?
+
+    python benchmarks/planner_replay.py /tmp/autoprec-search-quality/*_guided.db
+
+For each SQLite store (one study per file, as benchmarks/search_quality.py writes them), every sequential
+proposal the study measured is planned again by `autoprec.planner.next_proposal` from the trials measured
+before it (the stored profile, the formats each layer took in the uniform trials, the study's max drop),
+and compared with what the study measured. A planner change that leaves every proposal the same leaves the
+study's result the same, without timing anything: the check that a change to the planner keeps the
+verdicts it was not meant to move. Where a proposal differs, the new plan's reason is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import optuna  # noqa: E402
+
+from autoprec import guide, record  # noqa: E402
+from autoprec.planner import next_proposal  # noqa: E402
+
+FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8")
+
+
+def replay(db: Path) -> tuple[float, int, list[tuple[int, str]]]:
+    """(max drop, proposals planned the same, [(trial number, the new plan's reason) for those that differ])."""
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+    profile = guide.stored_profile(study)
+    info = record.read_info(study)
+    trials = guide.planner_trials(study)
+    seen: dict[str, set[str]] = {}
+    for t in trials:
+        if t.uniform:
+            for name, fmt in t.layers.items():
+                seen.setdefault(name, set()).add(fmt)
+    choices = {name: tuple(f for f in FORMATS if f in fmts) for name, fmts in seen.items()}
+    defaults = tuple(sorted({t.default for t in trials if t.uniform}, key=lambda d: d != "fp32"))
+    same, differ = 0, []
+    for k, t in enumerate(trials):
+        if not t.proposed:
+            continue
+        plan = next_proposal(profile, choices, trials[:k], info.reference.score, info.max_drop, defaults)
+        if plan is not None and plan.default == t.default and dict(plan.layers) == dict(t.layers):
+            same += 1
+        else:
+            differ.append((k, "nothing" if plan is None else plan.why))
+    return info.max_drop, same, differ
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stores", nargs="+", type=Path, help="SQLite files of guided studies")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print("| store | max drop | proposals planned the same | differ (trial: new plan) |")
+    print("| --- | --- | --- | --- |")
+    for db in args.stores:
+        max_drop, same, differ = replay(db)
+        shown = "; ".join(f"#{k}: {why[:60]}" for k, why in differ) or "-"
+        print(f"| {db} | {max_drop:g} | {same} | {len(differ)} {shown} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
