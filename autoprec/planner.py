@@ -72,10 +72,14 @@ class _Default:
     """What is known for one default dtype."""
 
     model: DropModel
-    x_lo: float = 0.0  # largest fidelity measured within max_drop
+    feasible: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (fidelity, drop) within max_drop
     x_hi: float = math.inf  # smallest fidelity measured over it
     proposals: int = 0
-    feasible: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (fidelity, drop) within max_drop
+
+    @property
+    def x_lo(self) -> float:
+        """The largest fidelity measured within max_drop (0: the fp32 anchor)."""
+        return max((x for x, _ in self.feasible), default=0.0)
 
 
 # `autoprec profile` calls the score unpredictable from fidelity where, over at least this many trials
@@ -159,7 +163,6 @@ def _state(profile: Profile, trials: Sequence[Measured], reference_score: float,
     state = _Default(DropModel.fit(points, anchored=default == "fp32", prior=prior_power(grain)))
     for x, drop in points:
         if drop <= max_drop:
-            state.x_lo = max(state.x_lo, x)
             state.feasible.append((x, drop))
         else:
             state.x_hi = min(state.x_hi, x)

@@ -45,7 +45,8 @@ def noisy_test_split() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def calibration_inputs() -> list[torch.Tensor]:
-    return [noisy_test_split()[0][start:start + 64] for start in range(0, 256, 64)]
+    """The first 256 noisy digits (one copy of the 450 test digits holds them), in batches of 64."""
+    return [noisy_copies(1)[0][start:start + 64] for start in range(0, 256, 64)]
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 500) -> float:
