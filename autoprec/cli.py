@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -155,15 +157,32 @@ def cmd_studies(args: argparse.Namespace) -> None:
     print(format_table(["study", "trials", "complete", "failed", "front", "best ms", "vs fp32", "device"], rows))
 
 
+def _drop_limit(text: str) -> float:
+    """A --max-drop of a reading command: a number >= 0 (argparse turns the error into one usage line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give an absolute score drop >= 0") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 (an absolute score drop from fp32)")
+    return value
+
+
 def cmd_export(args: argparse.Namespace) -> None:
+    from autoprec import record
     from autoprec.results import output_path, pick_trial, policy_of
 
     output_path(args.output)
     study = _open_study(args)
     trial = pick_trial(study, args.pick, args.trial, args.max_drop)
-    path = policy_of(study, trial).save(args.output)
+    policy = policy_of(study, trial)
+    path = policy.save(args.output)
     m = trial.values
     print(f"wrote {path}: trial {trial.number}, score {m[0]:.6f}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
+    drop, limit = policy.measured.get("score_drop"), record.read_info(study).max_drop
+    if drop is not None and drop > limit:
+        print(f"autoprec: note: trial {trial.number} lost {drop:.3g} of the score, over the study's max drop "
+              f"{limit:g}; `autoprec front --study {study.study_name}` lists the trials within it", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -301,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("front", help="the feasible Pareto front of a study")
     _add_storage(p)
     p.add_argument("--study", required=True)
-    p.add_argument("--max-drop", type=float, default=None, dest="max_drop", help="only trials within this drop")
+    p.add_argument("--max-drop", type=_drop_limit, default=None, dest="max_drop", help="only trials within this drop")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     commands["front"] = cmd_front
 
@@ -316,14 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--trial", type=int, help="trial number")
     group.add_argument("--pick", choices=["fastest", "smallest", "best-score"], help="pick from the front")
-    p.add_argument("--max-drop", type=float, default=None, dest="max_drop", help="with --pick: within this drop")
+    p.add_argument("--max-drop", type=_drop_limit, default=None, dest="max_drop", help="with --pick: within this drop")
     p.add_argument("-o", "--output", required=True, help="policy JSON to write")
     commands["export"] = cmd_export
 
     p = sub.add_parser("report", help="write an HTML report of a study (plots, front, trials)")
     _add_storage(p)
     p.add_argument("--study", required=True)
-    p.add_argument("--max-drop", type=float, default=None, dest="max_drop", help="front only within this drop")
+    p.add_argument("--max-drop", type=_drop_limit, default=None, dest="max_drop", help="front only within this drop")
     p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
     commands["report"] = cmd_report
 
@@ -357,12 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     try:
         args._commands[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except AutoprecError as exc:
         print(f"autoprec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autoprec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `autoprec front | head`: the reader has what it wanted
+        # stdout's buffer still holds output for the closed pipe: point it at devnull so the exit flush is quiet
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

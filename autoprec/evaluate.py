@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
+from autoprec.fidelity import sample_cosines
 from autoprec.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
 from autoprec.machine import default_threads, prepare_allocator
 from autoprec.policy import Policy, TrainingSettings
@@ -224,9 +225,7 @@ class Evaluator:
                 if out.shape != ref.shape:
                     raise SpecError(f"{self.spec.path}: output: the compared tensor changed shape "
                                     f"{tuple(ref.shape)} -> {tuple(out.shape)} under a policy")
-                # in float64: float32 resolves a cosine only to ~6e-8, the size of a one-layer bf16 drop
-                a, b = out.reshape(out.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()
-                sims.append(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).cpu())
+                sims.append(sample_cosines(out, ref).cpu())
         # compiled: a batch shape other than the example's compiles on its first batch; the excess
         # of that batch over the shape's fastest other batch is counted as compile time
         self._score_compile_s = sum(max(0.0, t[0] - min(t[1:])) for t in seconds.values() if len(t) > 1)
@@ -297,7 +296,9 @@ class Evaluator:
         self._score_compile_s = 0.0
         score = self._score(prepared.model)
         if not math.isfinite(score):
-            return Measurement.failed("non-finite score")
+            where = f"{self.spec.path}: evaluate() returned {score}" if self.spec.evaluate is not None \
+                else "the fidelity score is not finite"
+            return Measurement.failed(f"non-finite score ({where} for this policy)")
         with torch.inference_mode():
             timing = paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing,
                                     neighbours)

@@ -164,6 +164,12 @@ class Ledger:
                              .values(done=True, beat=time.time()))
         with_retry(update, f"recording the {job}")
 
+    def unused(self) -> bool:
+        """Nothing recorded: no run, no claim (a store only created, never worked in)."""
+        with self.engine.connect() as conn:
+            return all(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
+                       for table in (runs, claims))
+
     def drop_claim(self, study: str, job: str) -> None:
         """Give a claim back after a failure, so the next worker or run can try again."""
         def delete() -> None:

@@ -26,7 +26,7 @@ from autoprec.policy import model_fingerprint
 from autoprec.precision import DTYPES, module_storage_bytes
 from autoprec.record import Origin, Reference, StudyInfo
 from autoprec.space import SearchSpace, load_space
-from autoprec.store import open_storage, storage_url, study_names
+from autoprec.store import discard_if_unused, open_storage, sqlite_file, storage_url, study_names
 from autoprec.tables import threads_text
 from autoprec.userspec import ModelSpec, describe_inputs, load_spec
 
@@ -187,6 +187,8 @@ class _Opener:
                                 "score (fidelity to the un-tuned model is no score after fine-tuning)")
         self.study_name = config.study or default_study_name(config.model)
         self.storage_url = storage_url(config.storage)
+        file = sqlite_file(self.storage_url)
+        self.new_file = file if file is not None and not file.exists() else None
         self.storage = open_storage(self.storage_url)
         self.ledger: Ledger = self.storage.ledger  # type: ignore[attr-defined]
 
@@ -282,4 +284,10 @@ class _Opener:
 
 def open_study(config: SearchConfig) -> OpenedStudy:
     check_config(config)
-    return _Opener(config).open()
+    opener = _Opener(config)
+    try:
+        return opener.open()
+    except BaseException:
+        if opener.new_file is not None:
+            discard_if_unused(opener.storage, opener.new_file)
+        raise

@@ -17,7 +17,8 @@ of the same store. For each default dtype the plannable ones are:
 
 A policy already measured is never proposed again, nor one that is at least as damaging as a policy
 seen to miss the budget (every layer's profile drop >= that policy's, same default), nor a superset of
-a policy that could not run. Returns None when there is nothing left worth measuring.
+a policy that could not run, nor, for speed, a plan the cost model predicts no faster than the measured
+fp32 policy. Returns None when there is nothing left worth measuring.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ def next_proposal(profile: Profile, choices: dict[str, tuple[str, ...]], trials:
     grain = granularity_of(trials, reference_score)
     target = PLAN_SHARE * max_drop - grain.margin
     excluded = _Excluded(profile, trials, reference_score, max_drop, list(choices))
+    fp32_ms = min((t.latency_ms for t in trials if t.uniform == "fp32" and t.latency_ms is not None), default=None)
     plans: list[tuple[int, float, Proposal]] = []  # (stage, predicted latency, proposal)
     for default in defaults:
         if default not in cost.rest_latency:  # no uniform trial of it, or its calibration is unreliable
@@ -233,6 +235,8 @@ def next_proposal(profile: Profile, choices: dict[str, tuple[str, ...]], trials:
                 continue
             layers, used = plan
             predicted = _predict(cost, state.model, default, layers)
+            if objective == "latency_ms" and fp32_ms is not None and predicted["latency_ms"] >= fp32_ms:
+                continue  # the fastest there is within this budget is no faster than fp32: no trial for speed
             text = (f"sequential {why}: {'fastest' if objective == 'latency_ms' else 'smallest'} within "
                     f"fidelity {used:.3g} (predicted drop {predicted['drop']:.3g}, aiming at {target:.3g})")
             plans.append((stage, predicted["latency_ms"], Proposal(default, layers, text, predicted, used, target)))

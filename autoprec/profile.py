@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from autoprec import runtime as runtimes
+from autoprec.fidelity import sample_cosines
 from autoprec.precision import FLOAT_DTYPES, HANDLERS, Calibration, module_storage_bytes
 from autoprec.precision.apply import _cast_floats
 from autoprec.precision.base import convert_layer
@@ -82,8 +83,7 @@ def _compared(spec: ModelSpec, outputs: Any) -> torch.Tensor:
 def _fidelity_drop(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
-    a, b = out.reshape(out.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()  # see evaluate._score
-    return float(1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())
+    return float(1 - sample_cosines(out, ref).mean())
 
 
 def capture_layer_inputs(model: nn.Module, names: list[str], inputs: Any) -> dict[str, tuple[tuple, dict]]:
@@ -231,8 +231,10 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
     skipped = [n for n in names if n not in usable]
     if not y.requires_grad:
         raise _NotLinearizable("the compared output does not depend on the searched layers")
-    samples = y.shape[0]
-    flat = y.reshape(samples, -1)
+    flat = y.reshape(y.shape[0], -1)
+    if flat.shape[1] == 1:  # one number per sample: the batch is compared as one vector (sample_cosines)
+        flat = flat.reshape(1, -1)
+    samples = flat.shape[0]
     ref = flat.detach().double()
     norm = ref.norm(dim=1, keepdim=True).clamp_min(1e-30)
     unit = ref / norm

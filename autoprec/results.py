@@ -131,15 +131,22 @@ def pareto_front(frame: pd.DataFrame, max_drop: float | None = None) -> pd.DataF
         feasible = feasible[feasible.score_drop <= max_drop]
     rows = list(feasible.itertuples(index=False))
     keep = [i for i, r in enumerate(rows) if not any(_dominates(o, r) for j, o in enumerate(rows) if j != i)]
-    return feasible.iloc[keep].sort_values(["latency_ms", "score"], ascending=[True, False])
+    front = feasible.iloc[keep].sort_values(["latency_ms", "score", "trial"], ascending=[True, False, True])
+    # a sampler's repeat of a measured policy carries its twin's values: one point, listed once (the first)
+    return front.drop_duplicates(["score", "latency_ms", "memory_bytes"], keep="first")
 
 
 def pick_trial(study: optuna.Study, pick: str | None, trial: int | None, max_drop: float | None) -> optuna.trial.FrozenTrial:
     if trial is not None:
         matches = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
-        if not matches or matches[0].state != optuna.trial.TrialState.COMPLETE:
-            raise AutoprecError(f"--trial {trial}: no complete trial with that number in study {study.study_name!r}; "
+        if not matches:
+            raise AutoprecError(f"--trial {trial}: study {study.study_name!r} has no trial with that number; "
                                 "see `autoprec front`")
+        if matches[0].state != optuna.trial.TrialState.COMPLETE:
+            why = TrialRecord.of(matches[0]).failure_reason
+            state = f"failed ({why})" if why else matches[0].state.name.lower()
+            raise AutoprecError(f"--trial {trial}: that trial {state}, so it has no measured policy to export; "
+                                "pick a complete one from `autoprec front`")
         return matches[0]
     if pick not in PICKS:
         raise AutoprecError(f"--pick {pick!r}: use one of {', '.join(PICKS)}, or --trial N")

@@ -383,8 +383,12 @@ class Search:
                 timings[str(number)] = {"latency_ms": timing.ratio * reference, "ratio": timing.ratio,
                                         "spread": timing.ratio_spread, "lo": timing.ratio_lo, "hi": timing.ratio_hi,
                                         "rounds": timing.rounds}
-        return record.write_retimed(self.study, time.strftime("%Y-%m-%dT%H:%M:%S%z"), timings,
-                                    plan.not_retimed, plan.budget_s)
+        # a member this pass left out keeps the re-timing an earlier pass gave it (a short resume has a
+        # small budget; its earlier side-by-side ratio is still the better number than none)
+        earlier = record.retimed(self.study)
+        kept = {str(n): {**earlier[str(n)], "earlier": True} for n in plan.not_retimed if str(n) in earlier}
+        return record.write_retimed(self.study, time.strftime("%Y-%m-%dT%H:%M:%S%z"), {**kept, **timings},
+                                    [n for n in plan.not_retimed if str(n) not in kept], plan.budget_s)
 
     def finished_trials(self) -> int:
         return len(self._trials(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,

@@ -33,6 +33,7 @@ from torch import nn
 
 from autoprec.errors import SpaceError
 from autoprec.precision import DTYPES, FLOAT_DTYPES, HANDLERS, LayerInfo, searchable_layers
+from autoprec.precision.apply import layer_format_reason
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data (pyproject.toml)
 _KNOWN_CLASSES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
@@ -82,7 +83,8 @@ class SearchSpace:
                     break
             module = modules[layer.name]
             # training mode fine-tunes int8 as fake-quantised Linear only: no calibrated (static) formats
-            ok = tuple(d for d in DTYPES if d in allowed and HANDLERS[d].unsupported_reason(module, device) is None
+            # (the eager runtime's kernels: a study's choices are fixed before its runtime is known)
+            ok = tuple(d for d in DTYPES if d in allowed and layer_format_reason(model, layer.name, d, device) is None
                        and not (self.trains and HANDLERS[d].needs_calibration(module)))
             if ok:
                 result[layer.name] = ok

@@ -130,6 +130,19 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, readonly: bo
     return storage
 
 
+def discard_if_unused(storage: RDBStorage, path: Path) -> None:
+    """Remove the SQLite store at `path` (this process created it) when nothing was written to it: a
+    search that stopped at bad input leaves no store behind, as if it had never started."""
+    try:
+        if study_names(storage) or not storage.ledger.unused():  # type: ignore[attr-defined]
+            return
+    except Exception:  # an unreadable store is not ours to remove
+        return
+    storage.engine.dispose()
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+
+
 def study_names(storage: RDBStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 

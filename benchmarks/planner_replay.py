@@ -2,7 +2,7 @@
 
     python benchmarks/planner_replay.py /tmp/autoprec-search-quality/*_guided.db
 
-For each SQLite store (one study per file, as benchmarks/search_quality.py writes them), every sequential
+For each study with a profile in each SQLite store (benchmarks/search_quality.py writes one per file), every sequential
 proposal the study measured is planned again by `autoprec.planner.next_proposal` from the trials measured
 before it (the stored profile, the formats each layer took in the uniform trials, the study's max drop),
 and compared with what the study measured. A planner change that leaves every proposal the same leaves the
@@ -27,10 +27,9 @@ from autoprec.planner import next_proposal  # noqa: E402
 FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8")
 
 
-def replay(db: Path) -> tuple[float, int, list[tuple[int, str]]]:
+def replay(db: Path, name: str) -> tuple[float, int, list[tuple[int, str]]]:
     """(max drop, proposals planned the same, [(trial number, the new plan's reason) for those that differ])."""
-    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
-    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     profile = guide.stored_profile(study)
     info = record.read_info(study)
     trials = guide.planner_trials(study)
@@ -39,7 +38,8 @@ def replay(db: Path) -> tuple[float, int, list[tuple[int, str]]]:
         if t.uniform:
             for name, fmt in t.layers.items():
                 seen.setdefault(name, set()).add(fmt)
-    choices = {name: tuple(f for f in FORMATS if f in fmts) for name, fmts in seen.items()}
+    # what the uniform trials gave each layer, less what the study's probe pruned (not in its profile)
+    choices = {name: tuple(f for f in FORMATS if f in fmts and f in profile.layers.get(name, {})) for name, fmts in seen.items()}
     defaults = tuple(sorted({t.default for t in trials if t.uniform}, key=lambda d: d != "fp32"))
     same, differ = 0, []
     for k, t in enumerate(trials):
@@ -58,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stores", nargs="+", type=Path, help="SQLite files of guided studies")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print("| store | max drop | proposals planned the same | differ (trial: new plan) |")
-    print("| --- | --- | --- | --- |")
+    print("| store | study | max drop | proposals planned the same | differ (trial: new plan) |")
+    print("| --- | --- | --- | --- | --- |")
     for db in args.stores:
-        max_drop, same, differ = replay(db)
-        shown = "; ".join(f"#{k}: {why[:60]}" for k, why in differ) or "-"
-        print(f"| {db} | {max_drop:g} | {same} | {len(differ)} {shown} |", flush=True)
+        for summary in optuna.get_all_study_summaries(f"sqlite:///{db}"):
+            study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+            if not record.is_autoprec_study(study) or guide.stored_profile(study) is None:
+                continue
+            max_drop, same, differ = replay(db, summary.study_name)
+            shown = "; ".join(f"#{k}: {why[:60]}" for k, why in differ) or "-"
+            print(f"| {db} | {summary.study_name} | {max_drop:g} | {same} | {len(differ)} {shown} |", flush=True)
     return 0
 
 

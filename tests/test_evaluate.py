@@ -176,6 +176,18 @@ def test_fp16_overflow_in_eval_inputs_only_is_infeasible():
     assert m == Measurement(feasible=False, reason="non-finite output")
 
 
+def test_a_nan_from_evaluate_on_a_candidate_names_the_file_and_function():
+    def score(model, device):
+        with torch.no_grad():
+            out = model(_x(4, 16).to(device)).float()
+        return float("nan") if out.dtype != torch.float32 or model.fc1.weight.dtype != torch.float32 else 1.0
+
+    spec = make_spec(lambda: Returns("tensor"), lambda: _x(4, 16), evaluate=score)
+    m = evaluator(spec).measure(Policy(layers={"fc1": "bf16"}))
+    assert not m.feasible
+    assert "non-finite score" in m.reason and "<test model.py>: evaluate() returned nan" in m.reason
+
+
 def cnn_spec() -> ModelSpec:
     return load_spec(SPECS / "tuple_inputs.py")
 
@@ -334,3 +346,36 @@ def test_measure_stops_timing_once_the_neighbours_place_it_and_records_the_inter
     assert fp32.score == ev.reference_score and fp32.latency_ms == 10.0 and ev.retime(Policy()).ratio == 1.0
     plain = ev.measure(Policy(layers={"0.lin": "bf16"}))  # without neighbours: as before
     assert plain.latency_rounds == 9 and plain.latency_stopped == "target"
+
+
+class OneNumberPerSample(nn.Module):
+    """A regression head: one number per sample, shape (N,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(16, 64)
+        self.fc2 = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).squeeze(-1)
+
+
+def test_one_number_per_sample_is_compared_as_one_vector_and_int8_shows_a_drop():
+    """A per-sample cosine of a single number is its sign's agreement (1 for any rounding): all-int8
+    scored 1.0 and every profile drop was 0. The batch's outputs are compared as one vector instead."""
+    from autoprec.profile import exact_drops, linearized_drops
+
+    spec = make_spec(OneNumberPerSample, lambda: _x(64, 16))
+    ev = evaluator(spec)
+    int8 = ev.measure(Policy(layers={"fc1": "int8", "fc2": "int8"}))
+    assert int8.feasible
+    assert 1e-7 < ev.reference_score - int8.score < 0.1
+    model, example, names = spec.new_model(), spec.example(), ["fc1", "fc2"]
+    choices = {n: ("fp32", "int8") for n in names}
+    linear, skipped = linearized_drops(spec, model, example, names, choices, torch.device("cpu"), probes=16)
+    exact = exact_drops(spec, model, example, names, choices, torch.device("cpu"))
+    assert skipped == []
+    for name in names:
+        assert exact[name]["int8"] > 0
+        assert 0.3 < linear[name]["int8"] / exact[name]["int8"] < 3.0, (name, linear, exact)

@@ -30,3 +30,15 @@ def test_fp8_column_appears_only_where_a_member_uses_fp8():
     at = lines[0].index(" fp8 ") + 1
     row_of_trial_1 = next(line for line in lines[2:] if line.split()[0] == "1")
     assert row_of_trial_1[at:at + 3].strip() == "3"
+
+
+def test_a_policy_measured_twice_is_one_point_on_the_front():
+    """A sampler's repeat of a measured policy gets its twin's values (not measured again): the front lists
+    it once, under the first trial's number; a different point stays."""
+    from autoprec.results import pareto_front
+
+    rows = [dict(trial=3, feasible=True, score=0.99, score_drop=0.01, latency_ms=5.0, memory_bytes=100),
+            dict(trial=8, feasible=True, score=0.99, score_drop=0.01, latency_ms=5.0, memory_bytes=100),
+            dict(trial=9, feasible=True, score=1.0, score_drop=0.0, latency_ms=9.0, memory_bytes=400)]
+    front = pareto_front(pd.DataFrame(rows))
+    assert list(front.trial) == [3, 9]

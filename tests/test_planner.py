@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +113,25 @@ def test_nothing_as_damaging_as_a_miss_or_a_superset_of_a_failure_is_proposed():
     drop = lambda layers, n: study.profile.layers[n][layers[n]]["drop"] if layers[n] != "fp32" else 0.0  # noqa: E731
     assert nxt is not None and any(drop(nxt.layers, n) < drop(first.layers, n) for n in study.choices)
     assert fidelity(study.profile, "fp32", nxt.layers) < fidelity(study.profile, "fp32", first.layers)
+
+
+def test_no_plan_for_speed_is_predicted_slower_than_the_measured_fp32():
+    """A MobileNetV3-small study from a new-user tour (tests/fixtures/planner_mobilenet_tour.json: its
+    profile and first six trials): every int8 mix measured slower than fp32 (6.13 ms), and the next two
+    plans, "fastest at 0.5 / 0.2 x the largest feasible fidelity", were predicted at 6.27 and 6.46 ms and
+    measured 6.49 and 6.43. A plan for speed the cost model predicts no faster than the measured fp32 is
+    not worth a trial."""
+    data = json.loads((Path(__file__).parent / "fixtures" / "planner_mobilenet_tour.json").read_text())
+    profile = Profile.from_json(data["profile"])
+    choices = {n: tuple(f) for n, f in data["choices"].items()}
+    trials = [Measured(**t) for t in data["trials"]]
+    fp32_ms = next(t.latency_ms for t in trials if t.uniform == "fp32")
+    p = next_proposal(profile, choices, trials, data["reference_score"], data["max_drop"], ("fp32",))
+    assert p is None or "fastest" not in p.why or p.predicted["latency_ms"] < fp32_ms, (p.why, p.predicted)
+    # the same trials with fp32 measured 10% slower: the plan for speed is worth a trial again
+    slower = [dataclasses.replace(t, latency_ms=1.1 * t.latency_ms) if t.uniform == "fp32" else t for t in trials]
+    p = next_proposal(profile, choices, slower, data["reference_score"], data["max_drop"], ("fp32",))
+    assert p is not None and "fastest" in p.why and p.predicted["latency_ms"] < 1.1 * fp32_ms
 
 
 def test_a_default_with_a_negative_rest_of_model_is_not_planned_on():

@@ -69,3 +69,23 @@ def test_the_final_re_time_is_bounded_and_marks_the_rest(tmp_path, monkeypatch, 
                 if t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
     assert all(m["latency_seconds"] > 0 for m in measured if m["latency_stopped"] != "reference")
     assert [m["latency_seconds"] for m in measured if m["latency_stopped"] == "reference"] == [0.0]  # fp32
+
+
+def test_a_resume_with_a_small_re_time_budget_keeps_the_earlier_re_timings(tmp_path, monkeypatch, one_thread):
+    """A short resume re-times only the fastest member; the others keep the side-by-side ratio an
+    earlier pass measured (marked as earlier), instead of turning into "not re-timed"."""
+    import autoprec.search as S
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    monkeypatch.setattr(S, "retime_budget", lambda seconds: 1e9)  # first run: every member
+    first = Search.open(_config(url, "resumed", strategy="random", prune=False, max_drop=1.0))
+    first.run(6)
+    before = record.retimed(first.study)
+    assert len(before) >= 2 and not record.not_retimed(first.study)
+    monkeypatch.setattr(S, "retime_budget", lambda seconds: 0.0)  # the resume: only the fastest
+    second = Search.open(_config(url, "resumed", strategy="random", prune=False, max_drop=1.0, seed=1))
+    second.run(1)
+    after, left_out = record.retimed(second.study), record.not_retimed(second.study)
+    earlier = {n for n, r in after.items() if r.get("earlier")}
+    assert earlier and all(after[n]["ratio"] == before[n]["ratio"] for n in earlier)
+    assert not left_out & {int(n) for n in earlier}

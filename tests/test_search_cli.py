@@ -109,6 +109,25 @@ def test_export_writes_a_policy_that_reproduces_the_stored_score(searched):
     assert "latency stored in the policy" in out and "measured here" in out
 
 
+def test_export_says_when_a_trial_is_over_the_max_drop_or_has_no_policy(searched):
+    folder, url, _ = searched
+    autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "2", "--storage", url, "--study", "tiny_strict",
+                 "--no-progress", "--max-drop", "1e-9", "--no-prune")
+    over = [t for t in _study(url, "tiny_strict").trials if t.state == optuna.trial.TrialState.COMPLETE
+            and t.user_attrs.get(record.TrialKey.SCORE_DROP, 0) > 1e-9]
+    assert over, "the tiny MLP's all-int8 trial loses more than 1e-9"
+    proc = autoprec_cli("export", "--storage", url, "--study", "tiny_strict", "--trial", str(over[0].number),
+                        "-o", str(folder / "over.json"))
+    assert (folder / "over.json").exists()  # asked for by number: written, with a note
+    assert "over the study's max drop 1e-09" in proc.stderr
+    proc = autoprec_cli("export", "--storage", url, "--study", "tiny_mlp", "--trial", "9999",
+                        "-o", str(folder / "none.json"), check=False)
+    assert proc.returncode == 2 and "no trial with that number" in proc.stderr
+    proc = autoprec_cli("export", "--storage", url, "--study", "tiny_mlp", "--pick", "fastest", "--max-drop", "-1",
+                        "-o", str(folder / "neg.json"), check=False)
+    assert proc.returncode == 2 and "must be >= 0" in proc.stderr and not (folder / "neg.json").exists()
+
+
 def test_load_study_shows_metric_names_and_every_policy(searched):
     _, url, _ = searched
     study = _study(url, "tiny_mlp")
@@ -152,6 +171,17 @@ def test_a_second_study_of_the_same_model_reuses_the_profile(searched):
     assert "profile reused from study 'tiny_mlp'" in out
 
 
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(searched):
+    """`autoprec front | head`: the reader closed the pipe (here before anything was written)."""
+    _, url, _ = searched
+    proc = subprocess.Popen([sys.executable, "-m", "autoprec", "front", "--storage", url, "--study", "tiny_mlp",
+                             "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 def test_resume_adds_trials_and_refuses_a_changed_space(searched):
     folder, url, _ = searched
     autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "4", "--storage", url, "--no-progress")
@@ -187,8 +217,13 @@ def test_broken_spec_leaves_no_study(tmp_path):
     assert proc.returncode == 2
     assert "example_inputs" in proc.stderr and str(bad) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s.db").exists()  # a store it created for nothing is not left behind
+    # a store that already held something keeps it, and gets no study
+    optuna.create_study(study_name="other", storage=url)
+    proc = autoprec_cli("search", str(bad), "--max-rounds", "9", "--trials", "2", "--storage", url, check=False)
+    assert proc.returncode == 2
     storage = optuna.storages.RDBStorage(url)
-    assert optuna.get_all_study_summaries(storage) == []
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["other"]
 
 
 def test_sigkill_mid_trial_then_resume_fails_the_stale_trial(tmp_path):

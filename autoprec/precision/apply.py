@@ -13,7 +13,7 @@ from autoprec.precision.base import FLOAT_DTYPES, HANDLERS, convert_layer
 from autoprec.precision.calibration import Calibration, calibrate
 from autoprec.precision.floating import cast_own_tensors
 from autoprec.precision.fold import foldable_batchnorms, folded_conv
-from autoprec.precision.layers import is_searchable
+from autoprec.precision.layers import is_searchable, parent_unsupported_reason
 
 
 def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
@@ -39,7 +39,20 @@ def add_boundary_casts(module: nn.Module, inside: torch.dtype, outside: torch.dt
         module.register_forward_hook(lambda _mod, _args, out: _cast_floats(out, outside))
 
 
-def check_layer_format(model: nn.Module, name: str, fmt: str, device: torch.device) -> None:
+def layer_format_reason(model: nn.Module, name: str, fmt: str, device: torch.device,
+                        runtime: str = "eager") -> str | None:
+    """Why the searchable layer `name` cannot take the known format `fmt` (None: it can): on the device,
+    or where it sits in the model."""
+    module = model.get_submodule(name)
+    handler = HANDLERS[fmt]
+    reason = handler.unsupported_reason(module, device)
+    if reason is None:
+        drops = getattr(handler, "drops_weight_tensor", None)
+        reason = parent_unsupported_reason(model, name, fmt, bool(drops and drops(module, device, runtime)))
+    return reason
+
+
+def check_layer_format(model: nn.Module, name: str, fmt: str, device: torch.device, runtime: str = "eager") -> None:
     """Raise the specific error for a layer/format pair that cannot be applied."""
     modules = dict(model.named_modules())
     if fmt not in HANDLERS:
@@ -51,7 +64,7 @@ def check_layer_format(model: nn.Module, name: str, fmt: str, device: torch.devi
     if not is_searchable(module):
         raise PolicyError(f"layer {name!r} is a {type(module).__name__}, which takes no per-layer format; "
                           "list only Linear, Conv1d/2d/3d or Conv1D layers")
-    reason = HANDLERS[fmt].unsupported_reason(module, device)
+    reason = layer_format_reason(model, name, fmt, device, runtime)
     if reason is not None:
         raise UnsupportedFormat(f"layer {name!r}: {reason}")
 
@@ -102,7 +115,7 @@ def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "f
     if default not in FLOAT_DTYPES:
         raise PolicyError(f"default format {default!r} must be one of {', '.join(FLOAT_DTYPES)}")
     for name, fmt in layers.items():
-        check_layer_format(model, name, fmt, device)
+        check_layer_format(model, name, fmt, device, runtime)
 
     default_dtype = FLOAT_DTYPES[default]
     model.to(device)

@@ -97,6 +97,11 @@ class Int8Format:
             return "this torch build has no quantized CPU engine (fbgemm or qnnpack)"
         return None
 
+    def drops_weight_tensor(self, module: nn.Module, device: torch.device, runtime: str = "eager") -> bool:
+        """Whether the converted layer has no `weight` tensor (torch's dynamic int8 module: a packed weight
+        behind a method), which a parent reading the tensor itself cannot run with."""
+        return is_linear_like(module) and kernel(device, runtime) == "torch-dynamic"
+
     def convert(self, module: nn.Module, device: torch.device,
                 input_qparams: tuple[float, int] | None = None, runtime: str = "eager") -> nn.Module:
         if not is_linear_like(module):
