@@ -178,7 +178,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     policy = policy_of(study, trial)
     path = policy.save(args.output)
     m = trial.values
-    print(f"wrote {path}: trial {trial.number}, score {m[0]:.6f}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
+    print(f"wrote {path}: trial {trial.number}, score {m[0]:.6g}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
     drop, limit = policy.measured.get("score_drop"), record.read_info(study).max_drop
     if drop is not None and drop > limit:
         print(f"autoprec: note: trial {trial.number} lost {drop:.3g} of the score, over the study's max drop "
@@ -368,6 +368,10 @@ def quiet_libraries() -> None:
                             r"release of torchao")
     # Optuna 4 marks the heartbeat, constraints and metric names "experimental"; autoprec relies on them
     warnings.filterwarnings("ignore", message=r".* is experimental \(supported from v")
+    # inductor's CPU codegen notes a kernel that mixes bf16 and fp16 (a policy's boundary casts do): it
+    # then keeps that kernel in fp32, which is the compiled runtime's honest cost, not trouble (a new-user
+    # tour counted dozens of these lines in one compiled search)
+    warnings.filterwarnings("ignore", message=r"bf16 and fp16 are mixed in the scheduler node")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from autoprec.ledger import Ledger
 from autoprec.machine import default_threads, environment, prepare_allocator, resolve_device, usable_cores
 from autoprec.policy import model_fingerprint
 from autoprec.precision import DTYPES, module_storage_bytes
+from autoprec.precision.layers import is_searchable
 from autoprec.record import Origin, Reference, StudyInfo
 from autoprec.space import SearchSpace, load_space
 from autoprec.store import discard_if_unused, open_storage, sqlite_file, storage_url, study_names
@@ -176,6 +177,10 @@ class _Opener:
         self.inputs = describe_inputs(self.spec.example())
         self.choices = self.space.choices(model, self.device)
         if not self.choices:
+            if is_searchable(model):  # the model is one layer: formats go to named sub-layers only
+                raise AutoprecError(f"{self.spec.path}: build_model() returns a bare {type(model).__name__}, which has "
+                                    "no named layer to give a format to; return it wrapped, e.g. "
+                                    "torch.nn.Sequential(layer)")
             raise AutoprecError(f"{self.spec.path}: no searchable layer under space {self.space.name!r} "
                                 f"({self.space.source}); check its 'layers' and 'rules'")
         if self.space.trains and not self.spec.can_train:

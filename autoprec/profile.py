@@ -14,7 +14,8 @@ For every searchable layer and every format it may take:
   compiled as the study compiles the model (autoprec.runtime) and timed compiled; layers of one
   class, weight shape and input shape share one compile and one timing per format and default
   (MiniLM's 36 Linear layers are 3 such shapes).
-- `memory_bytes`: the layer's storage in that format (exact).
+- `memory_bytes`: the layer's storage in that format (exact), plus, for a format other than fp32, the
+  fp32 weight a tied partner (an input embedding) keeps.
 
 The work is layers x formats single-layer runs and micro-timings: linear in the model's size.
 """
@@ -33,6 +34,7 @@ from torch import nn
 from autoprec import runtime as runtimes
 from autoprec.fidelity import sample_cosines
 from autoprec.precision import FLOAT_DTYPES, HANDLERS, Calibration, module_storage_bytes
+from autoprec.precision.apply import shared_storage_bytes
 from autoprec.precision.apply import _cast_floats
 from autoprec.precision.base import convert_layer
 from autoprec.spec_calibration import spec_calibration
@@ -336,9 +338,11 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
         layer = model.get_submodule(name)
         args, kwargs = captured[name]
         key = _layer_key(layer, args, kwargs)
+        shared = shared_storage_bytes(model, name)
         for fmt in choices[name]:
             converted, io_dtype = _converted(layer, fmt, device, ranges.get(name), runtime)
-            profile.layers[name][fmt]["memory_bytes"] = module_storage_bytes(converted)
+            # a tied weight's partner keeps the fp32 original when this layer takes another format
+            profile.layers[name][fmt]["memory_bytes"] = module_storage_bytes(converted) + (shared if fmt != "fp32" else 0)
             for default in defaults:
                 outside = FLOAT_DTYPES[default]
                 inside = outside if fmt == default else io_dtype  # cast only where the dtype changes

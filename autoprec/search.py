@@ -146,7 +146,7 @@ class Search:
     def summary(self) -> str:
         return (f"study {self.study_name!r} in {self.storage_url} ({self.finished_trials()} trials so far); "
                 f"{len(self.choices)} searchable layers on {self.device}, {self.info.runtime} runtime; fp32 score "
-                f"{self.reference_score:.6f}, max drop {self.max_drop}")
+                f"{self.reference_score:.6g}, max drop {self.max_drop}")
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         seed = self.config.seed

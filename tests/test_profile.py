@@ -133,3 +133,44 @@ def test_linearized_profile_runs_on_cuda_and_agrees_with_the_cpu():
     for name in names:
         a, b = on_cpu.layers[name]["bf16"]["drop"], on_cuda.layers[name]["bf16"]["drop"]
         assert 0.5 < b / a < 2.0, (name, a, b)
+
+
+class _TiedLM(nn.Module):
+    """An input embedding and an output head sharing one weight (GPT-2's wte and lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(512, 64)
+        self.mix = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 512, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+def test_the_memory_of_a_tied_layer_in_another_format_keeps_its_partners_weight():
+    """int8 on a tied head gives it an int8 copy while the embedding keeps the fp32 weight: the model
+    grows. Predicted from the profile and the fp32 trial, every policy's memory is exact."""
+    import copy
+
+    from autoprec.costmodel import CostModel
+    from autoprec.precision import apply_formats, module_storage_bytes
+    from autoprec.userspec import ModelSpec
+
+    def build():
+        torch.manual_seed(0)
+        return _TiedLM().eval()
+
+    spec = ModelSpec(path=Path("<tied lm>"), build_model=build, example_inputs=lambda: torch.arange(16).reshape(2, 8))
+    model = spec.new_model()
+    choices = {"mix": ("fp32", "bf16", "int8"), "head": ("fp32", "bf16", "int8")}
+    profile = build_profile(spec, model, spec.example(), choices, ("fp32",), CPU)
+    fp32 = {n: "fp32" for n in choices}
+    cost = CostModel(profile, choices)
+    cost.calibrate({"fp32": ("fp32", fp32, {"drop": 0.0, "latency_ms": 1.0,
+                                            "memory_bytes": module_storage_bytes(model)})})
+    for layers in ({"mix": "int8", "head": "int8"}, {"mix": "fp32", "head": "bf16"}, {"mix": "int8", "head": "fp32"}):
+        measured = module_storage_bytes(apply_formats(copy.deepcopy(model), layers))
+        assert cost.predict("fp32", layers)["memory_bytes"] == pytest.approx(measured, rel=0.01), layers
+    assert module_storage_bytes(apply_formats(copy.deepcopy(model), {"head": "int8"})) > module_storage_bytes(model)

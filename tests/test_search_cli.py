@@ -318,3 +318,15 @@ def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path, cap
         assert f"{workers} x 1 thread (study 'tiny_mlp''s) oversubscribe" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_bare_layer_as_the_model_is_told_to_wrap_it(tmp_path):
+    from autoprec.errors import AutoprecError
+    from autoprec.search import SearchConfig, run_search
+
+    bare = tmp_path / "model.py"
+    bare.write_text("import torch\ndef build_model():\n    return torch.nn.Linear(4, 4)\n"
+                    "def example_inputs():\n    return torch.randn(2, 4)\n")
+    with pytest.raises(AutoprecError, match=r"bare Linear.*torch\.nn\.Sequential\(layer\)"):
+        run_search(SearchConfig(model=str(bare), trials=1, storage=f"sqlite:///{tmp_path / 's.db'}", progress=False))
+    assert not (tmp_path / "s.db").exists()

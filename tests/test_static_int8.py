@@ -128,6 +128,11 @@ def test_the_search_says_when_int8_convolutions_would_reorder():
     assert hint and hint.startswith("2 Conv2d layers") and "channels_last" in hint  # conv3 is a Conv1d
     assert layout_hint(copy.deepcopy(model).to(memory_format=torch.channels_last), choices, torch.device("cpu")) is None
     assert layout_hint(model, {"conv1": ("fp32", "bf16")}, torch.device("cpu")) is None  # no int8 to reorder for
+    # a 1x1 convolution's kernel is contiguous in both layouts: in an NCHW model it counts too
+    pointwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
+    both = {"0": ("fp32", "int8"), "1": ("fp32", "int8"), "2": ("fp32", "int8")}
+    assert layout_hint(pointwise, both, torch.device("cpu")).startswith("3 Conv2d layers")
+    assert layout_hint(pointwise, {"1": ("fp32", "int8")}, torch.device("cpu")) is None  # nothing tells the layout
 
 
 def test_static_int8_convolutions_compile_into_one_graph_with_eager_numbers():

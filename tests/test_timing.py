@@ -107,3 +107,18 @@ def test_a_neighbour_inside_the_interval_keeps_the_timing_going(monkeypatch):
 def test_settles_when_the_interval_holds_no_neighbour(lo, hi, neighbours, expected):
     assert T.settles(lo, hi, neighbours) is expected
     assert T.settles(1.2, 1.5, (1.0,), margin=1.25) is False  # widened to 0.96-1.875
+
+
+def test_the_cpu_peak_sees_the_buffers_inside_a_compiled_graph(one_thread):
+    """A compiled graph is one profiler op whose intermediate buffers are allocated and freed inside it:
+    its net usage is the output alone (64 KiB here). The peak counts the 256 KiB hidden activation too."""
+    from autoprec.timing import cpu_activation_peak_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256)).eval()
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model)
+    hidden, output = 64 * 1024 * 4, 64 * 256 * 4
+    with torch.inference_mode():
+        compiled(x)
+        assert cpu_activation_peak_bytes(lambda: model(x)) >= hidden + output
+        assert cpu_activation_peak_bytes(lambda: compiled(x)) >= hidden + output

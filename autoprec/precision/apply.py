@@ -164,6 +164,23 @@ def _tensor_storages(t: torch.Tensor) -> list[torch.Tensor]:
     return [t]
 
 
+def shared_storage_bytes(model: nn.Module, name: str) -> int:
+    """Bytes of the layer `name`'s own parameters that a module outside it holds too (a tied weight: an LM
+    head and its input embedding). A format that converts the layer gives it its own copy, and the
+    partner keeps the original: those bytes stay in the model."""
+    layer = model.get_submodule(name)
+    inside = {id(m) for m in layer.modules()}
+    own = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in layer.parameters()}
+    shared: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.untyped_storage().data_ptr() in own:
+                shared.add(p.untyped_storage().data_ptr())
+    return sum(own[ptr] for ptr in shared)
+
+
 def module_storage_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers as applied, packed int8 weights at their real size.
 

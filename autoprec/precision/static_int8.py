@@ -140,11 +140,13 @@ def layout_hint(model: nn.Module, choices: dict[str, tuple[str, ...]], device: t
     channels_last model pays no reorder, in int8 or float (benchmarks/static_int8_layout.py)."""
     if device.type != "cpu":
         return None
-    contiguous = [name for name, options in choices.items() if "int8" in options
-                  and isinstance(model.get_submodule(name), nn.Conv2d)
-                  and _is_only_contiguous(model.get_submodule(name).weight)]
-    if not contiguous:
+    convs = [model.get_submodule(name) for name, options in choices.items() if "int8" in options
+             and isinstance(model.get_submodule(name), nn.Conv2d)]
+    # 1x1 and depthwise kernels are contiguous in both layouts: one plainly NCHW kernel tells the model's
+    # layout, and then every layer that is contiguous at all counts
+    if not any(_is_only_contiguous(conv.weight) for conv in convs):
         return None
+    contiguous = [conv for conv in convs if conv.weight.is_contiguous()]
     count = "1 Conv2d layer that may take int8 is" if len(contiguous) == 1 else \
         f"{len(contiguous)} Conv2d layers that may take int8 are"
     return (f"{count} contiguous (NCHW): each int8 one reorders "
