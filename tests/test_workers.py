@@ -27,7 +27,11 @@ def _front_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
         return (a.values[0] >= b.values[0] and a.values[1] <= b.values[1] and a.values[2] <= b.values[2]
                 and a.values != b.values)
 
-    return {t.number for t in feasible if not any(dominates(o, t) for o in feasible)}
+    front = sorted((t for t in feasible if not any(dominates(o, t) for o in feasible)), key=lambda t: t.number)
+    first: dict[tuple, int] = {}
+    for t in front:  # a twin (a repeated policy, its values copied) is one point, under its first number
+        first.setdefault(tuple(t.values), t.number)
+    return set(first.values())
 
 
 @needs_postgres
