@@ -83,7 +83,8 @@ def test_front_lists_only_feasible_non_dominated_trials(searched):
 
     for t in feasible:
         dominated = any(dominates(o, t) for o in feasible)
-        assert (t.number in front_numbers) == (not dominated), t.number
+        twin = any(o.number < t.number and o.values == t.values for o in feasible)  # one point, listed once
+        assert (t.number in front_numbers) == (not dominated and not twin), t.number
     infeasible = {t.number for t in complete} - {t.number for t in feasible}
     assert not infeasible & front_numbers
 
