@@ -73,9 +73,11 @@ def cmd_search(args: argparse.Namespace) -> None:
               "run the same command to resume", file=sys.stderr)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.phase_seconds.items())
     print(f"\n{result.trials_run} trials run, {result.trials_total} in the study ({phases}). Feasible Pareto front:")
-    print(_front_table(pareto_front(trials_frame(result.study))))
-    print(f"\nexport one with: autoprec export --study {result.study_name} --pick fastest -o policy.json"
-          + (f" --storage {result.storage}" if args.storage else ""))
+    front = pareto_front(trials_frame(result.study))
+    print(_front_table(front))
+    if not front.empty:
+        print(f"\nexport one with: autoprec export --study {result.study_name} --pick fastest -o policy.json"
+              + (f" --storage {result.storage}" if args.storage else ""))
     if result.interrupted:
         raise KeyboardInterrupt
 
@@ -86,6 +88,9 @@ def _print_opened(search) -> None:
         print(search.pruning.announcement)
     if search.layout_hint:
         print(search.layout_hint)
+    warning = search.evaluator.reference_warning()
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _retimed_text(row) -> str:
@@ -362,6 +367,8 @@ def quiet_libraries() -> None:
     # torchao (imported by transformers when installed) registers Enums with torch's pytree, and
     # torch 2.14 logs a deprecation warning per Enum at import: noise for a user, not an error
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # torch.compile on a CPU-only machine with a CUDA toolkit path logs "No CUDA runtime is found": not ours
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # torchao 0.17 warns that its int8 tensor types are deprecated each time one is made, at every
     # int8 forward on CUDA: hundreds of lines in a search's output (seen on an H200)
     warnings.filterwarnings("ignore", message=r"Deprecation: .* is deprecated and will be removed in a future "

@@ -70,6 +70,11 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     tail = ""
     if "score" in stored:
         tail = f"\nscore stored in the policy: {stored['score']:.6f} (measured here: {cand.score:.6f})"
+        if policy.training is not None:
+            steps = f"{policy.training.steps} steps, " if policy.training.steps is not None else ""
+            tail += (f"; the stored score is after the study's fine-tuning ({steps}the policy's 'training' "
+                     "section), here the formats alone, not fine-tuned: fine-tune as the README's training mode "
+                     "shows before comparing scores")
     tail += stored_latency(stored, cand.latency_ratio / fp32.latency_ratio, here)
     return head + "\n" + format_table(["", "fp32", "policy", "change"], rows) + tail + warning
 

@@ -147,6 +147,18 @@ class Evaluator:
                              f"{type(exc).__name__}: {exc}", "make its forward work on every call, on example_inputs() "
                              "and eval_inputs() alike") from exc
 
+    def reference_warning(self) -> str | None:
+        """One line where the fp32 model's compared output is the same number everywhere (all zeros: an
+        untrained, zero-initialised head), which no format can change: output fidelity then ranks no layer
+        (every profile drop is 0) and the default score cannot tell a policy from fp32."""
+        outputs = getattr(self, "_ref_outputs", None)
+        if not outputs or any(out.numel() == 0 or out.float().std(unbiased=False) > 0 for out in outputs):
+            return None
+        value = float(outputs[0].flatten()[0])
+        return (f"autoprec: warning: {self.spec.path}: the fp32 model's compared output is {value:g} everywhere on "
+                "its batches: no format can change it, so output fidelity ranks no layer; check build_model() "
+                "(a zero-initialised head?) or output()")
+
     def _measure_reference(self, reference_latency_ms: float | None) -> None:
         spec = self.spec
         with torch.inference_mode():

@@ -152,9 +152,11 @@ def pick_trial(study: optuna.Study, pick: str | None, trial: int | None, max_dro
         raise AutoprecError(f"--pick {pick!r}: use one of {', '.join(PICKS)}, or --trial N")
     front = pareto_front(trials_frame(study), max_drop)
     if front.empty:
+        study_limit = record.read_info(study).max_drop
         limit = f" within --max-drop {max_drop}" if max_drop is not None else ""
-        raise AutoprecError(f"study {study.study_name!r} has no feasible trial{limit}; run more trials or "
-                            "loosen --max-drop")
+        raise AutoprecError(f"study {study.study_name!r} has no feasible trial{limit} (its own max drop, fixed when "
+                            f"it was created: {study_limit:g}; --max-drop here can only tighten it); run more trials, "
+                            "export a trial by number with --trial N, or start a new --study with a larger --max-drop")
     column, ascending = PICKS[pick]
     best = front.sort_values([column, "latency_ms"], ascending=[ascending, True]).iloc[0]
     return [t for t in study.get_trials(deepcopy=False) if t.number == int(best.trial)][0]

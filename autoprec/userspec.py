@@ -194,9 +194,13 @@ class ModelSpec:
             raise self.error("eval_inputs", f"raised {type(exc).__name__}: {exc}") from exc
         if not batches:
             raise self.error("eval_inputs", "gave no batches")
-        for batch in batches:
+        example = self.example()
+        for index, batch in enumerate(batches):
             if not _check_inputs(batch):
                 raise self.error("eval_inputs", f"gave a {type(batch).__name__} batch, not a tensor, tuple or dict")
+            problem = _unlike(batch, example)
+            if problem:
+                raise self.error("eval_inputs", f"batch {index} {problem}")
         return batches
 
     def calibration_batches(self) -> list[Inputs]:

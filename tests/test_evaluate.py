@@ -379,3 +379,17 @@ def test_one_number_per_sample_is_compared_as_one_vector_and_int8_shows_a_drop()
     for name in names:
         assert exact[name]["int8"] > 0
         assert 0.3 < linear[name]["int8"] / exact[name]["int8"] < 3.0, (name, linear, exact)
+
+
+def test_a_constant_fp32_output_is_warned_about():
+    """torchvision's VisionTransformer zero-initialises its head: every output 0, every drop 0."""
+    def build():
+        model = Returns("tensor")
+        with torch.no_grad():
+            model.fc2.weight.zero_()
+            model.fc2.bias.zero_()
+        return model
+
+    warning = evaluator(make_spec(build, lambda: _x(4, 16))).reference_warning()
+    assert warning and "<test model.py>" in warning and "0 everywhere" in warning
+    assert evaluator(make_spec(lambda: Returns("tensor"), lambda: _x(4, 16))).reference_warning() is None

@@ -103,6 +103,8 @@ BROKEN = {
                           "eval_inputs", ["eval_inputs: gave no batches"]),
     "eval_inputs_bad_batch": (GOOD_MODEL + GOOD_INPUTS + "def eval_inputs():\n    return [torch.randn(2, 4), 'x']\n",
                               "batches", "eval_inputs", ["eval_inputs: gave a str batch"]),
+    "eval_inputs_other_keys": (GOOD_MODEL + GOOD_INPUTS + "def eval_inputs():\n    return [{'y': torch.randn(2, 4)}]\n",
+                               "batches", "eval_inputs", ["eval_inputs: batch 0 is a dict where example_inputs() is a Tensor"]),
     "evaluate_nan": (GOOD_MODEL + GOOD_INPUTS + "def evaluate(model, device):\n    return float('nan')\n",
                      "evaluator", "evaluate", ["evaluate: returned nan for the fp32 model"]),
     "evaluate_string": (GOOD_MODEL + GOOD_INPUTS + "def evaluate(model, device):\n    return '0.93'\n",
