@@ -157,6 +157,27 @@ def check_resume(info: StudyInfo, fingerprint: str, space: SearchSpace, device: 
                          f"`autoprec front --max-drop` filters an existing study, or {way_out}")
 
 
+def check_choices(study: optuna.Study, choices: dict[str, tuple[str, ...]], name: str) -> None:
+    """Refuse a resume whose per-layer formats differ from the ones the study's trials were drawn from
+    (autoprec's rules for which layer may take which format changed since it was created): Optuna cannot
+    resume a categorical parameter over other values."""
+    for trial in study.get_trials(deepcopy=False):
+        stored = {key[len(record.LAYER_PARAM):]: tuple(d.choices) for key, d in trial.distributions.items()
+                  if key.startswith(record.LAYER_PARAM) and hasattr(d, "choices")}
+        if not stored:
+            continue
+        now = {n: tuple(o) for n, o in choices.items()}
+        changed = sorted(n for n in set(stored) | set(now) if stored.get(n) != now.get(n))
+        if changed:
+            first = changed[0]
+            raise StoreError(f"study {name!r} was made when layer {first!r} could take "
+                             f"{', '.join(stored.get(first, ())) or 'no format'}; this autoprec offers it "
+                             f"{', '.join(now.get(first, ())) or 'no format'} ({len(changed)} layers differ: the "
+                             "rules for which layer takes which format changed); start a new study with "
+                             f"--study NEW_NAME (this one is {name!r})")
+        return
+
+
 def _ready_info(storage: RDBStorage, name: str) -> StudyInfo | None:
     if name not in study_names(storage):
         return None
@@ -208,6 +229,8 @@ class _Opener:
         if evaluator is None:
             check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
                          prepare_allocator(config.timing.keep_freed_memory), self.inputs)
+            check_choices(optuna.load_study(study_name=self.study_name, storage=self.storage), self.choices,
+                          self.study_name)
             threads = study_threads(self.device, info.environment.get("threads"), config.threads,
                                     config.workers, self.study_name)
             runtime = study_runtime(self.device, info.runtime, config.runtime, self.study_name)

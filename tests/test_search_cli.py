@@ -331,3 +331,18 @@ def test_a_bare_layer_as_the_model_is_told_to_wrap_it(tmp_path):
     with pytest.raises(AutoprecError, match=r"bare Linear.*torch\.nn\.Sequential\(layer\)"):
         run_search(SearchConfig(model=str(bare), trials=1, storage=f"sqlite:///{tmp_path / 's.db'}", progress=False))
     assert not (tmp_path / "s.db").exists()
+
+
+def test_a_resume_whose_layer_formats_changed_is_refused_in_one_line():
+    """A study made when a layer could take int8 (before autoprec stopped offering it there) cannot be
+    resumed over other values: Optuna raised 'CategoricalDistribution does not support dynamic value space'."""
+    from autoprec.errors import StoreError
+    from autoprec.opening import check_choices
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    trial = study.ask()
+    trial.suggest_categorical(record.LAYER_PARAM + "fc", ["fp32", "bf16", "int8"])
+    study.tell(trial, (1.0, 1.0, 1.0))
+    check_choices(study, {"fc": ("fp32", "bf16", "int8")}, "s")  # the same: resumes
+    with pytest.raises(StoreError, match=r"layer 'fc' could take fp32, bf16, int8; this autoprec offers it fp32, bf16"):
+        check_choices(study, {"fc": ("fp32", "bf16")}, "s")
