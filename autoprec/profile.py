@@ -34,8 +34,7 @@ from torch import nn
 from autoprec import runtime as runtimes
 from autoprec.fidelity import sample_cosines
 from autoprec.precision import FLOAT_DTYPES, HANDLERS, Calibration, module_storage_bytes
-from autoprec.precision.apply import shared_storage_bytes
-from autoprec.precision.apply import _cast_floats
+from autoprec.precision.apply import _cast_floats, shared_storage_bytes
 from autoprec.precision.base import convert_layer
 from autoprec.spec_calibration import spec_calibration
 from autoprec.timing import solo_latency_ms

@@ -27,7 +27,8 @@ class FormatHandler(Protocol):
         `input_qparams`: the calibrated (scale, zero point) of the layer's input, for formats that
         `needs_calibration`; None for the others. A handler whose fastest kernel depends on the
         runtime sets `per_runtime = True` and takes `runtime` ("eager" or "compiled") as a keyword
-        (see `convert_layer`)."""
+        (see `convert_layer`). A handler whose converted module may have no `weight` tensor defines
+        `drops_weight_tensor(module, device, runtime) -> bool` (see apply.layer_format_reason)."""
 
     def needs_calibration(self, module: nn.Module) -> bool:
         """Whether `convert` needs the layer's calibrated input range (static int8)."""

@@ -54,11 +54,10 @@ def owned_by_parent(model: nn.Module, name: str) -> bool:
 def parent_unsupported_reason(model: nn.Module, name: str, fmt: str, drops_weight_tensor: bool) -> str | None:
     """Why the layer `name` cannot take `fmt` where it sits (None: it can). `drops_weight_tensor`: the format
     swaps the layer for a module without a `weight` tensor (torch's dynamic int8)."""
-    parent = _parent(model, name)
-    if isinstance(parent, nn.MultiheadAttention):
-        return (f"it is the output projection of a MultiheadAttention ({type(parent).__name__}), whose kernel reads "
-                "its weight itself: it takes the model's default format; leave it out of the policy")
-    if drops_weight_tensor and isinstance(parent, nn.TransformerEncoderLayer):
+    if owned_by_parent(model, name):
+        return ("it is the output projection of a MultiheadAttention, whose kernel reads its weight itself: it "
+                "takes the model's default format; leave it out of the policy")
+    if drops_weight_tensor and isinstance(_parent(model, name), nn.TransformerEncoderLayer):
         return (f"{fmt} here replaces it with a module without a weight tensor, and its TransformerEncoderLayer's "
                 "fused inference path reads that tensor; give it fp32, bf16 or fp16 (int8 runs there in the "
                 "compiled runtime on a VNNI CPU and on CUDA)")
