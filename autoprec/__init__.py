@@ -9,10 +9,22 @@ from autoprec.training import make_optimizer, make_scaler, prepare_training, tra
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`autoprec.run_search` and `autoprec.SearchConfig`, imported on first use: the search needs
+    Optuna, SQLAlchemy and pandas, which applying a policy never does."""
+    if name in ("run_search", "SearchConfig"):
+        from autoprec.search import config, loop
+
+        return loop.run_search if name == "run_search" else config.SearchConfig
+    raise AttributeError(f"module 'autoprec' has no attribute {name!r}")
+
+
 __all__ = [
     "AutoprecError",
     "Policy",
     "PolicyError",
+    "SearchConfig",
     "SpecError",
     "TrainingSettings",
     "UnsupportedFormat",
@@ -22,5 +34,6 @@ __all__ = [
     "make_scaler",
     "model_fingerprint",
     "prepare_training",
+    "run_search",
     "training_context",
 ]

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 
 from autoprec.errors import AutoprecError
+from autoprec.logs import quiet_libraries
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
-    from autoprec.space import load_space
-    from autoprec.tables import format_table
-    from autoprec.userspec import load_spec
-    from autoprec.machine import resolve_device
+    from autoprec.search.space import load_space
+    from autoprec.display import format_table
+    from autoprec.model.model_file import load_spec
+    from autoprec.measure.machine import resolve_device
 
     spec = load_spec(args.model)
     space = load_space(args.space)
@@ -32,14 +31,14 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from autoprec.compare import apply_and_compare
+    from autoprec.measure.remeasure import apply_and_compare
 
     print(apply_and_compare(args.policy, args.model, device=args.device, threads=_threads(args.threads),
                             timing=timing_settings(None, args.malloc_defaults), force=args.force))
 
 
 def timing_settings(max_rounds: int | None, malloc_defaults: bool):
-    from autoprec.timing import TimingSettings
+    from autoprec.measure.timing import TimingSettings
 
     keep = not malloc_defaults
     if max_rounds is None:
@@ -56,8 +55,8 @@ def _threads(threads: int | None) -> int | None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from autoprec.results import pareto_front, trials_frame
-    from autoprec.search import SearchConfig, run_search
+    from autoprec.results.frames import pareto_front, trials_frame
+    from autoprec.search.loop import SearchConfig, run_search
 
     devices = tuple(args.devices.split(",")) if args.devices else None
     config = SearchConfig(model=args.model, trials=args.trials, timeout=args.timeout, storage=args.storage,
@@ -100,7 +99,7 @@ def _retimed_text(row) -> str:
 
 
 def _front_table(front) -> str:
-    from autoprec.tables import format_bytes, format_table
+    from autoprec.display import format_bytes, format_table
 
     if front.empty:
         return "(no feasible trial yet)"
@@ -130,13 +129,13 @@ def _front_table(front) -> str:
 
 
 def _open_study(args: argparse.Namespace):
-    from autoprec.store import load_study, open_storage
+    from autoprec.store.storage import load_study, open_storage
 
     return load_study(open_storage(args.storage, readonly=True), args.study)
 
 
 def cmd_front(args: argparse.Namespace) -> None:
-    from autoprec.results import pareto_front, trials_frame
+    from autoprec.results.frames import pareto_front, trials_frame
 
     front = pareto_front(trials_frame(_open_study(args)), args.max_drop)
     if args.format == "csv":
@@ -148,9 +147,9 @@ def cmd_front(args: argparse.Namespace) -> None:
 
 
 def cmd_studies(args: argparse.Namespace) -> None:
-    from autoprec.results import studies_frame
-    from autoprec.store import open_storage
-    from autoprec.tables import format_table
+    from autoprec.results.frames import studies_frame
+    from autoprec.store.storage import open_storage
+    from autoprec.display import format_table
 
     frame = studies_frame(open_storage(args.storage, readonly=True))
     if frame.empty:
@@ -174,8 +173,8 @@ def _drop_limit(text: str) -> float:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from autoprec import record
-    from autoprec.results import output_path, pick_trial, policy_of
+    from autoprec.store import schema
+    from autoprec.results.frames import output_path, pick_trial, policy_of
 
     output_path(args.output)
     study = _open_study(args)
@@ -184,32 +183,32 @@ def cmd_export(args: argparse.Namespace) -> None:
     path = policy.save(args.output)
     m = trial.values
     print(f"wrote {path}: trial {trial.number}, score {m[0]:.6g}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
-    drop, limit = policy.measured.get("score_drop"), record.read_info(study).max_drop
+    drop, limit = policy.measured.get("score_drop"), schema.read_info(study).max_drop
     if drop is not None and drop > limit:
         print(f"autoprec: note: trial {trial.number} lost {drop:.3g} of the score, over the study's max drop "
               f"{limit:g}; `autoprec front --study {study.study_name}` lists the trials within it", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from autoprec.report import write_report
+    from autoprec.results.html_report import write_report
 
     path = write_report(_open_study(args), args.output, args.max_drop)
     print(f"wrote {path}: the report of study {args.study!r} (one HTML file, opens offline)")
 
 
 def cmd_trials(args: argparse.Namespace) -> None:
-    from autoprec.results import write_trials
+    from autoprec.results.frames import write_trials
 
     path = write_trials(_open_study(args), args.output)
     print(f"wrote {path}: every trial of study {args.study!r}, one column per layer")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from autoprec.guide import stored_profile
-    from autoprec.guide import drop_model_of
-    from autoprec.planner import describe_drop_model
-    from autoprec.record import COSTMODEL_ATTR, PROFILE_SOURCE_ATTR
-    from autoprec.tables import format_table
+    from autoprec.guided.study_state import stored_profile
+    from autoprec.guided.study_state import drop_model_of
+    from autoprec.guided.planner import describe_drop_model
+    from autoprec.store.schema import COSTMODEL_ATTR, PROFILE_SOURCE_ATTR
+    from autoprec.display import format_table
 
     study = _open_study(args)
     profile = stored_profile(study)
@@ -359,26 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.set_defaults(_commands=commands)
     return parser
-
-
-def quiet_libraries() -> None:
-    """Silence what libraries print that a user should not read as trouble (set by the commands,
-    never at import: a library user keeps their own warning filters)."""
-    # torchao (imported by transformers when installed) registers Enums with torch's pytree, and
-    # torch 2.14 logs a deprecation warning per Enum at import: noise for a user, not an error
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    # torch.compile on a CPU-only machine with a CUDA toolkit path logs "No CUDA runtime is found": not ours
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    # torchao 0.17 warns that its int8 tensor types are deprecated each time one is made, at every
-    # int8 forward on CUDA: hundreds of lines in a search's output (seen on an H200)
-    warnings.filterwarnings("ignore", message=r"Deprecation: .* is deprecated and will be removed in a future "
-                            r"release of torchao")
-    # Optuna 4 marks the heartbeat, constraints and metric names "experimental"; autoprec relies on them
-    warnings.filterwarnings("ignore", message=r".* is experimental \(supported from v")
-    # inductor's CPU codegen notes a kernel that mixes bf16 and fp16 (a policy's boundary casts do): it
-    # then keeps that kernel in fp32, which is the compiled runtime's honest cost, not trouble (a new-user
-    # tour counted dozens of these lines in one compiled search)
-    warnings.filterwarnings("ignore", message=r"bf16 and fp16 are mixed in the scheduler node")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,9 @@ from torch import nn
 
 from autoprec.errors import PolicyError
 from autoprec.precision import DTYPES, FLOAT_DTYPES, Calibration, apply_formats
-from autoprec.runtime import RUNTIMES
+
+RUNTIMES = ("eager", "compiled")  # where a policy was timed: the runtimes of autoprec.measure.runtime
+
 
 POLICY_FORMAT = "autoprec.policy"
 POLICY_VERSION = 1

@@ -42,7 +42,7 @@ def quiet() -> None:
 
 
 def cpu_model() -> str:
-    from autoprec.machine import cpu_name
+    from autoprec.measure.machine import cpu_name
 
     return cpu_name()
 
@@ -100,7 +100,7 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def set_threads(threads: int | None) -> int:
-    from autoprec.machine import default_threads
+    from autoprec.measure.machine import default_threads
 
     torch.set_num_threads(threads or default_threads())
     return torch.get_num_threads()
@@ -108,7 +108,7 @@ def set_threads(threads: int | None) -> int:
 
 def load_minilm():
     """The MiniLM spec, a fresh fp32 model in eval mode and its example batch."""
-    from autoprec.userspec import load_spec
+    from autoprec.model.model_file import load_spec
 
     spec = load_spec(MINILM)
     return spec, spec.new_model(), spec.example()
@@ -202,9 +202,9 @@ def fmt_ms(x: float) -> str:
 
 
 class RoundRecorder:
-    """Capture the raw round times of `autoprec.timing.paired_latency` without changing it.
+    """Capture the raw round times of `autoprec.measure.timing.paired_latency` without changing it.
 
-    Inside the `with`, autoprec.timing.time_calls is wrapped to record each call's seconds;
+    Inside the `with`, autoprec.measure.timing.time_calls is wrapped to record each call's seconds;
     `pairs()` turns the calls of the last paired_latency into (candidate s, reference s) per round,
     following its order (two one-call probes, then even rounds candidate first, odd rounds reference
     first).
@@ -215,7 +215,7 @@ class RoundRecorder:
         self.cpu_calls: list[float] = []  # process CPU seconds of the same calls
 
     def __enter__(self) -> "RoundRecorder":
-        import autoprec.timing as T
+        import autoprec.measure.timing as T
 
         self._module, self._original = T, T.time_calls
 

@@ -21,8 +21,8 @@ import torch
 
 import _common as C
 from autoprec.policy import Policy, apply_policy
-from autoprec.space import load_space
-from autoprec.userspec import load_spec
+from autoprec.search.space import load_space
+from autoprec.model.model_file import load_spec
 
 DEFAULT = C.REPO / "benchmarks" / "models" / "digits_deep.py"
 

@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     import optuna
 
-    from autoprec.search import Search, SearchConfig
+    from autoprec.search.loop import Search, SearchConfig
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from autoprec.machine import default_threads
+    from autoprec.measure.machine import default_threads
 
     torch.set_num_threads(default_threads())  # what the searches' Evaluators use
     print("# Guided search growth, BERT 6 -> 24 layers\n")

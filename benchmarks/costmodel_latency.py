@@ -26,22 +26,24 @@ from _common import MINILM, machine_header, quiet, table  # noqa: E402
 
 import torch  # noqa: E402
 
-from autoprec.costmodel import CostModel  # noqa: E402
-from autoprec.profile import Profile  # noqa: E402
+from autoprec.measure.machine import configure_cpu
+from autoprec.guided.cost_model import CostModel, knapsack_proposals  # noqa: E402
+from autoprec.guided.sensitivity import Profile  # noqa: E402
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from autoprec.evaluate import Evaluator
+    from autoprec.measure.evaluator import Evaluator
     from autoprec.policy import Policy
-    from autoprec.profile import build_profile
-    from autoprec.space import load_space
-    from autoprec.userspec import load_spec
+    from autoprec.guided.sensitivity import build_profile
+    from autoprec.search.space import load_space
+    from autoprec.model.model_file import load_spec
 
     spec = load_spec(str(MINILM))
     space = load_space("cpu")
     device = torch.device("cpu")
     started = time.perf_counter()
-    ev = Evaluator(spec, device, threads=args.threads)
+    configure_cpu(args.threads, False)
+    ev = Evaluator(spec, device)
     choices = space.choices(ev.model, device)
     profile = build_profile(spec, ev.model, ev.example, choices, space.default_dtypes, device)
     measured = []
@@ -58,7 +60,7 @@ def measure(args: argparse.Namespace) -> dict:
         default = fmt if fmt in space.default_dtypes else "fp32"
         run(default, {n: fmt if fmt in c else default for n, c in choices.items()}, f"uniform {fmt}")
     model = calibrated(profile, choices, measured, "old")
-    proposals = model.proposals(args.max_drop, space.default_dtypes)[:args.proposals]
+    proposals = knapsack_proposals(model, args.max_drop, space.default_dtypes)[:args.proposals]
     for default, layers, why in proposals:
         run(default, layers, why)
     return {"profile": profile.to_json(), "choices": {k: list(v) for k, v in choices.items()},

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from autoprec.precision import apply_formats  # noqa: E402
-from autoprec.timing import time_calls  # noqa: E402
+from autoprec.measure.timing import time_calls  # noqa: E402
 
 
 def per_call_us(forward, x: torch.Tensor, device: torch.device, calls: int) -> float:

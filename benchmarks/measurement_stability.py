@@ -1,6 +1,6 @@
 """How repeatable is one `Evaluator.measure(policy)` on this noisy machine, and is memory_bytes right?
 
-`autoprec.evaluate.Evaluator(spec, "cpu")` on MiniLM measures three policies -- fp32 = Policy(),
+`autoprec.measure.evaluator.Evaluator(spec, "cpu")` on MiniLM measures three policies -- fp32 = Policy(),
 all-bf16 = Policy(default="bf16", every searchable layer bf16), all-int8 = Policy(every searchable
 layer int8) -- `--repeats` times each, interleaved (for repeat: for policy), and prints each
 policy's latency_ms values and their spread (max/min; target <= 1.03), the seconds one measurement
@@ -18,12 +18,12 @@ reference latency), to compare what fixed settings give and cost.
     .venv/bin/python benchmarks/measurement_stability.py --target-ci 1.02,1.03
     .venv/bin/python benchmarks/measurement_stability.py --threads 1,2 --policies fp32,all-int8 --malloc-defaults
 
-Timing keeps freed memory in the process as autoprec does (autoprec.machine); --malloc-defaults
+Timing keeps freed memory in the process as autoprec does (autoprec.measure.machine); --malloc-defaults
 measures under glibc's defaults instead, for comparison (run it as its own process: mallopt is
 process-wide and one-way).
 
 Besides autoprec's estimator (median of per-round candidate/reference ratios), the same raw round
-times (recorded by wrapping autoprec.timing.time_calls, which changes nothing) are also summarised
+times (recorded by wrapping autoprec.measure.timing.time_calls, which changes nothing) are also summarised
 as ratio of medians, ratio of minimums, and median of per-round ratios of process CPU time, to show
 which estimator is steadiest on a shared machine.
 """
@@ -44,11 +44,12 @@ C.quiet()
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import autoprec.evaluate as E  # noqa: E402
-import autoprec.timing as T  # noqa: E402
-from autoprec import Policy  # noqa: E402
-from autoprec.timing import TimingSettings  # noqa: E402
-from autoprec.machine import default_threads  # noqa: E402
+import autoprec.measure.evaluator as E  # noqa: E402
+import autoprec.measure.timing as T  # noqa: E402
+from autoprec import Policy
+from autoprec.measure.machine import configure_cpu
+from autoprec.measure.timing import TimingSettings  # noqa: E402
+from autoprec.measure.machine import default_threads  # noqa: E402
 
 SPREAD_TARGET = 1.03
 MEMORY_TARGET = 0.02
@@ -151,7 +152,7 @@ def main() -> None:
                         help="comma list of TimingSettings.target_ci values to try in turn (adaptive rounds)")
     parser.add_argument("--spec", default=str(C.MINILM), help="model.py to measure (default: MiniLM)")
     parser.add_argument("--threads", default=None,
-                        help="Evaluator(threads=...) (default: autoprec's, all usable cores but one); a list such as "
+                        help="CPU threads (default: autoprec's, all usable cores but one); a list such as "
                              "1,2 measures every policy at each thread count in turn, side by side")
     parser.add_argument("--policies", default="fp32,all-bf16,all-int8",
                         help="which of fp32, all-bf16, all-int8 to measure (bf16 is slow where the CPU lacks avx512_bf16)")
@@ -171,13 +172,14 @@ def main() -> None:
                                 min_round_s=args.min_round_s if args.min_round_s is not None else default.min_round_s)]
 
     sweep = [dataclasses.replace(t, keep_freed_memory=not args.malloc_defaults) for t in sweep]
-    from autoprec.machine import allocator_state
-    from autoprec.userspec import load_spec
+    from autoprec.measure.machine import allocator_state
+    from autoprec.model.model_file import load_spec
 
     spec = load_spec(args.spec)
     start = time.perf_counter()
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [default_threads()]
-    ev = E.Evaluator(spec, args.device, threads=threads[0], timing=sweep[0], measure_peak=not args.no_peak,
+    configure_cpu(threads[0], sweep[0].keep_freed_memory)
+    ev = E.Evaluator(spec, args.device, timing=sweep[0], measure_peak=not args.no_peak,
                      time_reference=True)  # fp32 against itself is the point here
     setup_s = time.perf_counter() - start
     policies = {k: p for k, p in C.three_policies(ev.model).items() if k in args.policies.split(",")}

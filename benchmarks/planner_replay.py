@@ -3,7 +3,7 @@
     python benchmarks/planner_replay.py /tmp/autoprec-search-quality/*_guided.db
 
 For each study with a profile in each SQLite store (benchmarks/search_quality.py writes one per file), every sequential
-proposal the study measured is planned again by `autoprec.planner.next_proposal` from the trials measured
+proposal the study measured is planned again by `autoprec.guided.planner.next_proposal` from the trials measured
 before it (the stored profile, the formats each layer took in the uniform trials, the study's max drop),
 and compared with what the study measured. A planner change that leaves every proposal the same leaves the
 study's result the same, without timing anything: the check that a change to the planner keeps the
@@ -21,8 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import optuna  # noqa: E402
 
-from autoprec import guide, record  # noqa: E402
-from autoprec.planner import next_proposal  # noqa: E402
+from autoprec.guided import study_state
+
+from autoprec.store import schema
+from autoprec.guided.planner import next_proposal  # noqa: E402
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8")
 
@@ -30,9 +32,9 @@ FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8")
 def replay(db: Path, name: str) -> tuple[float, int, list[tuple[int, str]]]:
     """(max drop, proposals planned the same, [(trial number, the new plan's reason) for those that differ])."""
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    profile = guide.stored_profile(study)
-    info = record.read_info(study)
-    trials = guide.planner_trials(study)
+    profile = study_state.stored_profile(study)
+    info = schema.read_info(study)
+    trials = study_state.planner_trials(study)
     seen: dict[str, set[str]] = {}
     for t in trials:
         if t.uniform:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for db in args.stores:
         for summary in optuna.get_all_study_summaries(f"sqlite:///{db}"):
             study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
-            if not record.is_autoprec_study(study) or guide.stored_profile(study) is None:
+            if not schema.is_autoprec_study(study) or study_state.stored_profile(study) is None:
                 continue
             max_drop, same, differ = replay(db, summary.study_name)
             shown = "; ".join(f"#{k}: {why[:60]}" for k, why in differ) or "-"

@@ -1,7 +1,7 @@
 """Does applying a policy cost anything over doing the same thing with plain torch?
 
 On MiniLM (studies/minilm/model.py, example_inputs()), two pairs, each timed side by side with
-`autoprec.timing.paired_latency` (ABBA rounds; ratio = median of per-round autoprec/torch ratios):
+`autoprec.measure.timing.paired_latency` (ABBA rounds; ratio = median of per-round autoprec/torch ratios):
 
 - all-bf16: `autoprec.apply_policy(model, Policy(default="bf16", layers={every searchable layer: "bf16"}))`
   vs `model.to(torch.bfloat16)`;
@@ -32,8 +32,8 @@ C.quiet()
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from autoprec import Policy, apply_policy  # noqa: E402
-from autoprec.timing import TimingSettings, paired_latency  # noqa: E402
+from autoprec import Policy, apply_policy
+from autoprec.measure.timing import TimingSettings, paired_latency  # noqa: E402
 
 TARGET = 1.05
 
@@ -74,7 +74,7 @@ def main() -> None:
 
     batch = "x".join(str(s) for s in example["input_ids"].shape)
     header = C.machine_header({"threads": threads, "batch": f"{batch} tokens (example_inputs())",
-                               "timing": f"autoprec.timing.paired_latency, {args.rounds} ABBA rounds, "
+                               "timing": f"autoprec.measure.timing.paired_latency, {args.rounds} ABBA rounds, "
                                          f">= {args.min_round_s} s per side per round"})
     batches = spec.eval_batches()
     settings = TimingSettings(rounds=args.rounds, min_round_s=args.min_round_s)

@@ -4,9 +4,9 @@
 
 For every searchable layer and format (bf16, int8) of each model, the fidelity drop with only that
 layer changed, computed both ways on the model's example_inputs():
-- linearized (autoprec's default, `autoprec.profile.linearized_drops`): one forward with gradients,
+- linearized (autoprec's default, `autoprec.guided.sensitivity.linearized_drops`): one forward with gradients,
   `--probes` random backward probes, one run of each converted layer on its captured input;
-- exact (`autoprec.profile.exact_drops`): one whole-model forward per layer and format.
+- exact (`autoprec.guided.sensitivity.exact_drops`): one whole-model forward per layer and format.
 The table gives the seconds of each, the sums (what the cost model adds up before calibration), the
 Spearman rank correlation and the spread of per-layer ratios.
 """
@@ -52,10 +52,10 @@ def main() -> int:
     quiet()
     import torch
 
-    from autoprec.profile import exact_drops, linearized_drops
-    from autoprec.space import load_space
-    from autoprec.machine import default_threads
-    from autoprec.userspec import load_spec
+    from autoprec.guided.sensitivity import exact_drops, linearized_drops
+    from autoprec.search.space import load_space
+    from autoprec.measure.machine import default_threads
+    from autoprec.model.model_file import load_spec
 
     torch.set_num_threads(default_threads())
     device = torch.device("cpu")

@@ -7,7 +7,7 @@ against the fp32 reference in back-to-back ABBA pairs of single forwards, contin
 instances run the same inputs, the cause is the machine, not the measurement method.
 
 Then minor page faults per forward (getrusage) under glibc's default allocator and after
-`autoprec.machine.keep_freed_memory()` (what a server with tcmalloc/jemalloc does), with the
+`autoprec.measure.machine.keep_freed_memory()` (what a server with tcmalloc/jemalloc does), with the
 median ms of 7 forwards each: a forward that faults its activations in on every call pays the
 kernel for it, and that cost moves with the machine's memory state.
 
@@ -27,10 +27,11 @@ C.quiet()
 
 import torch  # noqa: E402
 
-import autoprec.evaluate as E  # noqa: E402
-from autoprec.machine import KEPT, keep_freed_memory  # noqa: E402
-from autoprec.timing import TimingSettings, time_calls  # noqa: E402
-from autoprec.userspec import call_model, load_spec  # noqa: E402
+import autoprec.measure.evaluator as E  # noqa: E402
+from autoprec.measure.machine import configure_cpu
+from autoprec.measure.machine import KEPT, keep_freed_memory  # noqa: E402
+from autoprec.measure.timing import TimingSettings, time_calls  # noqa: E402
+from autoprec.model.model_file import call_model, load_spec  # noqa: E402
 
 def faults_and_ms(forward, calls: int = 7) -> tuple[float, float]:
     forward()
@@ -56,7 +57,8 @@ def main() -> None:
 
     spec = load_spec(str(C.MINILM))
     # The Evaluator would keep freed memory itself; here the trace chooses, and the defaults go first.
-    ev = E.Evaluator(spec, "cpu", threads=args.threads, measure_peak=False, reference_latency_ms=1.0,
+    configure_cpu(args.threads, False)
+    ev = E.Evaluator(spec, "cpu", measure_peak=False, reference_latency_ms=1.0,
                      timing=TimingSettings(keep_freed_memory=False))
     models = {k: ev.candidate(p) for k, p in C.three_policies(ev.model).items()}
     forwards = {k: (lambda m=m: call_model(m, ev.example)) for k, m in models.items()}

@@ -3,7 +3,7 @@
 For MiniLM (studies/minilm, 16 x 128 tokens) and ResNet-18 (studies/resnet, 8 x 3 x 64 x 64): each
 policy applied as autoprec applies it in that runtime (`apply_formats(..., runtime=...)`: int8 on a
 VNNI CPU is torchao's config when compiled, torch's dynamic int8 when eager) and prepared as the
-Evaluator prepares it (`autoprec.runtime.prepare`: regional compilation of the repeated blocks on the
+Evaluator prepares it (`autoprec.measure.runtime.prepare`: regional compilation of the repeated blocks on the
 CPU, the whole model with CUDA graphs on CUDA). Every variant of a model is timed in one
 interleaved run against eager fp32 (AB/BA pairs, `_common.interleaved`); a variant's ratio to fp32
 of its own runtime is the quotient of the two medians. `compile s` is the first forward's time
@@ -46,12 +46,12 @@ C.quiet()
 
 import torch  # noqa: E402
 
-from autoprec import runtime as R  # noqa: E402
+from autoprec.measure import runtime as R
 from autoprec.errors import AutoprecError  # noqa: E402
 from autoprec.precision import HANDLERS, apply_formats, searchable_layers  # noqa: E402
 from autoprec.precision.int8 import kernel as int8_kernel  # noqa: E402
-from autoprec.spec_calibration import spec_calibration  # noqa: E402
-from autoprec.userspec import call_model, load_spec, move_inputs  # noqa: E402
+from autoprec.measure.calibration import spec_calibration  # noqa: E402
+from autoprec.model.model_file import call_model, load_spec, move_inputs  # noqa: E402
 
 STUDIES = {"minilm": C.REPO / "studies" / "minilm" / "model.py", "resnet": C.REPO / "studies" / "resnet" / "model.py",
            "gpt2": C.REPO / "benchmarks" / "models" / "gpt2_124m.py",

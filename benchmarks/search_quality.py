@@ -124,8 +124,8 @@ def hypervolume(points: list[Point], max_drop: float) -> float:
 # --------------------------------------------------------------------------------------------- methods
 
 def study_points(study: optuna.Study, max_drop: float) -> list[Point]:
-    from autoprec.results import trials_frame
-    from autoprec.record import policy_from_params
+    from autoprec.results.frames import trials_frame
+    from autoprec.store.schema import policy_from_params
 
     frame = trials_frame(study)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -144,7 +144,7 @@ def study_points(study: optuna.Study, max_drop: float) -> list[Point]:
 
 def guided_notes(study: optuna.Study, reference_score: float, max_drop: float) -> dict[str, Any]:
     """How the knapsack proposals fared: predicted vs measured drop and latency."""
-    from autoprec import record
+    from autoprec.store import schema
 
     ref = study.user_attrs["autoprec"]["reference"]
     rows = []
@@ -159,14 +159,14 @@ def guided_notes(study: optuna.Study, reference_score: float, max_drop: float) -
                      "predicted_ratio": (predicted.get("latency_ms") or math.nan) / ref["latency_ms"],
                      "ratio": (t.values[1] / ref["latency_ms"]) if t.values else None,
                      "feasible": measured_drop is not None and measured_drop <= max_drop})
-    profile = study.user_attrs.get(record.PROFILE_ATTR) or {}
-    return {"proposals_enqueued": len(study.user_attrs.get(record.PROPOSALS_ATTR) or []), "proposals": rows,
+    profile = study.user_attrs.get(schema.PROFILE_ATTR) or {}
+    return {"proposals_enqueued": len(study.user_attrs.get(schema.PROPOSALS_ATTR) or []), "proposals": rows,
             "profile_seconds": profile.get("seconds"),
-            "costmodel": study.user_attrs.get(record.COSTMODEL_ATTR)}
+            "costmodel": study.user_attrs.get(schema.COSTMODEL_ATTR)}
 
 
 def run_search(model: str, method: str, max_drop: float, budget: float, db: Path, seed: int) -> MethodRun:
-    from autoprec.search import Search, SearchConfig
+    from autoprec.search.loop import Search, SearchConfig
 
     if db.exists():
         db.unlink()
@@ -296,7 +296,7 @@ def uniform_run(guided: MethodRun) -> MethodRun:
 
 
 def choose_drops(evaluator, choices, space, override: str | None) -> tuple[dict[str, float], dict[str, float]]:
-    from autoprec.record import policy_from_params, uniform_params as uniform_policy_params
+    from autoprec.store.schema import policy_from_params, uniform_params as uniform_policy_params
 
     measured = {}
     for fmt in ("bf16", "int8"):
@@ -311,7 +311,7 @@ def choose_drops(evaluator, choices, space, override: str | None) -> tuple[dict[
 
 
 def _granularity_text(reference: float, uniform_drops: dict[str, float]) -> str:
-    from autoprec.dropmodel import score_granularity
+    from autoprec.guided.drop_model import score_granularity
 
     g = score_granularity(reference, [reference - d for d in uniform_drops.values() if math.isfinite(d)])
     return ("no step seen in the fp32, all-bf16 and all-int8 scores" if g.denominator is None
@@ -385,15 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    from autoprec.evaluate import Evaluator
-    from autoprec.space import load_space
-    from autoprec.userspec import load_spec
+    from autoprec.measure.evaluator import Evaluator
+    from autoprec.search.space import load_space
+    from autoprec.model.model_file import load_spec
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     kinds = [k for k in args.drops.split(",") if k]
-    from autoprec.machine import default_threads
+    from autoprec.measure.machine import default_threads
 
     torch.set_num_threads(default_threads())  # what every Evaluator here uses (AUTOPREC_THREADS, else all usable cores but one)
     print("# Search quality\n")

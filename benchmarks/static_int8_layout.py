@@ -31,7 +31,7 @@ from torch import nn
 import _common as C
 from autoprec.policy import Policy, apply_policy
 from autoprec.precision import static_int8
-from autoprec.userspec import load_spec
+from autoprec.model.model_file import load_spec
 
 MODELS = {"resnet": C.REPO / "studies" / "resnet" / "model.py",
           "digits_deep": C.REPO / "benchmarks" / "models" / "digits_deep.py"}

@@ -28,7 +28,7 @@ from torch import nn
 import _common as C
 from autoprec.precision import apply_formats, calibrate
 from autoprec.precision.int8 import _cpu_dynamic_int8
-from autoprec.userspec import load_spec
+from autoprec.model.model_file import load_spec
 
 RESNET = C.REPO / "studies" / "resnet" / "model.py"
 

@@ -3,7 +3,7 @@
 Each worker runs autoprec's own worker loop, `Search.run(None, run_id=RUN)` (reserve a trial in
 the ledger -> `study.optimize(objective, n_trials=1)` -> repeat; when the run is used up but a
 sibling's trial of the run is still RUNNING, wait 1 s and `fail_stale_trials`), over the store
-opened by `autoprec.store.open_storage(url)` (heartbeat on, the RetryAndRelease stale callback,
+opened by `autoprec.store.storage.open_storage(url)` (heartbeat on, the RetryAndRelease stale callback,
 SQLite in WAL mode with a 60 s busy timeout), with the same sampler as `--strategy tpe` (multivariate
 TPE, constant liar). Only the model work is replaced: the stand-in objective suggests a policy-sized
 set of per-layer formats (as `Search.objective` does), writes the same user attrs (run_id, worker,
@@ -68,14 +68,14 @@ if str(REPO) not in sys.path:
 import optuna  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from autoprec import ledger as ledger_module  # noqa: E402
-from autoprec.ledger import worker_name  # noqa: E402
-from autoprec.opening import DIRECTIONS, OBJECTIVES  # noqa: E402
-from autoprec.record import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params  # noqa: E402
-from autoprec.search import CandidateFailed, Search, SearchConfig  # noqa: E402
-from autoprec import store as store_module  # noqa: E402
-from autoprec.recovery import GRACE_S, HEARTBEAT_S  # noqa: E402
-from autoprec.store import open_storage  # noqa: E402
+from autoprec.store import worker_tables as ledger_module
+from autoprec.store.worker_tables import worker_name  # noqa: E402
+from autoprec.search.study_setup import DIRECTIONS, OBJECTIVES  # noqa: E402
+from autoprec.store.schema import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params  # noqa: E402
+from autoprec.search.loop import CandidateFailed, Search, SearchConfig  # noqa: E402
+from autoprec.store import storage as store_module
+from autoprec.store.recovery import GRACE_S, HEARTBEAT_S  # noqa: E402
+from autoprec.store.storage import open_storage  # noqa: E402
 
 DEFAULT_PG = os.environ.get("AUTOPREC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 FORMATS = ["fp32", "fp16", "bf16", "int8"]
@@ -138,7 +138,7 @@ def _standin_objective(self: Search, trial: optuna.Trial) -> tuple[float, float,
     latency = 10.0 * (1 - 0.5 * counts["int8"] / n - 0.3 * (counts["fp16"] + counts["bf16"]) / n)
     memory = int(4e6 * (1 - 0.75 * counts["int8"] / n - 0.5 * (counts["fp16"] + counts["bf16"]) / n))
     failed = rng.random() < self._standin_fail_rate
-    measurement = {  # the keys of autoprec.evaluate.Measurement.to_json()
+    measurement = {  # the keys of autoprec.measure.evaluator.Measurement.to_json()
         "feasible": not failed, "reason": "stand-in: candidate could not run" if failed else None,
         "score": None if failed else score, "latency_ms": None if failed else latency,
         "latency_ratio": None if failed else latency / 10.0, "latency_spread": None if failed else 1.02,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import platform
 
-from autoprec.machine import KEPT
-from autoprec.compare import stored_latency
+from autoprec.measure.machine import KEPT
+from autoprec.measure.remeasure import stored_latency
 
 HERE = {"device": "cpu", "device_name": "AMD EPYC 7B13", "threads": "2", "cpu_allocator": KEPT}
 STORED = {"latency_ratio": 0.93, "retimed_ratio": 0.925, "device": "cpu", "device_name": "AMD EPYC 7B13",
@@ -40,10 +41,11 @@ def test_old_policies_without_ratio_or_cpu_name_are_handled():
     assert "0.900x fp32 (in the search" in out and "not like with like" not in out
 
 
+@pytest.mark.slow
 def test_apply_with_a_policy_of_another_model_is_one_line_naming_the_file_and_both_models(tmp_path):
     import json
 
-    from test_search_cli import TINY, autoprec_cli
+    from helpers import TINY, autoprec_cli
 
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"format": "autoprec.policy", "version": 1, "default": "fp32",

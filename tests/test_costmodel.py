@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from autoprec.costmodel import CostModel
-from autoprec.profile import Profile
+from autoprec.guided.cost_model import CostModel, knapsack_proposals
+from autoprec.guided.sensitivity import Profile
 
 
 def _random_model(seed: int, layers: int = 6) -> CostModel:
@@ -71,7 +71,7 @@ def test_calibration_reproduces_uniform_measurements():
 
 def test_proposals_respect_budgets_and_are_distinct():
     model = _random_model(3)
-    proposals = model.proposals(max_drop=1e-3, defaults=("fp32",))
+    proposals = knapsack_proposals(model, max_drop=1e-3, defaults=("fp32",))
     assert proposals
     keys = [tuple(sorted(layers.items())) for _, layers, _ in proposals]
     assert len(keys) == len(set(keys))

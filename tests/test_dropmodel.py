@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoprec.dropmodel import DropModel, Granularity, isotonic, loo_error, score_granularity
+from autoprec.guided.drop_model import DropModel, Granularity, isotonic, loo_error, score_granularity
 
 
 def test_isotonic_is_monotone_and_pools_violators():
@@ -95,7 +95,7 @@ def test_a_default_known_only_at_zero_fidelity_still_predicts():
 
 
 def test_the_prior_below_the_only_point_follows_the_score_kind():
-    from autoprec.dropmodel import CONTINUOUS_PRIOR_POWER, PRIOR_POWER, prior_power
+    from autoprec.guided.drop_model import CONTINUOUS_PRIOR_POWER, PRIOR_POWER, prior_power
 
     assert prior_power(Granularity(step=1 / 450, denominator=450)) == PRIOR_POWER == 0.5
     assert prior_power(Granularity()) == CONTINUOUS_PRIOR_POWER == 1.0

@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from autoprec.evaluate import Evaluator, Measurement
+from autoprec.measure.machine import configure_cpu
+from autoprec.measure.evaluator import Evaluator, Measurement
 from autoprec.policy import Policy
-from autoprec.timing import TimingSettings
-from autoprec.userspec import ModelSpec, load_spec
+from autoprec.measure.timing import TimingSettings
+from autoprec.model.model_file import ModelSpec, load_spec
+from helpers import FAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPECS = Path(__file__).parent / "specs"
-FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
 
 
 def make_spec(build, example, **optional) -> ModelSpec:
@@ -27,7 +28,7 @@ def make_spec(build, example, **optional) -> ModelSpec:
 def evaluator(spec: ModelSpec, **kwargs) -> Evaluator:
     kwargs.setdefault("timing", FAST)
     kwargs.setdefault("measure_peak", False)
-    kwargs.setdefault("threads", 1)
+    configure_cpu(1, kwargs["timing"].keep_freed_memory)
     return Evaluator(spec, "cpu", **kwargs)
 
 
@@ -259,6 +260,7 @@ def test_memory_bytes_follow_the_formats():
     assert fp32.methods["memory_bytes"].startswith("bytes of all parameters and buffers")
 
 
+@pytest.mark.slow
 def test_latency_and_peak_fields():
     timing = TimingSettings(rounds=5, min_round_s=0.01, warmup_calls=2)
     ev = evaluator(load_spec(SPECS / "mlp.py"), timing=timing, measure_peak=True)
@@ -295,12 +297,14 @@ def test_given_reference_latency_is_used():
 def test_cuda_measurements():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    ev = Evaluator(load_spec(SPECS / "mlp.py"), "cuda", timing=FAST, measure_peak=True, threads=1)
+    configure_cpu(1, False)
+    ev = Evaluator(load_spec(SPECS / "mlp.py"), "cuda", timing=FAST, measure_peak=True)
     for policy in (Policy(), Policy(default="bf16"), Policy(layers={"0": "int8", "2": "int8", "4": "int8"})):
         m = ev.measure(policy)
         assert m.feasible, m.reason
         assert m.score > 0.98 and m.peak_bytes >= m.memory_bytes
-    conv = Evaluator(cnn_spec(), "cuda", timing=FAST, measure_peak=False, threads=1)
+    configure_cpu(1, False)
+    conv = Evaluator(cnn_spec(), "cuda", timing=FAST, measure_peak=False)
     m = conv.measure(Policy(layers={"conv1": "int8"}))
     assert not m.feasible and "layer 'conv1'" in m.reason
 
@@ -320,7 +324,7 @@ class _Costly(nn.Module):
 
 
 def _fake_clock(monkeypatch) -> None:
-    import autoprec.timing as T
+    import autoprec.measure.timing as T
 
     def fake_time_calls(forward, calls, device):
         before = _Costly.spent[0]
@@ -364,7 +368,7 @@ class OneNumberPerSample(nn.Module):
 def test_one_number_per_sample_is_compared_as_one_vector_and_int8_shows_a_drop():
     """A per-sample cosine of a single number is its sign's agreement (1 for any rounding): all-int8
     scored 1.0 and every profile drop was 0. The batch's outputs are compared as one vector instead."""
-    from autoprec.profile import exact_drops, linearized_drops
+    from autoprec.guided.sensitivity import exact_drops, linearized_drops
 
     spec = make_spec(OneNumberPerSample, lambda: _x(64, 16))
     ev = evaluator(spec)

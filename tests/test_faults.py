@@ -1,4 +1,5 @@
-"""Faults from the 2026-11-30 fault tour (issue 21): each numbered item has its regression test here."""
+"""Faults a user can cause or meet (concurrent starts, Ctrl-C, bad input, changed measurements,
+read-only and silent stores): each has its regression test here."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import optuna
 import pytest
 import torch
 
-from autoprec import record
+from autoprec.store import schema
 from autoprec.cli import main
+
+pytestmark = pytest.mark.slow  # searches in subprocesses
 
 SPECS = Path(__file__).parent / "specs"
 TINY = SPECS / "tiny_mlp.py"
@@ -56,7 +59,7 @@ def _one_line_error(capsys_or_err) -> str:
     return lines[0]
 
 
-# 1. concurrent first use of a new SQLite store -------------------------------------------------
+# concurrent first use of a new SQLite store -------------------------------------------------
 
 
 def test_three_searches_start_together_on_a_new_sqlite_file(tmp_path):
@@ -71,7 +74,7 @@ def test_three_searches_start_together_on_a_new_sqlite_file(tmp_path):
     assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 6
 
 
-# 2. Ctrl-C: the trial is recorded as interrupted and retried; no tracebacks --------------------
+# Ctrl-C: the trial is recorded as interrupted and retried; no tracebacks --------------------
 
 
 def _wait_for_calls(log: Path, calls: int, timeout: float = 120) -> None:
@@ -95,9 +98,9 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_the_next_run_retries_it(tmp
     assert "\n1 trials run, " in out and "(re-timed" not in out
     study = optuna.load_study(study_name="slow_mlp", storage=url)
     failed = [t for t in study.trials if t.state.name == "FAIL"]
-    assert len(failed) == 1 and failed[0].user_attrs["failure_reason"] == record.INTERRUPTED
-    origin = record.TrialRecord.of(failed[0]).origin
-    assert origin.kind == record.UNIFORM and origin.format != "fp32"
+    assert len(failed) == 1 and failed[0].user_attrs["failure_reason"] == schema.INTERRUPTED
+    origin = schema.TrialRecord.of(failed[0]).origin
+    assert origin.kind == schema.UNIFORM and origin.format != "fp32"
     resumed = _cli(*args, "--trials", "3", env={"SLOW_MLP_LOG": str(log), "SLOW_MLP_SLEEP": "0"})
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
@@ -105,8 +108,8 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_the_next_run_retries_it(tmp
     study = optuna.load_study(study_name="slow_mlp", storage=url)
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
-    assert record.TrialRecord.of(retry[0]).origin == origin
-    uniform = {record.TrialRecord.of(t).origin.format for t in study.trials if t.state.name == "COMPLETE"}
+    assert schema.TrialRecord.of(retry[0]).origin == origin
+    uniform = {schema.TrialRecord.of(t).origin.format for t in study.trials if t.state.name == "COMPLETE"}
     assert uniform >= {"fp32", "bf16", "int8"}
 
 
@@ -126,7 +129,7 @@ def test_ctrl_c_to_a_search_with_workers_ends_cleanly(tmp_path):
     trials = optuna.load_study(study_name=study_name, storage=PG_URL).trials
     assert not [t for t in trials if t.state.name == "RUNNING"]
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert failed and all(t.user_attrs.get("failure_reason") == record.INTERRUPTED for t in failed)
+    assert failed and all(t.user_attrs.get("failure_reason") == schema.INTERRUPTED for t in failed)
     queued = len(failed) + len([t for t in trials if t.state.name == "WAITING"])  # retries join the queue's end
     resumed = _cli(*args, "--trials", str(queued), env={"SLOW_MLP_LOG": str(log), "SLOW_MLP_SLEEP": "0"})
     out, err = resumed.communicate(timeout=300)
@@ -137,7 +140,7 @@ def test_ctrl_c_to_a_search_with_workers_ends_cleanly(tmp_path):
     assert {t.number for t in failed} <= retried, "every interrupted trial was measured on resume"
 
 
-# 3. one line and exit 2 for each user mistake; failed candidates one line each ---------------
+# one line and exit 2 for each user mistake; failed candidates one line each ---------------
 
 
 @pytest.mark.parametrize("args", [
@@ -239,7 +242,7 @@ def test_a_failed_candidate_is_one_line_and_its_traceback_goes_to_the_store(tmp_
     assert all(t.state.name == "COMPLETE" for t in trials if t.number not in numbers)
 
 
-# 4. changes the measurements depend on are refused ------------------------------------------
+# changes the measurements depend on are refused ------------------------------------------
 
 
 BATCHED = '''
@@ -280,7 +283,7 @@ def test_apply_refuses_a_policy_of_another_model_unless_forced(tmp_path, capsys,
     assert "warning: " in capsys.readouterr().out
 
 
-# 6. read-only stores -------------------------------------------------------------------------
+# read-only stores -------------------------------------------------------------------------
 
 
 def test_read_only_commands_work_on_a_read_only_store(tmp_path, capsys, monkeypatch):
@@ -293,7 +296,7 @@ def test_read_only_commands_work_on_a_read_only_store(tmp_path, capsys, monkeypa
     folder.chmod(0o555)
     if os.geteuid() == 0:  # root writes anyway: make autoprec see what any other user sees
         real = os.access
-        monkeypatch.setattr("autoprec.store.os.access", lambda p, mode: False if mode & os.W_OK else real(p, mode))
+        monkeypatch.setattr("autoprec.store.storage.os.access", lambda p, mode: False if mode & os.W_OK else real(p, mode))
     url = f"sqlite:///{db}"
     try:
         assert main(["studies", "--storage", url]) == 0
@@ -309,7 +312,7 @@ def test_read_only_commands_work_on_a_read_only_store(tmp_path, capsys, monkeypa
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
 
 
-# 7. a store that never answers -----------------------------------------------------------------
+# a store that never answers -----------------------------------------------------------------
 
 
 def test_a_server_that_never_answers_fails_within_the_connect_timeout(capsys, monkeypatch):
@@ -330,7 +333,7 @@ def test_a_server_that_never_answers_fails_within_the_connect_timeout(capsys, mo
 
     thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
     thread.start()
-    monkeypatch.setattr("autoprec.store.CONNECT_TIMEOUT_S", 2)
+    monkeypatch.setattr("autoprec.store.storage.CONNECT_TIMEOUT_S", 2)
     try:
         started = time.monotonic()
         code = main(["studies", "--storage", f"postgresql+psycopg://u@127.0.0.1:{server.getsockname()[1]}/x"])

@@ -35,7 +35,7 @@ def test_fp8_column_appears_only_where_a_member_uses_fp8():
 def test_a_policy_measured_twice_is_one_point_on_the_front():
     """A sampler's repeat of a measured policy gets its twin's values (not measured again): the front lists
     it once, under the first trial's number; a different point stays."""
-    from autoprec.results import pareto_front
+    from autoprec.results.frames import pareto_front
 
     rows = [dict(trial=3, feasible=True, score=0.99, score_drop=0.01, latency_ms=5.0, memory_bytes=100),
             dict(trial=8, feasible=True, score=0.99, score_drop=0.01, latency_ms=5.0, memory_bytes=100),

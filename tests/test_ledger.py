@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
-from autoprec import ledger as ledger_module
-from autoprec.ledger import Ledger
+from autoprec.store import worker_tables as ledger_module
+from autoprec.store.worker_tables import Ledger
 
 
 class DropsAfterCommit:

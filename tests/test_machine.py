@@ -10,14 +10,14 @@ import textwrap
 
 import pytest
 
-from autoprec import machine as T
+from autoprec.measure import machine as T
 
 needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
 
 # Run in a fresh interpreter: mallopt is process-wide and cannot be undone.
 FAULTS = textwrap.dedent("""
     import resource, sys, torch
-    from autoprec.machine import allocator_state, keep_freed_memory
+    from autoprec.measure.machine import allocator_state, keep_freed_memory
 
     def faults():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -29,11 +29,13 @@ FAULTS = textwrap.dedent("""
     default = faults()
     state_before = allocator_state()
     if sys.argv[1] == "evaluator":
-        from autoprec.evaluate import Evaluator
-        from autoprec.machine import environment
-        from autoprec.timing import TimingSettings
-        from autoprec.userspec import load_spec
-        ev = Evaluator(load_spec(sys.argv[2]), "cpu", threads=1, measure_peak=False,
+        from autoprec.measure.evaluator import Evaluator
+        from autoprec.measure.machine import environment
+        from autoprec.measure.timing import TimingSettings
+        from autoprec.model.model_file import load_spec
+        from autoprec.measure.machine import configure_cpu
+        configure_cpu(1, sys.argv[3] == "keep")
+        ev = Evaluator(load_spec(sys.argv[2]), "cpu", measure_peak=False,
                        timing=TimingSettings(rounds=3, max_rounds=3, keep_freed_memory=sys.argv[3] == "keep"))
         state = environment(ev.device)["cpu_allocator"]
     else:
@@ -53,6 +55,7 @@ def _run(*args: str) -> tuple[int, int, str, str]:
     return int(default), int(after), before, state
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_keeping_freed_memory_removes_the_page_faults_of_big_tensors():
     default, after, before, state = _run("direct")
@@ -61,9 +64,10 @@ def test_keeping_freed_memory_removes_the_page_faults_of_big_tensors():
     assert "default malloc settings" in before and state.startswith("glibc, freed memory kept")
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_a_cpu_evaluator_keeps_freed_memory_unless_told_not_to():
-    from test_search_cli import TINY
+    from helpers import TINY
 
     _, after, _, state = _run("evaluator", str(TINY), "keep")
     assert after < 100 and "freed memory kept" in state

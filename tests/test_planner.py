@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from autoprec.costmodel import CostModel
-from autoprec.planner import Measured, drop_model_report, fidelity, next_proposal
-from autoprec.profile import Profile
+from autoprec.guided.cost_model import CostModel, knapsack_proposals
+from autoprec.guided.planner import Measured, drop_model_report, fidelity, next_proposal
+from autoprec.guided.sensitivity import Profile
 
 STEP = 1 / 2000  # the score is a count over 2000 samples
 REFERENCE = 0.9
@@ -71,7 +71,7 @@ def test_sequential_proposals_converge_where_a_linear_calibration_overshoots(see
                                                        "memory_bytes": t.memory_bytes}) for t in study.trials}
     linear = CostModel(study.profile, study.choices)
     linear.calibrate(uniform)
-    default, layers, _ = linear.proposals(max_drop, ("fp32",))[0]  # its fastest, planned at 0.8 x max_drop
+    default, layers, _ = knapsack_proposals(linear, max_drop, ("fp32",))[0]  # its fastest, planned at 0.8 x max_drop
     assert REFERENCE - study.measure(default, layers).score > 1.5 * max_drop
 
     proposed = []
@@ -116,12 +116,12 @@ def test_nothing_as_damaging_as_a_miss_or_a_superset_of_a_failure_is_proposed():
 
 
 def test_no_plan_for_speed_is_predicted_slower_than_the_measured_fp32():
-    """A MobileNetV3-small study from a new-user tour (tests/fixtures/planner_mobilenet_tour.json: its
+    """A MobileNetV3-small study (tests/fixtures/planner_mobilenet_int8_slower.json: its
     profile and first six trials): every int8 mix measured slower than fp32 (6.13 ms), and the next two
     plans, "fastest at 0.5 / 0.2 x the largest feasible fidelity", were predicted at 6.27 and 6.46 ms and
     measured 6.49 and 6.43. A plan for speed the cost model predicts no faster than the measured fp32 is
     not worth a trial."""
-    data = json.loads((Path(__file__).parent / "fixtures" / "planner_mobilenet_tour.json").read_text())
+    data = json.loads((Path(__file__).parent / "fixtures" / "planner_mobilenet_int8_slower.json").read_text())
     profile = Profile.from_json(data["profile"])
     choices = {n: tuple(f) for n, f in data["choices"].items()}
     trials = [Measured(**t) for t in data["trials"]]
@@ -158,6 +158,7 @@ def test_a_default_with_a_negative_rest_of_model_is_not_planned_on():
         trials.append(study.measure(p.default, p.layers, proposed=True))
 
 
+@pytest.mark.slow
 def test_planner_on_a_real_model_whose_score_steps_with_fidelity(one_thread):
     """tests/specs/step_score.py: real profile, real measurements; the score is 1 - 0.5 sqrt(fidelity drop),
     floored to steps of 1/1000."""
@@ -165,16 +166,17 @@ def test_planner_on_a_real_model_whose_score_steps_with_fidelity(one_thread):
 
     import torch
 
-    from autoprec.evaluate import Evaluator
+    from autoprec.measure.evaluator import Evaluator
     from autoprec.policy import Policy
-    from autoprec.profile import build_profile
-    from autoprec.space import load_space
-    from autoprec.timing import TimingSettings
-    from autoprec.userspec import load_spec
+    from autoprec.guided.sensitivity import build_profile
+    from autoprec.search.space import load_space
+    from autoprec.measure.machine import configure_cpu
+    from autoprec.model.model_file import load_spec
+    from helpers import FAST
 
     spec = load_spec(Path(__file__).parent / "specs" / "step_score.py")
-    evaluator = Evaluator(spec, "cpu", threads=1, measure_peak=False,
-                          timing=TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3))
+    configure_cpu(1, False)
+    evaluator = Evaluator(spec, "cpu", measure_peak=False, timing=FAST)
     space = load_space("cpu")
     cpu = torch.device("cpu")
     choices = space.choices(evaluator.model, cpu)
@@ -218,24 +220,26 @@ def test_the_study_adapter_plans_one_at_a_time_and_never_twice(tmp_path):
     """guide.next_sequential over a real Optuna study: enqueued proposals are pending, not re-proposed."""
     import optuna
 
-    from autoprec import guide, record
-    from autoprec.planner import describe_drop_model
+    from autoprec.guided import study_state
+
+    from autoprec.store import schema
+    from autoprec.guided.planner import describe_drop_model
 
     study = _Study(0)
     store = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     for t in study.trials:
-        params = record.params_of(t.default, dict(t.layers))
+        params = schema.params_of(t.default, dict(t.layers))
         store.add_trial(optuna.trial.create_trial(
             params=params, distributions={k: optuna.distributions.CategoricalDistribution(FMTS) for k in params},
             values=[t.score, t.latency_ms, t.memory_bytes],
             user_attrs={"origin": f"uniform {t.uniform}", "policy": {"default": t.default, "layers": dict(t.layers)}}))
-    first = guide.next_sequential(store, study.profile, study.choices, REFERENCE, 0.02, ("fp32",))
-    second = guide.next_sequential(store, study.profile, study.choices, REFERENCE, 0.02, ("fp32",))
+    first = study_state.next_sequential(store, study.profile, study.choices, REFERENCE, 0.02, ("fp32",))
+    second = study_state.next_sequential(store, study.profile, study.choices, REFERENCE, 0.02, ("fp32",))
     assert first is not None and second is not None and first.layers != second.layers  # the first is pending
     waiting = store.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert len(waiting) == 2 and waiting[0].user_attrs["origin"].startswith(guide.SEQUENTIAL_ORIGIN)
-    report = guide.record_drop_model(store, study.profile, REFERENCE, 0.02, ("fp32",))
-    assert report["denominator"] == 2000 and store.user_attrs[guide.COSTMODEL_ATTR]["drop_model"] == report
+    assert len(waiting) == 2 and waiting[0].user_attrs["origin"].startswith(study_state.SEQUENTIAL_ORIGIN)
+    report = study_state.record_drop_model(store, study.profile, REFERENCE, 0.02, ("fp32",))
+    assert report["denominator"] == 2000 and store.user_attrs[study_state.COSTMODEL_ATTR]["drop_model"] == report
     lines = describe_drop_model(report)
     assert any("1/2000" in line for line in lines)
     assert any("to the power 0.5" in line for line in lines)  # a stepped score: a count of flipped decisions
@@ -266,7 +270,7 @@ def _proposals(study: _Study, max_drop: float, count: int = 8) -> None:
 
 
 def test_the_profile_says_when_the_score_is_not_predictable_from_fidelity():
-    from autoprec.planner import describe_drop_model
+    from autoprec.guided.planner import describe_drop_model
 
     max_drop = 0.01
     verdicts = {}

@@ -239,12 +239,14 @@ def _only_autoprec_errors(data) -> None:
     assert policy_from_json(json.loads(json.dumps(policy.to_json()))) == policy
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(json_values)
 def test_arbitrary_json_raises_only_autoprec_errors(data):
     _only_autoprec_errors(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(mutated_documents())
 def test_mutated_skeleton_raises_only_autoprec_errors(data):
@@ -333,6 +335,7 @@ def test_fingerprint_ignores_values_but_not_shapes():
     assert model_fingerprint(a.to(torch.bfloat16)) != model_fingerprint(b)
 
 
+@pytest.mark.slow
 def test_import_and_apply_policy_load_no_search_stack(tmp_path):
     path = Policy(layers={"0": "int8", "3": "bf16"}).save(tmp_path / "p.json")
     code = f"""

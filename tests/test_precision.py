@@ -12,8 +12,8 @@ from torch import nn
 from autoprec.errors import PolicyError, UnsupportedFormat
 from autoprec.precision import apply_formats, module_storage_bytes, searchable_layers
 from autoprec.precision.apply import layer_format_reason
-from autoprec.space import load_space
-from autoprec.userspec import call_model, first_float_tensor
+from autoprec.search.space import load_space
+from autoprec.model.model_file import call_model, first_float_tensor
 
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
@@ -161,6 +161,7 @@ def supports(model: nn.Module, name: str, fmt: str) -> bool:
 # --------------------------------------------------------------------------- closeness to fp32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,default", CASES, ids=[f"{f}-default-{d}" for f, d in CASES])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_output_close_to_fp32(name, fmt, default):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from autoprec import probe as P
+from autoprec.measure import format_probe as P
 
 CPU = torch.device("cpu")
 CHOICES = {"fc1": ("fp32", "bf16", "int8"), "conv": ("fp32", "bf16"), "fc2": ("bf16",)}

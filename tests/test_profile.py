@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from autoprec.precision.layers import searchable_layers
-from autoprec.profile import build_profile, exact_drops, linearized_drops
-from autoprec.userspec import load_spec
+from autoprec.guided.sensitivity import build_profile, exact_drops, linearized_drops
+from autoprec.model.model_file import load_spec
 
 SPECS = Path(__file__).parent / "specs"
 CPU = torch.device("cpu")
@@ -24,6 +24,7 @@ def _setup(name: str):
     return spec, model, spec.example(), names, {n: ("fp32", "bf16", "int8") for n in names}
 
 
+@pytest.mark.slow
 def test_linearized_drops_agree_with_whole_model_forwards():
     torch.manual_seed(0)
     spec, model, example, names, choices = _setup("residual_block.py")
@@ -41,6 +42,7 @@ def test_linearized_drops_agree_with_whole_model_forwards():
     assert all(linear[n]["fp32"] == 0.0 for n in names)
 
 
+@pytest.mark.slow
 def test_linearized_profile_is_seeded_and_leaves_the_model_unchanged():
     spec, model, example, names, choices = _setup("residual_block.py")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -122,7 +124,7 @@ def test_profile_falls_back_to_exact_drops_where_no_gradient_reaches():
 def test_linearized_profile_runs_on_cuda_and_agrees_with_the_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
-    from autoprec.userspec import move_inputs
+    from autoprec.model.model_file import move_inputs
 
     cuda = torch.device("cuda")
     spec, model, example, names, choices = _setup("residual_block.py")
@@ -154,9 +156,9 @@ def test_the_memory_of_a_tied_layer_in_another_format_keeps_its_partners_weight(
     grows. Predicted from the profile and the fp32 trial, every policy's memory is exact."""
     import copy
 
-    from autoprec.costmodel import CostModel
+    from autoprec.guided.cost_model import CostModel
     from autoprec.precision import apply_formats, module_storage_bytes
-    from autoprec.userspec import ModelSpec
+    from autoprec.model.model_file import ModelSpec
 
     def build():
         torch.manual_seed(0)

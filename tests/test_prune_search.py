@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import optuna
 
-from autoprec import probe as P
-from autoprec import record
-from autoprec.search import Search, SearchConfig
-from autoprec.timing import TimingSettings
+from autoprec.measure import format_probe as P
+from autoprec.store import schema
+from autoprec.search.loop import Search, SearchConfig
+from autoprec.measure.timing import TimingSettings
 
 TINY = Path(__file__).parent / "specs" / "tiny_mlp.py"
 FAST = TimingSettings(rounds=3, min_round_s=0.002, warmup_calls=1, max_rounds=3)
@@ -24,6 +25,7 @@ def _config(url: str, study: str, **kwargs) -> SearchConfig:
                         space="cpu", **kwargs)
 
 
+@pytest.mark.slow
 def test_probe_is_cached_in_the_store_and_pruning_is_announced_and_obeyed(tmp_path, monkeypatch, one_thread):
     runs = []
     monkeypatch.setattr(P, "run_probe", lambda formats, device: runs.append(list(formats)) or _slow_bf16(formats, device))
@@ -39,7 +41,7 @@ def test_probe_is_cached_in_the_store_and_pruning_is_announced_and_obeyed(tmp_pa
     assert len(trials) == 10
     bf16 = [t for t in trials if "bf16" in t.params.values()]
     assert [t.user_attrs["origin"] for t in bf16] == ["uniform bf16"]  # only its uniform policy, for memory
-    assert record.read_info(search.study).probe["ratios"]["bf16"]["linear"] == 9.0
+    assert schema.read_info(search.study).probe["ratios"]["bf16"]["linear"] == 9.0
     # another study on this machine, same store: the probe comes from the store
     second = Search.open(_config(url, "second"))
     assert len(runs) == 1 and second.pruning is not None
@@ -50,16 +52,16 @@ def test_probe_is_cached_in_the_store_and_pruning_is_announced_and_obeyed(tmp_pa
 
 
 def test_the_final_re_time_is_bounded_and_marks_the_rest(tmp_path, monkeypatch, one_thread):
-    import autoprec.search as S
+    import autoprec.search.retime as S
     from autoprec.cli import _front_table
-    from autoprec.results import pareto_front, trials_frame
+    from autoprec.results.frames import pareto_front, trials_frame
 
     monkeypatch.setattr(S, "retime_budget", lambda seconds: 0.0)  # no time: only the fastest is re-timed
     search = Search.open(_config(f"sqlite:///{tmp_path / 'study.db'}", "bounded", strategy="random", prune=False,
                                  max_drop=1.0))
     search.run(8)
     front = pareto_front(trials_frame(search.study))
-    retimed, left_out = record.retimed(search.study), record.not_retimed(search.study)
+    retimed, left_out = schema.retimed(search.study), schema.not_retimed(search.study)
     fastest = int(front.trial.iloc[0])
     assert list(retimed) == [str(fastest)] and "lo" in retimed[str(fastest)]
     assert left_out == set(front.trial.astype(int)) - {fastest}
@@ -74,18 +76,18 @@ def test_the_final_re_time_is_bounded_and_marks_the_rest(tmp_path, monkeypatch, 
 def test_a_resume_with_a_small_re_time_budget_keeps_the_earlier_re_timings(tmp_path, monkeypatch, one_thread):
     """A short resume re-times only the fastest member; the others keep the side-by-side ratio an
     earlier pass measured (marked as earlier), instead of turning into "not re-timed"."""
-    import autoprec.search as S
+    import autoprec.search.retime as S
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     monkeypatch.setattr(S, "retime_budget", lambda seconds: 1e9)  # first run: every member
     first = Search.open(_config(url, "resumed", strategy="random", prune=False, max_drop=1.0))
     first.run(6)
-    before = record.retimed(first.study)
-    assert len(before) >= 2 and not record.not_retimed(first.study)
+    before = schema.retimed(first.study)
+    assert len(before) >= 2 and not schema.not_retimed(first.study)
     monkeypatch.setattr(S, "retime_budget", lambda seconds: 0.0)  # the resume: only the fastest
     second = Search.open(_config(url, "resumed", strategy="random", prune=False, max_drop=1.0, seed=1))
     second.run(1)
-    after, left_out = record.retimed(second.study), record.not_retimed(second.study)
+    after, left_out = schema.retimed(second.study), schema.not_retimed(second.study)
     earlier = {n for n, r in after.items() if r.get("earlier")}
     assert earlier and all(after[n]["ratio"] == before[n]["ratio"] for n in earlier)
     assert not left_out & {int(n) for n in earlier}

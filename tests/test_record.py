@@ -10,14 +10,14 @@ import optuna
 import pytest
 import torch
 
-from autoprec import record
+from autoprec.store import schema
 from autoprec.cli import main
 from autoprec.errors import StoreError
-from autoprec.record import Origin, StudyInfo
+from autoprec.store.schema import Origin, StudyInfo
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = Path(__file__).parent / "specs" / "tiny_mlp.py"
-# Written by main at 9952712 (before autoprec.record): `autoprec search tests/specs/tiny_mlp.py
+# Written by main at 9952712 (before autoprec.store.schema): `autoprec search tests/specs/tiny_mlp.py
 # --trials 6 --space cpu --max-rounds 3`: 3 uniform trials, profile, proposals, cost model, re-timing.
 OLD_STORE = FIXTURES / "store_main_9952712.db"
 
@@ -70,4 +70,4 @@ def test_a_store_from_the_previous_main_opens_exports_and_resumes(tmp_path, caps
     study = optuna.load_study(study_name="tiny_mlp", storage=url)
     newest = max(study.trials, key=lambda t: t.number)
     assert newest.state == optuna.trial.TrialState.COMPLETE
-    assert record.TrialRecord.of(newest).run_id and record.read_info(study).reference.score == pytest.approx(1.0)
+    assert schema.TrialRecord.of(newest).run_id and schema.read_info(study).reference.score == pytest.approx(1.0)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from autoprec.cli import main
-from autoprec.report import PROFILE_ATTR, _profile_section, build_report
-from autoprec.results import pareto_front, trials_frame
+from autoprec.results.html_report import PROFILE_ATTR, _profile_section, build_report
+from autoprec.results.frames import pareto_front, trials_frame
 
 SPEC = Path(__file__).parent / "specs" / "report_mlp.py"
 STUDY = "report"
@@ -26,8 +26,8 @@ STUDY = "report"
 def study_url(tmp_path_factory):
     """A 7-trial study of report_mlp: fp16 refused (failed trials); max drop 5e-5 between bf16 (drop about
     1e-5) and int8 (about 2e-4), so all-int8 is infeasible."""
-    from autoprec.search import SearchConfig, Search
-    from autoprec.timing import TimingSettings
+    from autoprec.search.loop import SearchConfig, Search
+    from autoprec.measure.timing import TimingSettings
 
     threads = torch.get_num_threads()
     url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'study.db'}"
@@ -63,6 +63,7 @@ def _section(document: str, element_id: str) -> str:
     return document[start:end if end >= 0 else None]
 
 
+@pytest.mark.slow
 def test_report_holds_the_plots_the_front_and_the_failures(study_url, report_file):
     document = report_file.read_text(encoding="utf-8")
     study = _load(study_url)
@@ -105,6 +106,7 @@ def test_report_holds_the_plots_the_front_and_the_failures(study_url, report_fil
     assert not re.search(r"url\((?!#)", document)
 
 
+@pytest.mark.slow
 def test_report_renders_a_sensitivity_profile(study_url):
     storage = optuna.storages.InMemoryStorage()
     optuna.copy_study(from_study_name=STUDY, from_storage=study_url, to_storage=storage, to_study_name="profiled")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoprec.retime import FrontMember, plan_retime, priority, retime_budget
+from autoprec.search.retime import FrontMember, plan_retime, priority, retime_budget
 
 # a front: faster members lose more score and weigh more (int8 packed vs bf16 halves)
 FRONT = [

@@ -13,18 +13,19 @@ import pytest
 import torch
 from torch import nn
 
-from autoprec import runtime as R
-from autoprec.evaluate import Evaluator
+from autoprec.measure.machine import configure_cpu
+from autoprec.measure import runtime as R
+from autoprec.measure.evaluator import Evaluator
 from autoprec.policy import Policy
 from autoprec.precision import apply_formats
 from autoprec.precision import int8 as int8_module
-from autoprec.timing import TimingSettings
-from autoprec.userspec import load_spec
+from autoprec.measure.timing import TimingSettings
+from autoprec.model.model_file import load_spec
+from helpers import FAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPECS = Path(__file__).parent / "specs"
-FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
 
 
 class Block(nn.Module):
@@ -65,6 +66,7 @@ def test_unknown_runtime_is_refused_with_the_choices():
         R.check_runtime("jit")
 
 
+@pytest.mark.slow
 def test_regional_compilation_compiles_identical_blocks_once():
     from torch._dynamo.utils import counters
 
@@ -90,10 +92,12 @@ def test_eager_runtime_leaves_the_model_alone():
 
 @pytest.fixture(scope="module")
 def compiled_evaluator(one_thread):
-    return Evaluator(load_spec(SPECS / "mlp.py"), "cpu", threads=1, timing=FAST, measure_peak=False,
+    configure_cpu(1, False)
+    return Evaluator(load_spec(SPECS / "mlp.py"), "cpu", timing=FAST, measure_peak=False,
                      runtime="compiled")
 
 
+@pytest.mark.slow
 def test_compiled_evaluator_scores_and_times_compiled_candidates(compiled_evaluator):
     ev = compiled_evaluator
     assert ev.reference.regions == [""]  # no repeated blocks: the whole model
@@ -166,8 +170,9 @@ def test_policy_records_its_runtime_and_apply_policy_uses_its_kernels(monkeypatc
         load_policy(tmp_path / "bad.json")
 
 
+@pytest.mark.slow
 def test_compiled_profile_times_each_distinct_layer_once():
-    from autoprec.profile import build_profile
+    from autoprec.guided.sensitivity import build_profile
 
     class _Spec:  # the profile needs compared_tensor and output only
         output = None

@@ -14,7 +14,9 @@ import optuna
 import pytest
 import torch
 
-from test_search_cli import TINY, _study, autoprec_cli
+from helpers import TINY, load_study, autoprec_cli
+
+pytestmark = pytest.mark.slow  # searches in subprocesses
 
 CPU = ["--device", "cpu", "--max-rounds", "9", "--no-progress", "--no-retime", "--strategy", "random"]
 
@@ -30,7 +32,7 @@ def compiled_study(tmp_path_factory):
 def test_the_runtime_is_recorded_with_compile_times_and_the_cache_beside_the_store(compiled_study):
     folder, url, proc = compiled_study
     assert "compiled runtime" in proc.stdout and "compile s" in proc.stdout
-    study = _study(url, "tiny_mlp")
+    study = load_study(url, "tiny_mlp")
     assert study.user_attrs["autoprec"]["runtime"] == "compiled"
     # the format probe times eager kernels: it orders the uniform trials but prunes nothing here
     assert study.user_attrs["autoprec"]["prune"] is False and study.user_attrs["autoprec"]["probe"]
@@ -46,11 +48,11 @@ def test_the_runtime_is_recorded_with_compile_times_and_the_cache_beside_the_sto
 
 def test_a_resume_with_another_runtime_is_refused_and_writes_nothing(compiled_study):
     _, url, _ = compiled_study
-    before = len(_study(url, "tiny_mlp").trials)
+    before = len(load_study(url, "tiny_mlp").trials)
     other = autoprec_cli("search", str(TINY), "--trials", "1", "--runtime", "eager", "--storage", url, *CPU, check=False)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
     assert "in the compiled runtime" in other.stderr and "drop --runtime eager" in other.stderr
-    assert len(_study(url, "tiny_mlp").trials) == before
+    assert len(load_study(url, "tiny_mlp").trials) == before
 
 
 def test_the_exported_policy_records_the_runtime_and_apply_uses_it(compiled_study):
@@ -65,7 +67,7 @@ def test_the_exported_policy_records_the_runtime_and_apply_uses_it(compiled_stud
 def test_a_candidate_that_does_not_compile_is_a_failed_trial_with_the_reason(compiled_study, monkeypatch):
     import torch._inductor.compile_fx as compile_fx
 
-    from autoprec.search import Search, SearchConfig
+    from autoprec.search.loop import Search, SearchConfig
 
     _, url, _ = compiled_study
     threads = torch.get_num_threads()
@@ -81,13 +83,13 @@ def test_a_candidate_that_does_not_compile_is_a_failed_trial_with_the_reason(com
         search.run(1)
     finally:
         torch.set_num_threads(threads)
-    failed = [t for t in _study(url, "tiny_mlp").trials if t.state == optuna.trial.TrialState.FAIL]
+    failed = [t for t in load_study(url, "tiny_mlp").trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1
     assert failed[0].user_attrs["failure_reason"].startswith("torch.compile failed: RuntimeError: no kernel for this")
 
 
 def test_the_default_runtime_is_compiled_on_cuda_and_eager_on_the_cpu():
-    from autoprec.opening import inductor_cache_dir, study_runtime
+    from autoprec.search.study_setup import inductor_cache_dir, study_runtime
 
     assert study_runtime(torch.device("cuda"), None, None, "s") == "compiled"
     assert study_runtime(torch.device("cpu"), None, None, "s") == "eager"

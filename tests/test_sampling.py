@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from autoprec.sampling import KeepOut
+from autoprec.search.sampling import KeepOut
 
 CHOICES = ["fp32", "bf16", "int8"]
 

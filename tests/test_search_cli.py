@@ -15,26 +15,12 @@ import pytest
 import torch
 
 import autoprec
-from autoprec import record
-from autoprec.evaluate import Evaluator
-from autoprec.userspec import load_spec
+from autoprec.store import schema
+from autoprec.measure.evaluator import Evaluator
+from autoprec.model.model_file import load_spec
+from helpers import SPECS, TINY, autoprec_cli, load_study
 
-SPECS = Path(__file__).parent / "specs"
-TINY = SPECS / "tiny_mlp.py"
-
-
-def autoprec_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "autoprec", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"autoprec {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _study(url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url)
-
+pytestmark = pytest.mark.slow  # searches in subprocesses
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
@@ -51,7 +37,7 @@ def test_search_creates_study_with_eight_trials_and_prints_front(searched):
     _, url, proc = searched
     assert "study 'tiny_mlp'" in proc.stdout
     assert "Feasible Pareto front" in proc.stdout
-    study = _study(url, "tiny_mlp")
+    study = load_study(url, "tiny_mlp")
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 8
     origins = [t.user_attrs.get("origin") for t in study.trials[:4]]
@@ -71,7 +57,7 @@ def test_front_lists_only_feasible_non_dominated_trials(searched):
     out = autoprec_cli("front", "--storage", url, "--study", "tiny_mlp", "--format", "json").stdout
     front = json.loads(out)
     assert front, "the fp32 trial is always feasible, so the front is never empty"
-    study = _study(url, "tiny_mlp")
+    study = load_study(url, "tiny_mlp")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     feasible = [t for t in complete if all(c <= 0 for c in t.constraints.values())]
     front_numbers = {row["trial"] for row in front}
@@ -95,7 +81,7 @@ def test_export_writes_a_policy_that_reproduces_the_stored_score(searched):
     autoprec_cli("export", "--storage", url, "--study", "tiny_mlp", "--pick", "fastest", "-o", str(target))
     policy = autoprec.load_policy(target)
     assert policy.measured["study"] == "tiny_mlp"
-    study = _study(url, "tiny_mlp")
+    study = load_study(url, "tiny_mlp")
     stored = [t for t in study.trials if t.number == policy.measured["trial"]][0]
     assert policy.measured["score"] == stored.values[0]
     spec = load_spec(TINY)
@@ -114,8 +100,8 @@ def test_export_says_when_a_trial_is_over_the_max_drop_or_has_no_policy(searched
     folder, url, _ = searched
     autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "2", "--storage", url, "--study", "tiny_strict",
                  "--no-progress", "--max-drop", "1e-9", "--no-prune")
-    over = [t for t in _study(url, "tiny_strict").trials if t.state == optuna.trial.TrialState.COMPLETE
-            and t.user_attrs.get(record.TrialKey.SCORE_DROP, 0) > 1e-9]
+    over = [t for t in load_study(url, "tiny_strict").trials if t.state == optuna.trial.TrialState.COMPLETE
+            and t.user_attrs.get(schema.TrialKey.SCORE_DROP, 0) > 1e-9]
     assert over, "the tiny MLP's all-int8 trial loses more than 1e-9"
     proc = autoprec_cli("export", "--storage", url, "--study", "tiny_strict", "--trial", str(over[0].number),
                         "-o", str(folder / "over.json"))
@@ -131,7 +117,7 @@ def test_export_says_when_a_trial_is_over_the_max_drop_or_has_no_policy(searched
 
 def test_load_study_shows_metric_names_and_every_policy(searched):
     _, url, _ = searched
-    study = _study(url, "tiny_mlp")
+    study = load_study(url, "tiny_mlp")
     assert study.metric_names == ["score", "latency_ms", "memory_bytes"]
     for t in study.trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
@@ -150,7 +136,7 @@ def test_studies_and_profile_commands(searched):
     assert "profile drops: linearized" in out and "re-fitted on the trials as they come" in out
     assert "drop model (profile drop -> score drop" in out and "score granularity" in out
     assert "to the power 1 (a continuous score" in out  # the default fidelity score: no lattice
-    summary = _study(url, "tiny_mlp").user_attrs["autoprec_costmodel"]
+    summary = load_study(url, "tiny_mlp").user_attrs["autoprec_costmodel"]
     assert summary["error_refit"]["trials"] == summary["error"]["trials"] > 0
 
 
@@ -158,7 +144,7 @@ def test_a_second_study_of_the_same_model_reuses_the_profile(searched):
     _, url, _ = searched
     autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "5", "--storage", url, "--study", "tiny_loose",
                  "--max-drop", "0.05", "--no-progress", "--no-retime", "--no-prune")  # the same searched choices
-    first, second = _study(url, "tiny_mlp"), _study(url, "tiny_loose")
+    first, second = load_study(url, "tiny_mlp"), load_study(url, "tiny_loose")
     assert second.user_attrs["autoprec_profile_from"] == "tiny_mlp"
     reused, original = dict(second.user_attrs["autoprec_profile"]), dict(first.user_attrs["autoprec_profile"])
     # the same layers, drops and times; tied to the second study's own reference latency (Profile.time_scale)
@@ -186,13 +172,13 @@ def test_a_reader_that_closes_the_pipe_gets_no_traceback(searched):
 def test_resume_adds_trials_and_refuses_a_changed_space(searched):
     folder, url, _ = searched
     autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "4", "--storage", url, "--no-progress")
-    study = _study(url, "tiny_mlp")
+    study = load_study(url, "tiny_mlp")
     assert len([t for t in study.trials if t.state.is_finished()]) == 12
     refused = autoprec_cli("search", str(TINY), "--max-rounds", "9", "--trials", "1", "--storage", url, "--space", "cpu",
                            "--no-progress", check=False)
     assert refused.returncode == 2
     assert "space" in refused.stderr and "--study" in refused.stderr
-    assert len(_study(url, "tiny_mlp").trials) == 12
+    assert len(load_study(url, "tiny_mlp").trials) == 12
 
 
 def test_resume_on_the_cpu_refuses_the_other_malloc_setting(tmp_path):
@@ -200,13 +186,13 @@ def test_resume_on_the_cpu_refuses_the_other_malloc_setting(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     cpu = ["--device", "cpu", "--max-rounds", "9", "--storage", url, "--no-progress", "--no-retime"]
     autoprec_cli("search", str(TINY), "--trials", "1", *cpu)
-    study = _study(url, "tiny_mlp")
+    study = load_study(url, "tiny_mlp")
     assert study.user_attrs["autoprec"]["cpu_freed_memory_kept"] is True
     before = len(study.trials)
     other_malloc = autoprec_cli("search", str(TINY), "--trials", "1", "--malloc-defaults", *cpu, check=False)
     assert other_malloc.returncode == 2 and len(other_malloc.stderr.strip().splitlines()) == 1
     assert "freed memory kept" in other_malloc.stderr and "drop --malloc-defaults" in other_malloc.stderr
-    assert len(_study(url, "tiny_mlp").trials) == before
+    assert len(load_study(url, "tiny_mlp").trials) == before
 
 
 def test_broken_spec_leaves_no_study(tmp_path):
@@ -242,7 +228,7 @@ def test_sigkill_mid_trial_then_resume_fails_the_stale_trial(tmp_path):
     time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    study = _study(url, "slow")
+    study = load_study(url, "slow")
     running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert len(running) == 1, "the killed trial is left RUNNING until its heartbeat goes stale"
     killed = running[0].number
@@ -251,10 +237,10 @@ def test_sigkill_mid_trial_then_resume_fails_the_stale_trial(tmp_path):
     resumed = subprocess.run([*args, "--trials", "3"], env={**os.environ, **env}, check=True, capture_output=True,
                              text=True, timeout=300)
     assert "\n3 trials run, " in resumed.stdout, "the stale trial and its retry are not this run's extra trials"
-    study = _study(url, "slow")
+    study = load_study(url, "slow")
     states = {t.number: t.state for t in study.trials}
     assert states[killed] == optuna.trial.TrialState.FAIL
-    assert study.trials[killed].user_attrs["failure_reason"] == record.STALE
+    assert study.trials[killed].user_attrs["failure_reason"] == schema.STALE
     assert optuna.trial.TrialState.RUNNING not in states.values()
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == complete_before + 3
@@ -279,7 +265,7 @@ def test_torchao_deprecation_chatter_stays_out_of_the_output_and_other_warnings_
 
 def test_study_threads_are_set_at_creation_and_shared_among_workers(monkeypatch):
     from autoprec.errors import StoreError
-    from autoprec.opening import study_threads
+    from autoprec.search.study_setup import study_threads
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("AUTOPREC_THREADS", "6")
@@ -297,15 +283,15 @@ def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path, cap
     url = f"sqlite:///{tmp_path / 's.db'}"
     cpu = ["--device", "cpu", "--max-rounds", "9", "--storage", url, "--no-progress", "--no-retime"]
     autoprec_cli("search", str(TINY), "--trials", "1", "--threads", "1", *cpu)
-    assert _study(url, "tiny_mlp").user_attrs["autoprec"]["environment"]["threads"] == "1"
-    before = len(_study(url, "tiny_mlp").trials)
+    assert load_study(url, "tiny_mlp").user_attrs["autoprec"]["environment"]["threads"] == "1"
+    before = len(load_study(url, "tiny_mlp").trials)
     other = autoprec_cli("search", str(TINY), "--trials", "1", "--threads", "2", *cpu, check=False)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
     assert "timed with 1 thread on the CPU" in other.stderr and "drop --threads 2" in other.stderr
-    assert len(_study(url, "tiny_mlp").trials) == before
+    assert len(load_study(url, "tiny_mlp").trials) == before
     # without --threads the resume takes the study's count, whatever this machine's default is
-    from autoprec.search import Search, SearchConfig
-    from autoprec.machine import usable_cores
+    from autoprec.search.loop import Search, SearchConfig
+    from autoprec.measure.machine import usable_cores
 
     threads = torch.get_num_threads()
     try:
@@ -323,7 +309,7 @@ def test_a_resume_times_with_the_studys_threads_and_refuses_others(tmp_path, cap
 
 def test_a_bare_layer_as_the_model_is_told_to_wrap_it(tmp_path):
     from autoprec.errors import AutoprecError
-    from autoprec.search import SearchConfig, run_search
+    from autoprec.search.loop import SearchConfig, run_search
 
     bare = tmp_path / "model.py"
     bare.write_text("import torch\ndef build_model():\n    return torch.nn.Linear(4, 4)\n"
@@ -337,11 +323,11 @@ def test_a_resume_whose_layer_formats_changed_is_refused_in_one_line():
     """A study made when a layer could take int8 (before autoprec stopped offering it there) cannot be
     resumed over other values: Optuna raised 'CategoricalDistribution does not support dynamic value space'."""
     from autoprec.errors import StoreError
-    from autoprec.opening import check_choices
+    from autoprec.search.study_setup import check_choices
 
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     trial = study.ask()
-    trial.suggest_categorical(record.LAYER_PARAM + "fc", ["fp32", "bf16", "int8"])
+    trial.suggest_categorical(schema.LAYER_PARAM + "fc", ["fp32", "bf16", "int8"])
     study.tell(trial, (1.0, 1.0, 1.0))
     check_choices(study, {"fc": ("fp32", "bf16", "int8")}, "s")  # the same: resumes
     with pytest.raises(StoreError, match=r"layer 'fc' could take fp32, bf16, int8; this autoprec offers it fp32, bf16"):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import optuna
 
-from autoprec import record
-from autoprec.search import Search, SearchConfig
-from autoprec.timing import TimingSettings
+from autoprec.store import schema
+from autoprec.search.loop import Search, SearchConfig
+from autoprec.measure.timing import TimingSettings
 
 STEP_SCORE = Path(__file__).parent / "specs" / "step_score.py"
 
 
+@pytest.mark.slow
 def test_guided_search_plans_one_proposal_at_a_time_and_holds_the_drop(tmp_path):
     max_drop = 0.04  # tests/specs/step_score.py: all-int8 loses ~0.19, all-bf16 ~0.004
     config = SearchConfig(model=str(STEP_SCORE), trials=10, storage=f"sqlite:///{tmp_path / 's.db'}", space="cpu",
@@ -20,7 +22,7 @@ def test_guided_search_plans_one_proposal_at_a_time_and_holds_the_drop(tmp_path)
                           timing=TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3))
     search = Search.open(config)
     search.run(config.trials)
-    trials = [record.TrialRecord.of(t) for t in search.study.get_trials(deepcopy=False)]
+    trials = [schema.TrialRecord.of(t) for t in search.study.get_trials(deepcopy=False)]
     proposals = [t for t in trials if t.origin.phase == "sequential" and t.state == "COMPLETE"]
     assert proposals, [t.origin.text for t in trials]
     assert all(t.predicted and "fidelity" in t.predicted and "target_drop" in t.predicted for t in proposals)
@@ -35,9 +37,9 @@ def test_guided_search_plans_one_proposal_at_a_time_and_holds_the_drop(tmp_path)
     measured = [(t.default, tuple(sorted(t.layers.items()))) for t in trials if t.duplicate_of is None and t.layers]
     assert len(measured) == len(set(measured))  # the planner never proposes a policy twice
     assert not search.study.get_trials(states=(optuna.trial.TrialState.WAITING,))  # one at a time: none left over
-    drop_model = search.study.user_attrs[record.COSTMODEL_ATTR]["drop_model"]
+    drop_model = search.study.user_attrs[schema.COSTMODEL_ATTR]["drop_model"]
     assert drop_model["denominator"] == 1000 and drop_model["trials"] >= 2
     # the layers' times are tied to the reference: the fp32 model was timed beside them
-    profile = search.study.user_attrs[record.PROFILE_ATTR]
+    profile = search.study.user_attrs[schema.PROFILE_ATTR]
     assert profile["model_latency_ms"] > 0 and profile["reference_latency_ms"] > 0
     assert 0.1 < profile["reference_latency_ms"] / profile["model_latency_ms"] < 10

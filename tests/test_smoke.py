@@ -1,7 +1,9 @@
 import subprocess
+import pytest
 import sys
 
 
+@pytest.mark.slow
 def test_import_autoprec_loads_no_search_stack():
     code = ("import sys, autoprec; bad = [m for m in ('optuna', 'sqlalchemy', 'pandas') if m in sys.modules]; "
             "print(','.join(bad))")

@@ -11,17 +11,18 @@ import torch
 from torch import nn
 
 import autoprec
+from autoprec.measure.machine import configure_cpu
 from autoprec.errors import PolicyError, SpecError, UnsupportedFormat
-from autoprec.evaluate import Evaluator
+from autoprec.measure.evaluator import Evaluator
 from autoprec.policy import Policy, load_policy
 from autoprec.precision import apply_formats, calibrate, module_storage_bytes
 from autoprec.precision.static_int8 import StaticInt8Conv
-from autoprec.space import load_space
-from autoprec.timing import TimingSettings
-from autoprec.userspec import load_spec
+from autoprec.search.space import load_space
+from autoprec.measure.timing import TimingSettings
+from autoprec.model.model_file import load_spec
+from helpers import FAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
 
 
 class ConvNet(nn.Module):
@@ -135,6 +136,7 @@ def test_the_search_says_when_int8_convolutions_would_reorder():
     assert layout_hint(pointwise, {"1": ("fp32", "int8")}, torch.device("cpu")) is None  # nothing tells the layout
 
 
+@pytest.mark.slow
 def test_static_int8_convolutions_compile_into_one_graph_with_eager_numbers():
     """torch.compile traced neither the weight packing nor the quantized tensor type: a graph break at
     every int8 convolution (51 on ResNet-18). Packed eagerly, quantized with the decomposed op, the
@@ -263,7 +265,8 @@ def test_bad_calibration_inputs_is_a_one_line_error_naming_it(tmp_path, body, ex
     path = tmp_path / "model.py"
     path.write_text(textwrap.dedent(SPEC) + f"\ndef calibration_inputs():\n    {body}\n")
     with pytest.raises(SpecError) as info:
-        Evaluator(load_spec(path), "cpu", timing=FAST, measure_peak=False, threads=1)
+        configure_cpu(1, False)
+        Evaluator(load_spec(path), "cpu", timing=FAST, measure_peak=False)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"{path}: calibration_inputs: "), message
@@ -274,7 +277,8 @@ def test_evaluator_calibrates_once_and_measures_an_int8_conv_candidate(tmp_path)
     path = tmp_path / "model.py"
     path.write_text(textwrap.dedent(SPEC) + "\ndef calibration_inputs():\n"
                     "    return [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]\n")
-    evaluator = Evaluator(load_spec(path), "cpu", timing=FAST, measure_peak=False, threads=1)
+    configure_cpu(1, False)
+    evaluator = Evaluator(load_spec(path), "cpu", timing=FAST, measure_peak=False)
     assert evaluator.calibration is not None and set(evaluator.calibration.inputs) == {"0"}
     measured = evaluator.measure(Policy({"0": "int8", "3": "int8"}))
     assert measured.feasible, measured.reason
@@ -346,7 +350,7 @@ def test_activations_take_7_bits_where_onednn_has_no_vnni(monkeypatch):
 
 
 def test_a_training_space_offers_no_static_int8():
-    from autoprec.space import space_from_dict
+    from autoprec.search.space import space_from_dict
 
     model = conv_net()
     training = space_from_dict({"dtypes": ["fp32", "bf16", "int8"], "training": {"steps": 2}}, "t.yaml")

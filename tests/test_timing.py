@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from autoprec import timing as T
+from autoprec.measure import timing as T
 
 CPU = torch.device("cpu")
 
@@ -112,7 +112,7 @@ def test_settles_when_the_interval_holds_no_neighbour(lo, hi, neighbours, expect
 def test_the_cpu_peak_sees_the_buffers_inside_a_compiled_graph(one_thread):
     """A compiled graph is one profiler op whose intermediate buffers are allocated and freed inside it:
     its net usage is the output alone (64 KiB here). The peak counts the 256 KiB hidden activation too."""
-    from autoprec.timing import cpu_activation_peak_bytes
+    from autoprec.measure.timing import cpu_activation_peak_bytes
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256)).eval()
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import optuna
 import torch
 from torch import nn
 
 import autoprec
 from autoprec.training import fake_quant_int8, make_optimizer, make_scaler, prepare_training, training_context
-from test_search_cli import SPECS, autoprec_cli
+from helpers import SPECS, autoprec_cli
+
+pytestmark = pytest.mark.slow  # searches in subprocesses
 
 
 def _complete(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -54,7 +57,7 @@ def test_seeded_training_search_is_reproducible(tmp_path):
     autoprec_cli("export", "--storage", first, "--study", "tiny_train", "--pick", "best-score", "-o", str(target))
     policy = autoprec.load_policy(target)
     assert policy.training is not None and policy.training.steps == 12
-    spec = __import__("autoprec.userspec", fromlist=["load_spec"]).load_spec(SPECS / "tiny_train.py")
+    spec = __import__("autoprec.model.model_file", fromlist=["load_spec"]).load_spec(SPECS / "tiny_train.py")
     model = spec.build_model()
     optimizer, scaler = make_optimizer(model, policy), make_scaler(policy, "cpu")
     with training_context(model, policy):

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoprec.measure.machine import configure_cpu
 from autoprec.errors import SpecError
-from autoprec.evaluate import Evaluator
-from autoprec.timing import TimingSettings
-from autoprec.userspec import call_model, first_float_tensor, load_spec, move_inputs
+from autoprec.measure.evaluator import Evaluator
+from autoprec.measure.timing import TimingSettings
+from autoprec.model.model_file import call_model, first_float_tensor, load_spec, move_inputs
+from helpers import FAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPECS = Path(__file__).parent / "specs"
-FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
 
 GOOD_MODEL = """
 import torch
@@ -50,7 +51,8 @@ def run_stage(path: Path, stage: str):
     if stage == "batches":
         return spec.eval_batches()
     if stage == "evaluator":
-        return Evaluator(spec, "cpu", timing=FAST, measure_peak=False, threads=1)
+        configure_cpu(1, False)
+        return Evaluator(spec, "cpu", timing=FAST, measure_peak=False)
     assert stage == "load"
     return spec
 
@@ -206,6 +208,7 @@ def autoprec_layers(path: Path) -> subprocess.CompletedProcess:
 CLI_BROKEN = ["syntax_error", "build_model_raises", "build_model_returns_dict"]  # each run costs a torch import
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CLI_BROKEN)
 def test_cli_layers_on_a_broken_spec_exits_2_with_one_line(tmp_path, case):
     source, _, name, parts = BROKEN[case]
@@ -221,6 +224,7 @@ def test_cli_layers_on_a_broken_spec_exits_2_with_one_line(tmp_path, case):
     assert parts[0] in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_layers_on_a_missing_file(tmp_path):
     result = autoprec_layers(tmp_path / "BAD.py")
     assert result.returncode == 2
@@ -237,6 +241,7 @@ def test_cli_layers_on_a_missing_file(tmp_path):
     ("dict_inputs.py", {"proj": ("Linear", "16x16", "fp32,fp16,bf16,int8"),
                         "out": ("Linear", "4x16", "fp32,fp16,bf16,int8")}),
 ])
+@pytest.mark.slow
 def test_cli_layers_on_good_specs(spec_name, expected):
     result = autoprec_layers(SPECS / spec_name)
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,9 @@ import uuid
 import optuna
 import pytest
 
-from test_search_cli import SPECS, TINY, autoprec_cli
+from helpers import SPECS, TINY, autoprec_cli
+
+pytestmark = pytest.mark.slow  # searches in subprocesses
 
 PG_URL = os.environ.get("AUTOPREC_TEST_POSTGRES_URL")
 needs_postgres = pytest.mark.skipif(not PG_URL, reason="AUTOPREC_TEST_POSTGRES_URL is not set (.ci/run sets it)")
@@ -128,8 +130,8 @@ def test_workers_get_the_launchers_config_as_data(malloc_defaults):
     from types import SimpleNamespace
 
     from autoprec.cli import timing_settings
-    from autoprec.search import SearchConfig
-    from autoprec.workers import WorkerJob, worker_job
+    from autoprec.search.loop import SearchConfig
+    from autoprec.search.workers import WorkerJob, worker_job
 
     timing = timing_settings(13, malloc_defaults)
     config = SearchConfig(model=str(TINY), storage="postgresql://x@h/db", timing=timing, space="cpu", seed=5,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import PolicyError
-from autoprec.userspec import call_model, move_inputs
+from autoprec.model.model_file import call_model, move_inputs
 
 
 @dataclass

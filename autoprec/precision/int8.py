@@ -6,8 +6,7 @@ fp32 here, and per-channel scales keep the accuracy that per-tensor loses). CPU,
 on a CPU with VNNI int8 dot products: torchao's int8 dynamic-activation / int8-weight config, which
 inductor fuses (MiniLM as fast as torch's dynamic int8 compiled, which breaks the graph at every
 layer, and ten times more faithful; benchmarks/runtime_ratios.py); without VNNI torch's dynamic int8
-(torchao's compiled int8 was 26x slower than compiled fp32 on an AVX2-only host,
-shared/facts/cpu-avx2.md). CUDA: torchao's config.
+(torchao's compiled int8 was 26x slower than compiled fp32 on an AVX2-only AMD EPYC). CUDA: torchao's config.
 Convolutions, CPU only: static int8 (calibrated input scale, per-channel weights, oneDNN kernels;
 `static_int8.py`); they need calibration (`calibration.py`). On CUDA they are refused with the reason.
 """

@@ -19,8 +19,8 @@ import warnings
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from autoprec import record
-from autoprec.ledger import Ledger
+from autoprec.store import schema
+from autoprec.store.worker_tables import Ledger
 
 HEARTBEAT_S = int(os.environ.get("AUTOPREC_HEARTBEAT_S", "10"))
 GRACE_S = int(os.environ.get("AUTOPREC_GRACE_S", str(3 * HEARTBEAT_S)))
@@ -40,9 +40,9 @@ class RetryAndRelease:
         # would then ignore the retry's own) nor its measurement.
         fresh = copy.deepcopy(trial)
         fresh.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("constraints")}
-        fresh.user_attrs = record.retry_attrs(trial)
+        fresh.user_attrs = schema.retry_attrs(trial)
         self.retry(study, fresh)
-        run_id = trial.user_attrs.get(record.TrialKey.RUN_ID)
+        run_id = trial.user_attrs.get(schema.TrialKey.RUN_ID)
         if self.ledger is not None and run_id:
             self.ledger.release(run_id)
 
@@ -60,7 +60,7 @@ def _never_beat(storage: RDBStorage, trial: optuna.trial.FrozenTrial) -> bool:
 def _fail(storage: RDBStorage, trial_id: int, reason: str) -> bool:
     """Fail a running trial with `reason`; False when another process finished it first."""
     try:
-        storage.set_trial_user_attr(trial_id, record.TrialKey.FAILURE_REASON, reason)
+        storage.set_trial_user_attr(trial_id, schema.TrialKey.FAILURE_REASON, reason)
         return storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
@@ -77,7 +77,7 @@ def fail_stale(study: optuna.Study, storage: RDBStorage, running: list[optuna.tr
     stale = set(storage._get_stale_trial_ids(study._study_id))
     stale |= {t._trial_id for t in running
               if t.datetime_start and t.datetime_start < limit and _never_beat(storage, t)}
-    failed = [trial_id for trial_id in sorted(stale) if _fail(storage, trial_id, record.STALE)]
+    failed = [trial_id for trial_id in sorted(stale) if _fail(storage, trial_id, schema.STALE)]
     callback = storage.get_heartbeat_stale_trial_callback()
     for trial_id in failed:
         if callback is not None:
@@ -87,11 +87,11 @@ def fail_stale(study: optuna.Study, storage: RDBStorage, running: list[optuna.tr
 def retry_interrupted(study: optuna.Study) -> int:
     """Enqueue a retry of every interrupted trial not retried yet (at most 3 times per trial)."""
     trials = study.get_trials(deepcopy=False)
-    retried = record.retried_numbers(trials)
+    retried = schema.retried_numbers(trials)
     count = 0
     for t in trials:
-        r = record.TrialRecord.of(t)
-        stopped = r.failure_reason == record.INTERRUPTED or (r.failure_reason is None and not r.measurement)
+        r = schema.TrialRecord.of(t)
+        stopped = r.failure_reason == schema.INTERRUPTED or (r.failure_reason is None and not r.measurement)
         if t.state == optuna.trial.TrialState.FAIL and t.number not in retried and stopped:
             RetryAndRelease()(study, t)  # no ledger: the interrupted run is closed
             count += 1

@@ -12,18 +12,18 @@ Study user attributes (JSON, so optuna-dashboard shows them):
 
 - ``autoprec`` (`StudyInfo`): the model (path, class, fingerprint), the example inputs' shapes and
   dtypes, the space and its fingerprint, the device and environment, whether the CPU allocator kept
-  freed memory, the runtime (eager or compiled, autoprec.runtime), max_drop, the fp32 reference
+  freed memory, the runtime (eager or compiled, autoprec.measure.runtime), max_drop, the fp32 reference
   (score, latency, memory), the searchable layers, training mode, the creation time, the format
   probe of the machine it was created on (probe.FormatProbe JSON; the store's cache of probes, keyed
   by machine: `stored_probes`) and whether slow formats are pruned.
   Fixed for the study's life: a resume that would measure differently is refused.
 - ``autoprec_retimed``: the front re-timed beside fp32 at the end of the last search,
   ``{"at": TIME, "trials": {"NUMBER": {"latency_ms", "ratio", "spread", "lo", "hi", "rounds"}},
-  "not_retimed": [NUMBER, ...], "budget_s": SECONDS}`` (autoprec.retime: what did not fit the budget).
+  "not_retimed": [NUMBER, ...], "budget_s": SECONDS}`` (autoprec.search.retime: what did not fit the budget).
 - ``autoprec_profile``, ``autoprec_profile_from``, ``autoprec_proposals``,
   ``autoprec_costmodel``: the guided search's sensitivity profile (profile.Profile), the study a
   reused profile came from, the proposals enqueued (one at a time, as planned) and the cost model's
-  error, with the drop model's under "drop_model" (autoprec.guide).
+  error, with the drop model's under "drop_model" (autoprec.guided.study_state).
 
 Trial params: ``default`` (`DEFAULT_PARAM`) and one ``layer:NAME`` (`LAYER_PARAM`) per searchable
 layer, each a format name; in training mode also ``learning_rate``, ``loss_scale`` and
@@ -33,7 +33,7 @@ Trial user attributes (`TrialRecord` reads them all; `TrialKey` names them):
 
 - ``origin``: why the trial exists, an `Origin` written as one string ("uniform bf16",
   "knapsack fastest, drop <= 0.5 x max_drop", absent for the sampler's).
-- ``run_id``, ``worker``: the invocation (autoprec.ledger) and process that ran it.
+- ``run_id``, ``worker``: the invocation (autoprec.store.worker_tables) and process that ran it.
 - ``policy`` (policy.Policy JSON), ``counts`` (layers per format and the default),
   ``measurement`` (evaluate.Measurement JSON), ``score_drop`` (fp32 score minus the trial's):
   a measured candidate; its constraint ``score_drop - max_drop`` is Optuna's.
@@ -43,7 +43,7 @@ Trial user attributes (`TrialRecord` reads them all; `TrialKey` names them):
 - ``duplicate_of``: the trial whose measurement a re-proposed policy copied.
 - ``predicted``: what a proposal was planned at: the cost model's latency and memory, and for the
   sequential planner's (origin "sequential ...") the drop model's score drop, the policy's fidelity
-  drop, the fidelity budget and the score drop it aimed at (autoprec.planner.Proposal).
+  drop, the fidelity budget and the score drop it aimed at (autoprec.guided.planner.Proposal).
 
 Adding a field: a study-level one goes into `StudyInfo` with a default (the value old studies
 read as), a trial-level one into `TrialKey` and `TrialRecord` with a default. Unknown study
@@ -53,7 +53,10 @@ keys written by a newer autoprec are kept in `StudyInfo.extra` and written back 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from autoprec.errors import StoreError
@@ -62,7 +65,7 @@ from autoprec.policy import Policy, TrainingSettings
 if TYPE_CHECKING:
     import optuna
 
-    from autoprec.space import SearchSpace
+    from autoprec.search.space import SearchSpace
 
 STUDY_ATTR = "autoprec"
 RETIMED_ATTR = "autoprec_retimed"
@@ -162,7 +165,7 @@ class StudyInfo:
     layers: list[str] = field(default_factory=list)
     training: bool = False
     cpu_freed_memory_kept: bool | None = None  # None: a study from before this was recorded
-    runtime: str = "eager"  # autoprec.runtime: how candidates are run and timed (studies before it: eager)
+    runtime: str = "eager"  # autoprec.measure.runtime: how candidates are run and timed (studies before it: eager)
     inputs: str | None = None  # example_inputs() shapes and dtypes; None: a study from before 2026-11-30
     created: str = ""
     probe: dict[str, Any] | None = None  # probe.FormatProbe JSON, measured (or found cached) at creation
@@ -224,10 +227,13 @@ def write_retimed(study: "optuna.Study", at: str, trials: dict[str, dict[str, fl
     return record
 
 
+def machine_key(info: Mapping[str, str]) -> str:
+    """The key a machine's format probe is kept under: CPU or GPU name, ISA flags, threads, torch."""
+    return "sha256:" + hashlib.sha256(json.dumps(dict(info), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def stored_probes(storage: "optuna.storages.BaseStorage") -> dict[str, dict[str, Any]]:
     """Every format probe kept in the store (on its studies' info), by machine key."""
-    from autoprec.probe import machine_key
-
     found: dict[str, dict[str, Any]] = {}
     for other in storage.get_all_studies():
         data = other.user_attrs.get(STUDY_ATTR)

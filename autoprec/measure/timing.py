@@ -44,7 +44,7 @@ class TimingSettings:
     warmup_calls: int = 2  # the last one is timed, to size the rounds
     max_rounds: int = 33  # rounds are added, 4 at a time, until the median is known to within
     target_ci: float = 1.03  # this ratio (upper / lower end of its ~90% confidence interval)
-    keep_freed_memory: bool = True  # on the CPU, glibc keeps freed memory (see autoprec.machine)
+    keep_freed_memory: bool = True  # on the CPU, glibc keeps freed memory (see autoprec.measure.machine)
     settled_rounds: int = 5  # with neighbours to place it among, the earliest a candidate may stop
 
 

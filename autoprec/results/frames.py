@@ -9,12 +9,12 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from autoprec import record
+from autoprec.store import schema
 from autoprec.errors import AutoprecError
 from autoprec.policy import Policy, policy_from_json
 from autoprec.precision import DTYPES
-from autoprec.record import StudyInfo, TrialRecord
-from autoprec.tables import threads_text
+from autoprec.store.schema import StudyInfo, TrialRecord
+from autoprec.display import threads_text
 
 TRIAL_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 PICKS = {"fastest": ("latency_ms", True), "smallest": ("memory_bytes", True), "best-score": ("score", False)}
@@ -22,10 +22,10 @@ PICKS = {"fastest": ("latency_ms", True), "smallest": ("memory_bytes", True), "b
 
 def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFrame:
     """One row per trial: number, state, objectives, drop, feasibility, dtype counts, reason."""
-    info = record.read_info(study)
+    info = schema.read_info(study)
     ref = info.reference
-    retimed = record.retimed(study)
-    left_out = record.not_retimed(study)
+    retimed = schema.retimed(study)
+    left_out = schema.not_retimed(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         r = TrialRecord.of(t)
@@ -59,7 +59,7 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
                         "dynamic_loss_scale": settings.get("dynamic_loss_scale")})
         if flatten_layers:
             for name in info.layers:
-                row[record.LAYER_PARAM + name] = r.layers.get(name)
+                row[schema.LAYER_PARAM + name] = r.layers.get(name)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -152,7 +152,7 @@ def pick_trial(study: optuna.Study, pick: str | None, trial: int | None, max_dro
         raise AutoprecError(f"--pick {pick!r}: use one of {', '.join(PICKS)}, or --trial N")
     front = pareto_front(trials_frame(study), max_drop)
     if front.empty:
-        study_limit = record.read_info(study).max_drop
+        study_limit = schema.read_info(study).max_drop
         limit = f" within --max-drop {max_drop}" if max_drop is not None else ""
         raise AutoprecError(f"study {study.study_name!r} has no feasible trial{limit} (its own max drop, fixed when "
                             f"it was created: {study_limit:g}; --max-drop here can only tighten it); run more trials, "
@@ -164,11 +164,11 @@ def pick_trial(study: optuna.Study, pick: str | None, trial: int | None, max_dro
 
 def policy_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Policy:
     """The trial's policy with what was measured and the model's identity."""
-    info = record.read_info(study)
+    info = schema.read_info(study)
     r = TrialRecord.of(trial)
-    policy = policy_from_json(trial.user_attrs[record.TrialKey.POLICY], where=f"trial {trial.number}")
+    policy = policy_from_json(trial.user_attrs[schema.TrialKey.POLICY], where=f"trial {trial.number}")
     env, ref = info.environment, info.reference
-    retimed = record.retimed(study).get(str(trial.number), {})
+    retimed = schema.retimed(study).get(str(trial.number), {})
     policy.measured = {
         "score": trial.values[0], "latency_ms": trial.values[1], "memory_bytes": int(trial.values[2]),
         "peak_bytes": r.measurement.get("peak_bytes"), "score_drop": r.score_drop,
@@ -197,9 +197,9 @@ def studies_frame(storage: Any) -> pd.DataFrame:
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        if not record.is_autoprec_study(study):
+        if not schema.is_autoprec_study(study):
             continue
-        info = record.read_info(study)
+        info = schema.read_info(study)
         frame = trials_frame(study)
         front = pareto_front(frame)
         complete = int((frame.state == "COMPLETE").sum()) if not frame.empty else 0

@@ -1,7 +1,6 @@
 """Which formats have fast kernels on this device: a short micro-benchmark, and the pruning it allows.
 
-A format without native kernels can be many times slower than fp32 (bf16 on an AVX2-only CPU: 5-7x,
-shared/facts/cpu-avx2.md) and then wins no latency anywhere: timing it layer by layer and in
+A format without native kernels can be many times slower than fp32 (bf16 on an AVX2-only CPU: 5-7x) and then wins no latency anywhere: timing it layer by layer and in
 per-layer proposals only costs minutes. The probe times one Linear and one convolution of
 representative size in each format against fp32 (paired, in the study's thread count), in about a
 second per format. Its result is keyed by the machine (CPU or GPU name, ISA flags and the
@@ -15,8 +14,6 @@ may be searched at all.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import time
@@ -27,12 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprec.machine import cpu_name
+from autoprec.measure.machine import cpu_name
+from autoprec.store.schema import machine_key
 from autoprec.precision import HANDLERS
 from autoprec.precision.base import convert_layer
 from autoprec.precision.calibration import calibrate
 from autoprec.precision.apply import _cast_floats
-from autoprec.timing import TimingSettings, paired_latency
+from autoprec.measure.timing import TimingSettings, paired_latency
 
 PRUNE_RATIO = 2.0  # a format this many times slower than fp32 on the probe wins no latency
 KINDS = ("linear", "conv")  # the kernel families a searchable layer uses
@@ -74,10 +72,6 @@ def machine(device: torch.device) -> dict[str, str]:
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info.update({name: os.environ[name] for name in _ISA_ENV if name in os.environ})
     return info
-
-
-def machine_key(info: Mapping[str, str]) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(dict(info), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -7,7 +7,7 @@ from torch import nn
 
 from autoprec.errors import PolicyError
 from autoprec.precision.calibration import Calibration, calibrate, calibrated_layers
-from autoprec.userspec import ModelSpec, move_inputs, one_line
+from autoprec.model.model_file import ModelSpec, move_inputs, one_line
 
 
 def spec_calibration(spec: ModelSpec, model: nn.Module, device: torch.device) -> Calibration | None:

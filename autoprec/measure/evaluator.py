@@ -6,7 +6,7 @@ a copy of the reference model and returns a `Measurement`; a candidate that cann
 format, non-finite output, out of memory, any exception) is an infeasible Measurement with its
 reason, never an exception.
 
-In the `compiled` runtime (autoprec.runtime) the fp32 reference is compiled once; each candidate is
+In the `compiled` runtime (autoprec.measure.runtime) the fp32 reference is compiled once; each candidate is
 applied with that runtime's kernels, compiled, then scored and timed compiled, and its Measurement
 carries `compile_s` and `graph_breaks`. A candidate that does not compile is a failed Measurement.
 """
@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from autoprec.errors import AutoprecError, SpecError, UnsupportedFormat
-from autoprec.fidelity import sample_cosines
-from autoprec.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
-from autoprec.machine import default_threads, prepare_allocator
+from autoprec.measure.fidelity import sample_cosines
+from autoprec.measure.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
-from autoprec import runtime as runtimes
-from autoprec.runtime import CompileFailed, Prepared
-from autoprec.spec_calibration import spec_calibration
-from autoprec.timing import (
+from autoprec.measure import runtime as runtimes
+from autoprec.measure.runtime import CompileFailed, Prepared
+from autoprec.measure.calibration import spec_calibration
+from autoprec.measure.timing import (
     PairedTiming,
     TimingSettings,
     cpu_activation_peak_bytes,
@@ -41,7 +40,7 @@ from autoprec.timing import (
     paired_latency,
     solo_latency_ms,
 )
-from autoprec.userspec import USER_CODE_ERRORS, ModelSpec, call_model, first_float_tensor, move_inputs
+from autoprec.model.model_file import USER_CODE_ERRORS, ModelSpec, call_model, first_float_tensor, move_inputs
 
 METHODS = {
     "score_fidelity": "mean per-sample cosine similarity of the compared output to the fp32 model",
@@ -113,10 +112,69 @@ class NonFinite(Exception):
     pass
 
 
-class Evaluator:
-    """The fp32 reference of `spec` on `device`, and the measurement of candidates against it."""
+def measurement_of(score: float, timing: PairedTiming, memory: int, peak: int | None, reference_latency_ms: float,
+                   runtime: str, device: torch.device, user_score: bool) -> Measurement:
+    """A feasible candidate's Measurement, with the methods each number was measured by."""
+    methods = {"score": METHODS["score_user" if user_score else "score_fidelity"],
+               "latency": METHODS["latency"], "memory_bytes": METHODS["memory"],
+               "peak_bytes": METHODS["peak_cuda" if device.type == "cuda" else "peak_cpu"],
+               "runtime": METHODS["runtime_eager" if runtime == "eager" else
+                                  "runtime_compiled_" + ("cuda" if device.type == "cuda" else "cpu")]}
+    return Measurement(feasible=True, runtime=runtime, score=score, latency_ms=timing.ratio * reference_latency_ms,
+                       latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
+                       latency_runs=timing.rounds * timing.calls_per_round, latency_rounds=timing.rounds,
+                       latency_ci=timing.ratio_ci, latency_ratio_lo=timing.ratio_lo,
+                       latency_ratio_hi=timing.ratio_hi, latency_stopped=timing.stopped,
+                       latency_seconds=timing.seconds, candidate_ms=timing.candidate_ms,
+                       memory_bytes=memory, peak_bytes=peak, methods=methods)
 
-    def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *, threads: int | None = None,
+
+def fidelity_score(spec: ModelSpec, model: nn.Module, batches: list[Any], ref_outputs: list[torch.Tensor]) -> tuple[float, float]:
+    """The default score: mean per-sample cosine of `model`'s compared output to the fp32 outputs, and
+    the seconds its first call of each new batch shape spent compiling (compiled runtime)."""
+    sims = []
+    seconds: dict[tuple, list[float]] = {}  # per output shape: each batch's time
+    with torch.inference_mode():
+        for batch, ref in zip(batches, ref_outputs):
+            start = time.perf_counter()
+            out = spec.compared_tensor(call_model(model, batch)).float()
+            seconds.setdefault(tuple(out.shape), []).append(time.perf_counter() - start)
+            if not torch.isfinite(out).all():
+                raise NonFinite("non-finite output")
+            if out.shape != ref.shape:
+                raise SpecError(f"{spec.path}: output: the compared tensor changed shape "
+                                f"{tuple(ref.shape)} -> {tuple(out.shape)} under a policy")
+            sims.append(sample_cosines(out, ref).cpu())
+    # compiled: a batch shape other than the example's compiles on its first batch; the excess
+    # of that batch over the shape's fastest other batch is counted as compile time
+    compile_s = sum(max(0.0, t[0] - min(t[1:])) for t in seconds.values() if len(t) > 1)
+    return float(torch.cat(sims).mean()), compile_s
+
+
+def constant_output_warning(spec: ModelSpec, outputs: list[torch.Tensor] | None) -> str | None:
+    """One line where the fp32 model's compared output is the same number everywhere (all zeros: an
+    untrained, zero-initialised head), which no format can change: output fidelity then ranks no layer
+    (every profile drop is 0) and the default score cannot tell a policy from fp32."""
+    if not outputs or any(out.numel() == 0 or out.float().std(unbiased=False) > 0 for out in outputs):
+        return None
+    value = float(outputs[0].flatten()[0])
+    return (f"autoprec: warning: {spec.path}: the fp32 model's compared output is {value:g} everywhere on "
+            "its batches: no format can change it, so output fidelity ranks no layer; check build_model() "
+            "(a zero-initialised head?) or output()")
+
+
+def reference_timing(reference_ms: float) -> PairedTiming:
+    """The all-fp32 policy is the reference model: ratio 1 by construction, nothing to time."""
+    return PairedTiming(1.0, 1.0, reference_ms, reference_ms, 0, 0, 1.0, 1.0, 1.0, "reference", 0.0)
+
+
+class Evaluator:
+    """The fp32 reference of `spec` on `device`, and the measurement of candidates against it.
+
+    It changes no process-wide setting: the caller sets the CPU threads and the allocator first
+    (`autoprec.measure.machine.configure_cpu`)."""
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", *,
                  timing: TimingSettings = TimingSettings(), reference_latency_ms: float | None = None,
                  measure_peak: bool = True, runtime: str = "eager", regional: bool | None = None,
                  time_reference: bool = False) -> None:
@@ -127,9 +185,6 @@ class Evaluator:
         self.runtime = runtimes.check_runtime(runtime)
         self.regional = regional
         self.time_reference = time_reference  # time the all-fp32 policy against itself (timing-noise benchmarks)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads or default_threads())
-            prepare_allocator(timing.keep_freed_memory)
         # self.model stays eager fp32: candidates are copied from it and its outputs are the fidelity reference
         self.model = spec.new_model().to(self.device)
         self.example = move_inputs(spec.example(), self.device)
@@ -148,16 +203,8 @@ class Evaluator:
                              "and eval_inputs() alike") from exc
 
     def reference_warning(self) -> str | None:
-        """One line where the fp32 model's compared output is the same number everywhere (all zeros: an
-        untrained, zero-initialised head), which no format can change: output fidelity then ranks no layer
-        (every profile drop is 0) and the default score cannot tell a policy from fp32."""
-        outputs = getattr(self, "_ref_outputs", None)
-        if not outputs or any(out.numel() == 0 or out.float().std(unbiased=False) > 0 for out in outputs):
-            return None
-        value = float(outputs[0].flatten()[0])
-        return (f"autoprec: warning: {self.spec.path}: the fp32 model's compared output is {value:g} everywhere on "
-                "its batches: no format can change it, so output fidelity ranks no layer; check build_model() "
-                "(a zero-initialised head?) or output()")
+        """One line where the fp32 model's compared output is one number everywhere (constant_output_warning)."""
+        return constant_output_warning(self.spec, getattr(self, "_ref_outputs", None))
 
     def _measure_reference(self, reference_latency_ms: float | None) -> None:
         spec = self.spec
@@ -225,23 +272,8 @@ class Evaluator:
     def _score(self, model: nn.Module) -> float:
         if self.spec.evaluate is not None:
             return self.spec.user_score(model, self.device)
-        sims = []
-        seconds: dict[tuple, list[float]] = {}  # per output shape: each batch's time
-        with torch.inference_mode():
-            for batch, ref in zip(self._batches, self._ref_outputs):
-                start = time.perf_counter()
-                out = self._compared(model, batch)
-                seconds.setdefault(tuple(out.shape), []).append(time.perf_counter() - start)
-                if not torch.isfinite(out).all():
-                    raise NonFinite("non-finite output")
-                if out.shape != ref.shape:
-                    raise SpecError(f"{self.spec.path}: output: the compared tensor changed shape "
-                                    f"{tuple(ref.shape)} -> {tuple(out.shape)} under a policy")
-                sims.append(sample_cosines(out, ref).cpu())
-        # compiled: a batch shape other than the example's compiles on its first batch; the excess
-        # of that batch over the shape's fastest other batch is counted as compile time
-        self._score_compile_s = sum(max(0.0, t[0] - min(t[1:])) for t in seconds.values() if len(t) > 1)
-        return float(torch.cat(sims).mean())
+        score, self._score_compile_s = fidelity_score(self.spec, model, self._batches, self._ref_outputs)
+        return score
 
     def candidate(self, policy: Policy) -> nn.Module:
         """A copy of the fp32 reference with `policy` applied on the device."""
@@ -251,7 +283,7 @@ class Evaluator:
     def retime(self, policy: Policy, neighbours: Sequence[float] | None = None) -> PairedTiming | None:
         """Latency of `policy` paired with the fp32 model again (None if it cannot run)."""
         if is_reference(policy) and not self.time_reference:
-            return self._reference_timing()
+            return reference_timing(self.reference_latency_ms)
         try:
             prepared = self._prepare_candidate(self.candidate(policy))
             with torch.inference_mode():
@@ -295,7 +327,7 @@ class Evaluator:
             if is_reference(policy) and not self.time_reference:  # the fp32 model itself: score and ratio are the reference's
                 with torch.inference_mode():
                     peak = self._peak(model, self.reference) if self.measure_peak else None
-                result = self._result(self.reference_score, self._reference_timing(), module_storage_bytes(model), peak)
+                result = self._result(self.reference_score, reference_timing(self.reference_latency_ms), module_storage_bytes(model), peak)
                 if self.runtime != "eager":  # the reference's graph, compiled when the study was opened
                     result.compile_s, result.graph_breaks = 0.0, self.reference.graph_breaks
                 return result
@@ -323,11 +355,6 @@ class Evaluator:
             result.graph_breaks = prepared.graph_breaks
         return result
 
-    def _reference_timing(self) -> PairedTiming:
-        """The all-fp32 policy is the reference model: ratio 1 by construction, nothing to time."""
-        ms = self.reference_latency_ms
-        return PairedTiming(1.0, 1.0, ms, ms, 0, 0, 1.0, 1.0, 1.0, "reference", 0.0)
-
     def _peak(self, model: nn.Module, prepared: Prepared) -> int:
         forward = self._timed(prepared)
         if self.device.type == "cuda":
@@ -335,15 +362,5 @@ class Evaluator:
         return module_storage_bytes(model) + cpu_activation_peak_bytes(forward)
 
     def _result(self, score: float, timing: PairedTiming, memory: int, peak: int | None) -> Measurement:
-        methods = {"score": METHODS["score_user" if self.spec.evaluate else "score_fidelity"],
-                   "latency": METHODS["latency"], "memory_bytes": METHODS["memory"],
-                   "peak_bytes": METHODS["peak_cuda" if self.device.type == "cuda" else "peak_cpu"],
-                   "runtime": METHODS["runtime_eager" if self.runtime == "eager" else
-                                      "runtime_compiled_" + ("cuda" if self.device.type == "cuda" else "cpu")]}
-        return Measurement(feasible=True, runtime=self.runtime, score=score, latency_ms=timing.ratio * self.reference_latency_ms,
-                           latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
-                           latency_runs=timing.rounds * timing.calls_per_round, latency_rounds=timing.rounds,
-                           latency_ci=timing.ratio_ci, latency_ratio_lo=timing.ratio_lo,
-                           latency_ratio_hi=timing.ratio_hi, latency_stopped=timing.stopped,
-                           latency_seconds=timing.seconds, candidate_ms=timing.candidate_ms,
-                           memory_bytes=memory, peak_bytes=peak, methods=methods)
+        return measurement_of(score, timing, memory, peak, self.reference_latency_ms, self.runtime, self.device,
+                              user_score=self.spec.evaluate is not None)

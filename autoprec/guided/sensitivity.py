@@ -11,7 +11,7 @@ For every searchable layer and every format it may take:
 - `latency_ms`: the layer alone on its real captured input, with the casts it needs at its
   boundaries, for each default dtype of the rest of the model. A layer timed alone is stable to a
   few percent where whole-model timing is not. In the compiled runtime the layer and its casts are
-  compiled as the study compiles the model (autoprec.runtime) and timed compiled; layers of one
+  compiled as the study compiles the model (autoprec.measure.runtime) and timed compiled; layers of one
   class, weight shape and input shape share one compile and one timing per format and default
   (MiniLM's 36 Linear layers are 3 such shapes).
 - `memory_bytes`: the layer's storage in that format (exact), plus, for a format other than fp32, the
@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprec import runtime as runtimes
-from autoprec.fidelity import sample_cosines
+from autoprec.measure import runtime as runtimes
+from autoprec.measure.fidelity import sample_cosines
 from autoprec.precision import FLOAT_DTYPES, HANDLERS, Calibration, module_storage_bytes
 from autoprec.precision.apply import _cast_floats, shared_storage_bytes
 from autoprec.precision.base import convert_layer
-from autoprec.spec_calibration import spec_calibration
-from autoprec.timing import solo_latency_ms
-from autoprec.userspec import ModelSpec, call_model, first_float_tensor
+from autoprec.measure.calibration import spec_calibration
+from autoprec.measure.timing import solo_latency_ms
+from autoprec.model.model_file import ModelSpec, call_model, first_float_tensor
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Profile:
     model_latency_ms: float | None = None
     method: str = "exact"
     seconds: dict[str, float] = field(default_factory=dict)
-    runtime: str = "eager"  # the runtime the latencies were measured in (autoprec.runtime)
+    runtime: str = "eager"  # the runtime the latencies were measured in (autoprec.measure.runtime)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -299,7 +299,7 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
 
     method: "linearized" (default; linear in depth, see linearized_drops) or "exact".
     calibration: the static int8 input ranges; observed on the spec's calibration batches if None.
-    runtime: the study's (autoprec.runtime): the kernels the formats get, and how layers are timed.
+    runtime: the study's (autoprec.measure.runtime): the kernels the formats get, and how layers are timed.
     time_model: times the fp32 model solo (ms), called before and after the layers are timed: their
     mean is `model_latency_ms`, which ties the layers' times to the reference's (Profile.time_scale)."""
     if method not in ("linearized", "exact"):

@@ -1,5 +1,5 @@
 """The study store: Optuna's RDB storage (SQLite by default, PostgreSQL for many workers), opened
-with autoprec's ledger tables beside it. What a study holds is autoprec.record's contract.
+with autoprec's ledger tables beside it. What a study holds is autoprec.store.schema's contract.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
 from autoprec.errors import StoreError
-from autoprec.ledger import Ledger
-from autoprec.recovery import GRACE_S, HEARTBEAT_S, RetryAndRelease
+from autoprec.store.worker_tables import Ledger
+from autoprec.store.recovery import GRACE_S, HEARTBEAT_S, RetryAndRelease
 
 try:
     import fcntl

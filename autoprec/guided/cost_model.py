@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from autoprec.profile import Profile
+from autoprec.guided.sensitivity import Profile
 
 BUDGET_FRACTIONS = (0.8, 0.5, 0.3, 0.15, 0.05)
 QUANTIZED = ("int8", "fp8")  # formats that cannot be a policy's default
@@ -230,19 +230,21 @@ class CostModel:
             end -= 0 if drop <= 0 else math.ceil(drop / unit)
         return dict(reversed(list(layers.items())))
 
-    def proposals(self, max_drop: float, defaults: tuple[str, ...]) -> list[tuple[str, dict[str, str], str]]:
-        """(default, layers, why) for a range of drop budgets under max_drop, deduplicated."""
-        seen, out = set(), []
-        for default in defaults:
-            for fraction in BUDGET_FRACTIONS:
-                for objective in ("latency_ms", "memory_bytes") if fraction == BUDGET_FRACTIONS[0] else ("latency_ms",):
-                    layers = self.fastest_within(default, fraction * max_drop, objective)
-                    if layers is None:
-                        continue
-                    key = (default, tuple(sorted(layers.items())))
-                    if key not in seen:
-                        seen.add(key)
-                        word = "fastest" if objective == "latency_ms" else "smallest"
-                        out.append((default, layers, f"knapsack {word}, drop <= {fraction:g} x max_drop"))
-        # fastest predicted first, whatever its default dtype: a short budget measures the best bets
-        return sorted(out, key=lambda p: self.predict(p[0], p[1])["latency_ms"])
+
+def knapsack_proposals(model: CostModel, max_drop: float, defaults: tuple[str, ...]) -> list[tuple[str, dict[str, str], str]]:
+    """(default, layers, why) for a range of drop budgets under max_drop, deduplicated: the fastest (and
+    at the smallest budget the smallest) policy the model predicts within each budget."""
+    seen, out = set(), []
+    for default in defaults:
+        for fraction in BUDGET_FRACTIONS:
+            for objective in ("latency_ms", "memory_bytes") if fraction == BUDGET_FRACTIONS[0] else ("latency_ms",):
+                layers = model.fastest_within(default, fraction * max_drop, objective)
+                if layers is None:
+                    continue
+                key = (default, tuple(sorted(layers.items())))
+                if key not in seen:
+                    seen.add(key)
+                    word = "fastest" if objective == "latency_ms" else "smallest"
+                    out.append((default, layers, f"knapsack {word}, drop <= {fraction:g} x max_drop"))
+    # fastest predicted first, whatever its default dtype: a short budget measures the best bets
+    return sorted(out, key=lambda p: model.predict(p[0], p[1])["latency_ms"])

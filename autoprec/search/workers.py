@@ -2,7 +2,7 @@
 
 The launching process has opened the study (measured the fp32 reference and created it, or
 resumed it); it registers one run with the requested trial count and starts N processes
-(`python -m autoprec.workers JOB`, one per device with --devices). Each gets its job as JSON
+(`python -m autoprec.search.workers JOB`, one per device with --devices). Each gets its job as JSON
 data: the search config, pinned to the study, its store, the study's thread count and its own
 seed and device, and the run to join. They reserve trials from that run in the store
 (autoprec/ledger.py), so together they run exactly the requested number, and a worker killed
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autoprec.search import Search, SearchConfig, SearchResult
+from autoprec.search.loop import Search, SearchConfig, SearchResult
 
 
 @dataclass
@@ -51,14 +51,14 @@ def worker_job(search: Search, run_id: str, index: int) -> WorkerJob:
 def run_workers(search: Search) -> SearchResult:
     config = search.config
     workers = config.workers
-    from autoprec.recovery import retry_interrupted
+    from autoprec.store.recovery import retry_interrupted
 
     retry_interrupted(search.study)
     run_id = search.ledger.new_run(search.study_name, config.trials)
     search.run_id = run_id
     # In their own session: a Ctrl-C in the terminal reaches the launcher alone, which passes one
     # SIGINT to each worker (two would break a worker's store writes half way).
-    procs = [subprocess.Popen([sys.executable, "-m", "autoprec.workers", worker_job(search, run_id, i).to_json()],
+    procs = [subprocess.Popen([sys.executable, "-m", "autoprec.search.workers", worker_job(search, run_id, i).to_json()],
                               start_new_session=True)
              for i in range(workers)]
     from tqdm.auto import tqdm
@@ -95,7 +95,7 @@ def run_workers(search: Search) -> SearchResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """One worker: open the study its job names and run a share of the job's run."""
-    from autoprec.cli import quiet_libraries
+    from autoprec.logs import quiet_libraries
     from autoprec.errors import AutoprecError
 
     args = sys.argv[1:] if argv is None else list(argv)

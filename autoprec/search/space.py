@@ -1,6 +1,6 @@
 """Search-space files (YAML) -> the formats each layer may take.
 
-Format, documented in search_spaces/README.md:
+Format, documented in docs/search-spaces.md:
 
     name: cpu
     dtypes: [fp32, bf16, int8]          # formats any layer may take
@@ -35,7 +35,7 @@ from autoprec.errors import SpaceError
 from autoprec.precision import DTYPES, FLOAT_DTYPES, HANDLERS, LayerInfo, searchable_layers
 from autoprec.precision.apply import layer_format_reason
 
-SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data (pyproject.toml)
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # package data (pyproject.toml)
 _KNOWN_CLASSES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 _TOP_FIELDS = {"name", "description", "dtypes", "default_dtypes", "layers", "rules", "training"}
 _TRAINING_FIELDS = {"enabled", "steps", "optimizer", "learning_rate", "loss_scale", "dynamic_loss_scale"}

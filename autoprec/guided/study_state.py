@@ -1,6 +1,6 @@
 """The guided part of a search: sensitivity profile in the store, cost model, knapsack proposals.
 
-Kept on the study as user attributes (named in autoprec.record) so resumed runs and other workers
+Kept on the study as user attributes (named in autoprec.store.schema) so resumed runs and other workers
 reuse them: the Profile (see profile.py), where it was reused from, the proposals enqueued with
 their predictions, and the cost model's calibration and its error on measured trials.
 """
@@ -13,11 +13,11 @@ from typing import Any
 
 import optuna
 
-from autoprec import record
-from autoprec.costmodel import CostModel
-from autoprec.planner import Measured, Proposal, drop_model_report, next_proposal
-from autoprec.profile import Profile
-from autoprec.record import COSTMODEL_ATTR, PROFILE_ATTR, Origin, StudyInfo
+from autoprec.store import schema
+from autoprec.guided.cost_model import CostModel
+from autoprec.guided.planner import Measured, Proposal, drop_model_report, next_proposal
+from autoprec.guided.sensitivity import Profile
+from autoprec.store.schema import COSTMODEL_ATTR, PROFILE_ATTR, Origin, StudyInfo
 
 
 def stored_profile(study: optuna.Study) -> Profile | None:
@@ -33,7 +33,7 @@ def sibling_profile(storage: optuna.storages.BaseStorage, study_name: str,
     mine = info.to_json()
     machine = (mine.get("probe") or {}).get("machine")  # the probe's machine: ISA restrictions included
     for other in storage.get_all_studies():
-        their = other.user_attrs.get(record.STUDY_ATTR)
+        their = other.user_attrs.get(schema.STUDY_ATTR)
         data = other.user_attrs.get(PROFILE_ATTR)
         if (other.study_name != study_name and isinstance(their, dict) and isinstance(data, dict)
                 and all(their.get(k) == mine.get(k) for k in keys)
@@ -47,7 +47,7 @@ def _measured(study: optuna.Study, reference_score: float) -> list[tuple[Origin,
     """(origin, default, layers, {drop, latency_ms, memory_bytes}) of every complete trial."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        r = record.TrialRecord.of(t)
+        r = schema.TrialRecord.of(t)
         out.append((r.origin, r.policy.get("default", "fp32"), r.layers,
                     {"drop": reference_score - t.values[0], "latency_ms": t.values[1], "memory_bytes": t.values[2]}))
     return out
@@ -58,7 +58,7 @@ def calibrated_model(study: optuna.Study, profile: Profile, choices: dict[str, t
     model = CostModel(profile, choices)
     measured = _measured(study, reference_score)
     uniform = {origin.format: (default, layers, m) for origin, default, layers, m in measured
-               if origin.kind == record.UNIFORM}
+               if origin.kind == schema.UNIFORM}
     model.calibrate(uniform)
     return model
 
@@ -74,7 +74,7 @@ def _refit_error(model: CostModel, measured: list[tuple[Origin, str, dict[str, s
     errors = []
     everything = [(d, layers, m) for _, d, layers, m in measured]
     for i, (origin, default, layers, m) in enumerate(measured):
-        if origin.kind == record.UNIFORM:
+        if origin.kind == schema.UNIFORM:
             continue
         refit = _copy(model)
         refit.refit_rest_latency(everything[:i] + everything[i + 1:])
@@ -90,7 +90,7 @@ def record_model_error(study: optuna.Study, model: CostModel, reference_score: f
     """The model's error on the non-uniform trials, calibrated on the uniform ones (as the proposals
     were made) and re-fitted on the trials as they come (leave one out); the re-fitted rest terms."""
     measured = _measured(study, reference_score)
-    others = [(d, layers, m) for origin, d, layers, m in measured if origin.kind != record.UNIFORM]
+    others = [(d, layers, m) for origin, d, layers, m in measured if origin.kind != schema.UNIFORM]
     refit = _copy(model)
     refit.refit_rest_latency([(d, layers, m) for _, d, layers, m in measured])
     summary = {"error": model.error(others), "error_refit": _refit_error(model, measured),
@@ -112,7 +112,7 @@ def planner_trials(study: optuna.Study) -> list[Measured]:
     states = optuna.trial.TrialState
     out = []
     for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL, states.WAITING, states.RUNNING)):
-        r = record.TrialRecord.of(t)
+        r = schema.TrialRecord.of(t)
         done = t.state == states.COMPLETE
         failed = t.state == states.FAIL and r.failure_reason is not None
         if t.state == states.FAIL and not failed:
@@ -120,12 +120,12 @@ def planner_trials(study: optuna.Study) -> list[Measured]:
         if r.policy:
             default, layers = r.default or "fp32", r.layers
         else:  # not measured yet: its params say what it will be
-            policy = record.policy_from_params(t.params or t.system_attrs.get("fixed_params") or {})
+            policy = schema.policy_from_params(t.params or t.system_attrs.get("fixed_params") or {})
             default, layers = policy.default, policy.layers
         out.append(Measured(default=default, layers=layers, score=t.values[0] if done else None,
                             latency_ms=t.values[1] if done else None, memory_bytes=t.values[2] if done else None,
-                            uniform=r.origin.format if r.origin.kind == record.UNIFORM else None,
-                            proposed=r.origin.kind == record.PROPOSAL and r.origin.phase == SEQUENTIAL_ORIGIN,
+                            uniform=r.origin.format if r.origin.kind == schema.UNIFORM else None,
+                            proposed=r.origin.kind == schema.PROPOSAL and r.origin.phase == SEQUENTIAL_ORIGIN,
                             pending=not (done or failed)))
     return out
 
@@ -139,8 +139,8 @@ def next_sequential(study: optuna.Study, profile: Profile, choices: dict[str, tu
     if proposal is None:
         return None
     planned = {**proposal.predicted, "budget_fidelity": proposal.budget_fidelity, "target_drop": proposal.target_drop}
-    record.enqueue(study, record.params_of(proposal.default, proposal.layers), Origin.proposal(proposal.why),
-                   **{record.TrialKey.PREDICTED: planned})
+    schema.enqueue(study, schema.params_of(proposal.default, proposal.layers), Origin.proposal(proposal.why),
+                   **{schema.TrialKey.PREDICTED: planned})
     return proposal
 
 
@@ -158,7 +158,7 @@ def record_drop_model(study: optuna.Study, profile: Profile, reference_score: fl
 
 def drop_model_of(study: optuna.Study, profile: Profile) -> dict[str, Any]:
     """The drop model's report on the study's trials as they are now (what `autoprec profile` prints)."""
-    info = record.read_info(study)
+    info = schema.read_info(study)
     trials = [t for t in planner_trials(study) if not t.pending]
     defaults = tuple(sorted({t.default for t in trials}, key=lambda d: d != "fp32"))
     return drop_model_report(profile, trials, info.reference.score, defaults, info.max_drop)

@@ -14,9 +14,9 @@ from torch import nn
 
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision.layers import is_searchable
-from autoprec.timing import PairedTiming, TimingSettings, cpu_activation_peak_bytes, paired_latency
+from autoprec.measure.timing import PairedTiming, TimingSettings, cpu_activation_peak_bytes, paired_latency
 from autoprec.training import make_optimizer, make_scaler, prepare_training
-from autoprec.userspec import ModelSpec, call_model, move_inputs
+from autoprec.model.model_file import ModelSpec, call_model, move_inputs
 
 MAX_CURVE_POINTS = 20
 

@@ -29,9 +29,9 @@ import pandas as pd
 
 from autoprec.errors import AutoprecError
 from autoprec.precision import DTYPES
-from autoprec import record
-from autoprec.record import PROFILE_ATTR, RETIMED_ATTR, Origin, StudyInfo
-from autoprec.results import output_path, pareto_front, trials_table
+from autoprec.store import schema
+from autoprec.store.schema import PROFILE_ATTR, RETIMED_ATTR, Origin, StudyInfo
+from autoprec.results.frames import output_path, pareto_front, trials_table
 
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
 DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00", "fp8": "#CC79A7"}
@@ -97,7 +97,7 @@ def _symlog_threshold(drops: list[float]) -> float:
 
 def _uniform_dtype(origin: Any) -> str | None:
     parsed = Origin.parse(origin)
-    return parsed.format if parsed.kind == record.UNIFORM else None
+    return parsed.format if parsed.kind == schema.UNIFORM else None
 
 
 @_styled
@@ -313,7 +313,7 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def _bytes(value: Any) -> str:
-    from autoprec.tables import format_bytes
+    from autoprec.display import format_bytes
 
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -403,7 +403,7 @@ def _profile_section(study: optuna.Study) -> str:
 
 def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
     """The report of `study` as one self-contained HTML document."""
-    info = record.read_info(study)
+    info = schema.read_info(study)
     ref = dataclasses.asdict(info.reference)
     env = info.environment
     frame = trials_table(study)

@@ -108,7 +108,7 @@ def default_threads() -> int:
     One core is left to the OS and the rest of the machine: an OpenMP op waits for its slowest
     thread, so with every core in use anything else that runs stalls whole ops. On a 2-core VM,
     MiniLM's all-bf16 and all-int8 ratios to fp32 repeated within 1.026 / 1.019 over five
-    measurements at one thread and 1.087 / 1.082 at two (benchmarks/README.md, session 6).
+    measurements at one thread and 1.087 / 1.082 at two.
     """
     if os.environ.get("AUTOPREC_THREADS", "").isdigit() and int(os.environ["AUTOPREC_THREADS"]) > 0:
         return int(os.environ["AUTOPREC_THREADS"])
@@ -142,6 +142,13 @@ def keep_freed_memory() -> str:
         if mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _THRESHOLD):
             _allocator = KEPT
     return allocator_state()
+
+
+def configure_cpu(threads: int | None, keep_freed: bool) -> None:
+    """Set the process-wide CPU measurement settings once, before measuring: torch's intra-op thread
+    count (None: `default_threads()`) and the allocator's treatment of freed memory."""
+    torch.set_num_threads(threads or default_threads())
+    prepare_allocator(keep_freed)
 
 
 def prepare_allocator(keep: bool) -> bool:

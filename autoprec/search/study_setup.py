@@ -2,7 +2,7 @@
 store, then create the study (the first worker measures the fp32 reference) or wait for its
 creator, refuse a resume that would measure differently, and fix the CPU thread count.
 
-`open_study(config)` returns an `OpenedStudy`: everything the trial loop (autoprec.search) needs.
+`open_study(config)` returns an `OpenedStudy`: everything the trial loop (autoprec.search.loop) needs.
 """
 
 from __future__ import annotations
@@ -17,24 +17,28 @@ from typing import TYPE_CHECKING
 import optuna
 import torch
 
-from autoprec import probe, record, runtime as runtimes
+from autoprec.measure import format_probe
+
+from autoprec.store import schema
+
+from autoprec.measure import runtime as runtimes
 from autoprec.errors import AutoprecError, StoreError
-from autoprec.evaluate import Evaluator
-from autoprec.ledger import Ledger
-from autoprec.machine import default_threads, environment, prepare_allocator, resolve_device, usable_cores
+from autoprec.measure.evaluator import Evaluator
+from autoprec.store.worker_tables import Ledger
+from autoprec.measure.machine import configure_cpu, default_threads, environment, prepare_allocator, resolve_device, usable_cores
 from autoprec.policy import model_fingerprint
 from autoprec.precision import DTYPES, module_storage_bytes
 from autoprec.precision.layers import is_searchable
-from autoprec.record import Origin, Reference, StudyInfo
-from autoprec.space import SearchSpace, load_space
-from autoprec.store import discard_if_unused, open_storage, sqlite_file, storage_url, study_names
-from autoprec.tables import threads_text
-from autoprec.userspec import ModelSpec, describe_inputs, load_spec
+from autoprec.store.schema import Origin, Reference, StudyInfo
+from autoprec.search.space import SearchSpace, load_space
+from autoprec.store.storage import discard_if_unused, open_storage, sqlite_file, storage_url, study_names
+from autoprec.display import threads_text
+from autoprec.model.model_file import ModelSpec, describe_inputs, load_spec
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
 
-    from autoprec.search import SearchConfig
+    from autoprec.search.config import SearchConfig
 
 OBJECTIVES = ("score", "latency_ms", "memory_bytes")
 DIRECTIONS = ("maximize", "minimize", "minimize")
@@ -73,7 +77,7 @@ class OpenedStudy:
     evaluator: Evaluator
     info: StudyInfo
     threads: int | None
-    pruning: probe.Pruning | None = None  # formats left out of per-layer search (None: nothing)
+    pruning: format_probe.Pruning | None = None  # formats left out of per-layer search (None: nothing)
 
     @property
     def ledger(self) -> Ledger:
@@ -162,8 +166,8 @@ def check_choices(study: optuna.Study, choices: dict[str, tuple[str, ...]], name
     (autoprec's rules for which layer may take which format changed since it was created): Optuna cannot
     resume a categorical parameter over other values."""
     for trial in study.get_trials(deepcopy=False):
-        stored = {key[len(record.LAYER_PARAM):]: tuple(d.choices) for key, d in trial.distributions.items()
-                  if key.startswith(record.LAYER_PARAM) and hasattr(d, "choices")}
+        stored = {key[len(schema.LAYER_PARAM):]: tuple(d.choices) for key, d in trial.distributions.items()
+                  if key.startswith(schema.LAYER_PARAM) and hasattr(d, "choices")}
         if not stored:
             continue
         now = {n: tuple(o) for n, o in choices.items()}
@@ -182,7 +186,7 @@ def _ready_info(storage: RDBStorage, name: str) -> StudyInfo | None:
     if name not in study_names(storage):
         return None
     study = optuna.load_study(study_name=name, storage=storage)
-    return record.read_info(study) if record.is_autoprec_study(study) else None
+    return schema.read_info(study) if schema.is_autoprec_study(study) else None
 
 
 class _Opener:
@@ -243,20 +247,22 @@ class _Opener:
                            study_name=self.study_name, storage_url=self.storage_url, storage=self.storage,
                            evaluator=evaluator, info=info, threads=threads, pruning=self._pruning(info))
 
-    def _pruning(self, info: StudyInfo) -> probe.Pruning | None:
+    def _pruning(self, info: StudyInfo) -> format_probe.Pruning | None:
         """What the study leaves out of per-layer search: fixed when it was created (its probe and
         its --no-prune), so every resume and worker searches the same choices."""
         if not info.prune or not isinstance(info.probe, dict):
             return None
-        kinds = {layer.name: probe.layer_kind(layer.cls) for layer in self.space.layers(self.spec.new_model())}
-        pruning = probe.prune(self.choices, kinds, self.space.default_dtypes, probe.FormatProbe.from_json(info.probe))
+        kinds = {layer.name: format_probe.layer_kind(layer.cls) for layer in self.space.layers(self.spec.new_model())}
+        pruning = format_probe.prune(self.choices, kinds, self.space.default_dtypes, format_probe.FormatProbe.from_json(info.probe))
         return None if pruning.announcement is None else pruning
 
     def _evaluator(self, threads: int | None, runtime: str, reference_latency_ms: float | None = None) -> Evaluator:
         cache = inductor_cache_dir(self.storage_url)
         if runtime != "eager" and cache is not None:
             runtimes.use_cache_dir(cache)
-        return Evaluator(self.spec, self.device, threads=threads, timing=self.config.timing,
+        if self.device.type == "cpu":  # process-wide, once, before the fp32 reference is measured
+            configure_cpu(threads, self.config.timing.keep_freed_memory)
+        return Evaluator(self.spec, self.device, timing=self.config.timing,
                          reference_latency_ms=reference_latency_ms, runtime=runtime)
 
     def _create_or_wait(self, threads: int | None, runtime: str) -> tuple[StudyInfo, Evaluator | None]:
@@ -295,7 +301,7 @@ class _Opener:
                                 memory_bytes=module_storage_bytes(model)),
             layers=list(self.choices), training=self.space.trains, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         # the format probe runs in the study's thread count, set by the Evaluator; cached per machine
-        found, _ = probe.cached_probe(record.stored_probes(self.storage), self.space.dtypes, self.device)
+        found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device)
         # the probe times eager kernels: in the compiled runtime it orders the uniform trials but prunes
         # nothing (torchao's int8 was 16x slower than fp32 eager on an H200, and 0.74x compiled)
         info.probe, info.prune = found.to_json(), self.config.prune and evaluator.runtime == "eager"
@@ -303,10 +309,10 @@ class _Opener:
         # fp32, then the others fastest first: a slow format's uniform policy then meets a front that
         # settles its timing in a few rounds
         for fmt in ["fp32", *found.order(d for d in DTYPES if d != "fp32")]:
-            params = record.uniform_params(self.choices, self.space, fmt)
+            params = schema.uniform_params(self.choices, self.space, fmt)
             if params is not None:
-                record.enqueue(study, params, Origin.uniform(fmt))
-        record.write_info(study, info)  # last: its presence means the study is ready
+                schema.enqueue(study, params, Origin.uniform(fmt))
+        schema.write_info(study, info)  # last: its presence means the study is ready
         return info
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from torch import nn
 
 from autoprec.errors import AutoprecError, PolicyError
-from autoprec.evaluate import Evaluator
-from autoprec.machine import KEPT, environment, resolve_device
+from autoprec.measure.evaluator import Evaluator
+from autoprec.measure.machine import KEPT, configure_cpu, environment, resolve_device
 from autoprec.policy import Policy, load_policy, model_fingerprint
-from autoprec.tables import format_bytes, format_table, threads_text
-from autoprec.timing import TimingSettings
-from autoprec.userspec import load_spec
+from autoprec.display import format_bytes, format_table, threads_text
+from autoprec.measure.timing import TimingSettings
+from autoprec.model.model_file import load_spec
 
 
 def check_model(policy: Policy, policy_path: str | Path, model: nn.Module, model_path: str | Path,
@@ -36,7 +36,10 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     policy = load_policy(policy_path)
     spec = load_spec(model_path)
     warning = check_model(policy, policy_path, spec.new_model(), model_path, force)
-    evaluator = Evaluator(spec, resolve_device(device), threads=threads, timing=timing, runtime=policy.runtime)
+    device = resolve_device(device)
+    if device.type == "cpu":
+        configure_cpu(threads, timing.keep_freed_memory)
+    evaluator = Evaluator(spec, device, timing=timing, runtime=policy.runtime)
     try:
         evaluator.candidate(policy)  # refuses a policy that does not fit this model before measuring
     except AutoprecError as exc:

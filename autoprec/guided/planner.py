@@ -29,10 +29,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autoprec.costmodel import CostModel
-from autoprec.dropmodel import (PRIOR_POWER, DropModel, Granularity, error_summary, loo_error, prior_power,
+from autoprec.guided.cost_model import CostModel
+from autoprec.guided.drop_model import (PRIOR_POWER, DropModel, Granularity, error_summary, loo_error, prior_power,
                                 score_granularity)
-from autoprec.profile import Profile
+from autoprec.guided.sensitivity import Profile
 
 MAX_CONVERGE = 6  # proposals spent closing in on the budget, per default dtype
 SPREAD_FRACTIONS = (0.5, 0.2)  # of the largest feasible fidelity budget, once converged

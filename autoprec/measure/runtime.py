@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from autoprec.errors import AutoprecError
+from autoprec.policy import RUNTIMES
 
-RUNTIMES = ("eager", "compiled")
 CUDA_MODE = "reduce-overhead"  # CUDA graphs; benchmarks/runtime_ratios.py --device cuda compares modes
 RECOMPILE_LIMIT = 64  # distinct compiled variants per code object: blocks x formats x batch shapes
 

@@ -1,0 +1,1 @@
+"""Reading a study back: data frames and the Pareto front, the HTML report."""

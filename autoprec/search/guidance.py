@@ -1,0 +1,85 @@
+"""The guided part of a search's trial loop: the sensitivity profile (once per study, claimed by
+one worker), then the planner's proposals, one at a time, each planned on every trial so far."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import optuna
+
+from autoprec.guided import study_state
+from autoprec.guided.sensitivity import build_profile
+from autoprec.search.study_setup import CLAIM_STALE_S
+from autoprec.store import schema
+
+if TYPE_CHECKING:
+    from autoprec.search.loop import Search
+
+
+class Guidance:
+    """Profile, then sequential proposals, for one `Search` (strategy "guided")."""
+
+    def __init__(self, search: "Search") -> None:
+        self.search = search
+
+    def ready(self) -> bool:
+        """Whether the profile is due: guided strategy, no proposal yet, no uniform trial waiting or running."""
+        if self.search.config.strategy != "guided" or schema.PROPOSALS_ATTR in self.search.study.user_attrs:
+            return False
+        if self.search._trials(optuna.trial.TrialState.WAITING):
+            return False
+        running = self.search._trials(optuna.trial.TrialState.RUNNING)
+        return not any(schema.TrialRecord.of(t).origin.kind == schema.UNIFORM for t in running)
+
+    def start(self) -> int:
+        """Profile (once per study), then the first sequential proposal (autoprec.guided.planner)."""
+        if not self.search.ledger.claim(self.search.study_name, "profile", stale_s=CLAIM_STALE_S):
+            return 0  # another worker is on it; this one keeps sampling meanwhile
+        try:
+            started = time.perf_counter()
+            profile = study_state.stored_profile(self.search.study)
+            reused = None if profile is not None else study_state.sibling_profile(self.search.storage, self.search.study_name, self.search.info)
+            if reused is not None:
+                profile, source = reused
+                profile.reference_latency_ms = self.search.evaluator.reference_latency_ms  # its layers in this study's terms
+                self.search.study.set_user_attr(schema.PROFILE_ATTR, profile.to_json())
+                self.search.study.set_user_attr(schema.PROFILE_SOURCE_ATTR, source)
+            if profile is None:
+                profile = build_profile(self.search.spec, self.search.evaluator.model, self.search.evaluator.example,
+                                        self.search.search_choices, self.search.search_defaults, self.search.device,
+                                        runtime=self.search.info.runtime,
+                                        # compiled: timing the reference would compile it again after the
+                                        # layers' resets; its profile keeps the layers' own times
+                                        time_model=self.search.evaluator.reference_solo_ms if self.search.info.runtime == "eager"
+                                        else None)
+                profile.reference_latency_ms = self.search.evaluator.reference_latency_ms
+                self.search.study.set_user_attr(schema.PROFILE_ATTR, profile.to_json())
+            self.search.phase_seconds["profile"] = time.perf_counter() - started
+            self.search.study.set_user_attr(schema.PROPOSALS_ATTR, [])  # from here on, proposals come one at a time
+            count = self.propose()
+        except BaseException:
+            self.search.ledger.drop_claim(self.search.study_name, "profile")
+            raise
+        self.search.ledger.finish_claim(self.search.study_name, "profile")
+        return count
+
+    def propose(self) -> int:
+        """Enqueue the planner's next proposal, planned on every trial so far, when none is waiting: one
+        at a time (measure, refit, re-plan). 0 once the planner has nothing left: the sampler goes on."""
+        if self.search._trials(optuna.trial.TrialState.WAITING):
+            return 0
+        profile = study_state.stored_profile(self.search.study)
+        if profile is None:
+            return 0
+        proposal = study_state.next_sequential(self.search.study, profile, self.search.search_choices, self.search.reference_score, self.search.max_drop,
+                                         self.search.search_defaults)
+        if proposal is None:
+            return 0
+        planned = list(self.search.study.user_attrs.get(schema.PROPOSALS_ATTR) or [])
+        planned.append({"default": proposal.default, "why": proposal.why, "predicted": proposal.predicted})
+        self.search.study.set_user_attr(schema.PROPOSALS_ATTR, planned)
+        return 1
+
+    def active(self) -> bool:
+        return self.search.config.strategy == "guided" and schema.PROPOSALS_ATTR in self.search.study.user_attrs

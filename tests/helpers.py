@@ -1,0 +1,33 @@
+"""Helpers the test modules share: the test specs, the CLI in a subprocess, short timing settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+from autoprec.measure.timing import TimingSettings
+
+SPECS = Path(__file__).parent / "specs"
+TINY = SPECS / "tiny_mlp.py"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# Few, short timing rounds: the tests check behaviour, not speed.
+FAST = TimingSettings(rounds=3, min_round_s=0.005, warmup_calls=1, max_rounds=3)
+
+
+def autoprec_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m autoprec ARGS` in a subprocess; raises with its stderr when `check` and it fails."""
+    proc = subprocess.run([sys.executable, "-m", "autoprec", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"autoprec {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def load_study(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
