@@ -5,7 +5,7 @@
 # suite with the GPU present (in parallel where pytest-xdist is installed). Each step has its own time
 # limit, so one slow step cannot take the others' time; logs and tables go to $OUT.
 #
-#     PYTHON=.venv/bin/python OUT=/tmp/cuda_out bash benchmarks/cuda_check.sh     (a CUDA GPU present)
+#     PYTHON=.venv/bin/python OUT=cuda_out bash benchmarks/cuda_check.sh     (a CUDA GPU present)
 #     STEPS="pytest_cuda runtime_ratios_cuda fp8_gpt2_cuda search_cuda export_cuda" ... runs only the steps named
 #     (that set takes about 9.5 minutes; apply_cuda and pytest_rest add about 7 more)
 set -uo pipefail
