@@ -73,7 +73,7 @@ def calibrated(profile: Profile, choices: dict, measured: list[dict], how: str) 
     uniform = {m["origin"].split()[1]: (m["default"], m["layers"], m) for m in measured
                if m["origin"].startswith("uniform ")}
     model.calibrate(uniform)
-    if how == "old":  # before issue 18: rest_latency[D] = uniform D minus its layers alone, no scales
+    if how == "old":  # the older fit: rest_latency[D] = uniform D minus its layers alone, no scales
         model.latency_scale = {}
         for fmt, (default, layers, m) in uniform.items():
             if fmt == default:

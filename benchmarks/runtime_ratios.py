@@ -17,7 +17,7 @@ all-int8 with the eager runtime's int8 kernel compiled (why the compiled runtime
 On a GPU with fp8 kernels (compute capability 8.9+) two more: all-fp8 (every layer that can take fp8,
 bf16 elsewhere) and fp8-large+bf16 (fp8 on the larger half of the layers by weight size, bf16 elsewhere);
 `--models gpt2` adds GPT-2 at its 124M shape (benchmarks/models/gpt2_124m.py, 16 x 256 tokens),
-`--models digits_deep` the 8-layer digits CNN of issue 20's classification study (256 noisy digits).
+`--models digits_deep` the 8-layer digits CNN classification study (256 noisy digits).
 
 The mixed policy gives the searchable layers int8, bf16 and fp32 in turn (a layer that cannot take
 int8 gets bf16), so it has many format boundaries, like a searched policy.

@@ -21,7 +21,7 @@ Optuna strategy (by design: the front is never worse than a uniform choice), and
 
 Task-metric studies (`--models minilm_retrieval,digits`, scored through their own evaluate(): top-10
 neighbour agreement, test accuracy) take their drops from --drops-minilm-retrieval / --drops-digits
-(their all-bf16 drop may be 0 or a few steps), and at the tight drop add issue 20's verdict: at least
+(their all-bf16 drop may be 0 or a few steps), and at the tight drop add the task-metric verdict: at least
 half the guided proposals feasible, and guided <= 0.90x TPE (run with --methods guided,tpe).
 
 Latencies from different runs drift on a shared machine, so at the end, per (model, drop), each
@@ -323,7 +323,7 @@ def fmt_ratio(x: float | None) -> str:
 
 
 def task_verdicts(runs: dict[str, MethodRun]) -> list[str]:
-    """Issue 20's bar for a task-metric study at a tight drop: half the guided proposals hold the drop,
+    """The bar for a task-metric study at a tight drop: half the guided proposals hold the drop,
     and the guided search's best feasible latency is at most 0.90x TPE's at the same budget."""
     out = []
     proposals = runs["guided"].notes.get("proposals", [])
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 for line in verdicts(runs, kind):
                     print(f"- {line}")
             if model_name in TASK_MODELS and kind == "tight" and all(m in runs for m in ("guided", "tpe")):
-                print("\ntask-metric verdict (issue 20):")
+                print("\ntask-metric verdict:")
                 for line in task_verdicts(runs):
                     print(f"- {line}")
             sys.stdout.flush()

