@@ -1,5 +1,3 @@
-import sys
+from autoprec.cli import run
 
-from autoprec.cli import main
-
-sys.exit(main())
+run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -75,10 +76,20 @@ def cmd_search(args: argparse.Namespace) -> None:
     front = pareto_front(trials_frame(result.study))
     print(_front_table(front))
     if not front.empty:
-        print(f"\nexport one with: autoprec export --study {result.study_name} --pick fastest -o policy.json"
-              + (f" --storage {result.storage}" if args.storage else ""))
+        print(f"\nexport one with: {export_command(result.study_name, args.storage and result.storage)}")
     if result.interrupted:
         raise KeyboardInterrupt
+
+
+def export_command(study: str, storage: str | None = None) -> str:
+    """The `autoprec export` command for a study, quoted for a POSIX shell (a password in the URL masked)."""
+    from autoprec.display import printable
+    from autoprec.store.storage import shown_url
+
+    command = f"autoprec export --study {shlex.quote(study)} --pick fastest -o policy.json"
+    if storage:
+        command += f" --storage {shlex.quote(shown_url(storage))}"
+    return printable(command)
 
 
 def _print_opened(search) -> None:
@@ -149,14 +160,15 @@ def cmd_front(args: argparse.Namespace) -> None:
 def cmd_studies(args: argparse.Namespace) -> None:
     from autoprec.results.frames import studies_frame
     from autoprec.store.storage import open_storage
-    from autoprec.display import format_table
+    from autoprec.display import format_table, number_text
 
     frame = studies_frame(open_storage(args.storage, readonly=True))
     if frame.empty:
         print("no autoprec studies in this store")
         return
-    rows = [(r.study, r.trials, r.complete, r.failed, r.front, "-" if r.best_latency_ms is None else
-             f"{r.best_latency_ms:.2f}", "-" if r.best_vs_fp32 is None else f"{r.best_vs_fp32:.3f}x", r.device)
+    # names and devices come from the store (anyone's): format_table escapes control characters
+    rows = [(r.study, r.trials, r.complete, r.failed, r.front, number_text(r.best_latency_ms, ".2f"),
+             number_text(r.best_vs_fp32, ".3f", "x"), r.device)
             for r in frame.itertuples()]
     print(format_table(["study", "trials", "complete", "failed", "front", "best ms", "vs fp32", "device"], rows))
 
@@ -172,35 +184,59 @@ def _drop_limit(text: str) -> float:
     return value
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    from autoprec.store import schema
-    from autoprec.results.frames import output_path, pick_trial, policy_of
+def _output(args: argparse.Namespace):
+    """The -o of a writing command, checked before the study is read (see autoprec.output)."""
+    from autoprec.output import check_output
+    from autoprec.store.storage import sqlite_file, storage_url
 
-    output_path(args.output)
+    return check_output(args.output, force=args.force, protected=[sqlite_file(storage_url(args.storage))],
+                        allow_stdout=True)
+
+
+def _wrote(out, what: str) -> None:
+    """The line saying what was written: on stderr when the output went to a stream (standard output,
+    /dev/stdout, a pipe), so it never mixes into the output itself."""
+    from autoprec.display import printable
+
+    print(f"wrote {printable(out.shown) if not out.is_stdout else 'standard output'}: {what}",
+          file=sys.stderr if out.in_place else sys.stdout)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from autoprec.display import printable
+    from autoprec.output import write_output
+    from autoprec.store import schema
+    from autoprec.results.frames import pick_trial, policy_of
+
+    out = _output(args)
     study = _open_study(args)
     trial = pick_trial(study, args.pick, args.trial, args.max_drop)
     policy = policy_of(study, trial)
-    path = policy.save(args.output)
+    write_output(out, policy.to_text())
     m = trial.values
-    print(f"wrote {path}: trial {trial.number}, score {m[0]:.6g}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
+    _wrote(out, f"trial {trial.number}, score {m[0]:.6g}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
     drop, limit = policy.measured.get("score_drop"), schema.read_info(study).max_drop
     if drop is not None and drop > limit:
         print(f"autoprec: note: trial {trial.number} lost {drop:.3g} of the score, over the study's max drop "
-              f"{limit:g}; `autoprec front --study {study.study_name}` lists the trials within it", file=sys.stderr)
+              f"{limit:g}; `autoprec front --study {printable(shlex.quote(study.study_name))}` lists the trials "
+              "within it", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from autoprec.results.html_report import write_report
 
-    path = write_report(_open_study(args), args.output, args.max_drop)
-    print(f"wrote {path}: the report of study {args.study!r} (one HTML file, opens offline)")
+    out = _output(args)
+    write_report(_open_study(args), out, args.max_drop)
+    _wrote(out, f"the report of study {args.study!r} (one HTML file, opens offline)")
 
 
 def cmd_trials(args: argparse.Namespace) -> None:
-    from autoprec.results.frames import write_trials
+    from autoprec.results.frames import trials_kind, write_trials
 
-    path = write_trials(_open_study(args), args.output)
-    print(f"wrote {path}: every trial of study {args.study!r}, one column per layer")
+    out = _output(args)
+    trials_kind(out)  # a suffix it cannot write is refused before the study is read
+    write_trials(_open_study(args), out)
+    _wrote(out, f"every trial of study {args.study!r}, one column per layer")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -252,6 +288,16 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
                                      "sqlite:///autoprec.db)")
 
 
+def _add_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="the study's name in the store (see `autoprec studies`)")
+
+
+def _add_output(p: argparse.ArgumentParser, what: str, **kwargs) -> None:
+    p.add_argument("-o", "--output", help=f"{what}; - writes it to standard output", **kwargs)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file at -o (never a SQLite file such as a study store)")
+
+
 def _add_malloc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--malloc-defaults", action="store_true", dest="malloc_defaults",
                    help="time on the CPU with the C library's default malloc settings (glibc hands large freed "
@@ -292,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--max-drop", type=float, default=None, dest="max_drop",
                    help="largest allowed absolute score drop from fp32 (default 0.01, fixed per study)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler and of training-mode fine-tuning (default 0; worker i of --workers "
+                        "uses seed + i)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads, fixed per study (default: a resumed study's; for a new one AUTOPREC_THREADS, "
                         "else all usable cores but one, shared among --workers)")
@@ -314,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes sharing the study (needs a server database, e.g. PostgreSQL)")
     p.add_argument("--devices", default=None, help="comma-separated devices, one worker each (cuda:0,cuda:1)")
-    p.add_argument("--no-progress", action="store_true", dest="no_progress")
+    p.add_argument("--no-progress", action="store_true", dest="no_progress",
+                   help="no progress bar (for logs and CI)")
     commands["search"] = cmd_search
 
     p = sub.add_parser("studies", help="list the studies in a store")
@@ -323,52 +372,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("front", help="the feasible Pareto front of a study")
     _add_storage(p)
-    p.add_argument("--study", required=True)
+    _add_study(p)
     p.add_argument("--max-drop", type=_drop_limit, default=None, dest="max_drop", help="only trials within this drop")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     commands["front"] = cmd_front
 
     p = sub.add_parser("profile", help="the per-layer sensitivity profile of a study and the cost model's error")
     _add_storage(p)
-    p.add_argument("--study", required=True)
+    _add_study(p)
     commands["profile"] = cmd_profile
 
     p = sub.add_parser("export", help="write a trial's policy file")
     _add_storage(p)
-    p.add_argument("--study", required=True)
+    _add_study(p)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--trial", type=int, help="trial number")
     group.add_argument("--pick", choices=["fastest", "smallest", "best-score"], help="pick from the front")
     p.add_argument("--max-drop", type=_drop_limit, default=None, dest="max_drop", help="with --pick: within this drop")
-    p.add_argument("-o", "--output", required=True, help="policy JSON to write")
+    _add_output(p, "policy JSON to write", required=True)
     commands["export"] = cmd_export
 
     p = sub.add_parser("report", help="write an HTML report of a study (plots, front, trials)")
     _add_storage(p)
-    p.add_argument("--study", required=True)
+    _add_study(p)
     p.add_argument("--max-drop", type=_drop_limit, default=None, dest="max_drop", help="front only within this drop")
-    p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    _add_output(p, "HTML file to write (default report.html)", default="report.html")
     commands["report"] = cmd_report
 
     p = sub.add_parser("trials", help="write every trial of a study to CSV or Parquet")
     _add_storage(p)
-    p.add_argument("--study", required=True)
-    p.add_argument("-o", "--output", required=True, help="trials.csv or trials.parquet")
+    _add_study(p)
+    _add_output(p, "trials.csv or trials.parquet (standard output: CSV)", required=True)
     commands["trials"] = cmd_trials
 
-    parser.set_defaults(_commands=commands)
+    parser.set_defaults(_commands=commands, _parsers=dict(sub.choices))
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; an unknown flag is reported with its subcommand's usage, not the top level's."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args._parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _error_text(exc: BaseException, args: argparse.Namespace) -> str:
+    """An error on one printable line, with no password of the store's URL in it."""
+    from autoprec.display import printable
+
+    text = printable(exc)
+    url = getattr(args, "storage", None) or os.environ.get("AUTOPREC_STORAGE")
+    if url and "@" in url:
+        from autoprec.store.storage import without_password
+
+        text = without_password(text, url)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     quiet_libraries()
     try:
         args._commands[args.command](args)
         sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except AutoprecError as exc:
-        print(f"autoprec: error: {exc}", file=sys.stderr)
+        print(f"autoprec: error: {_error_text(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autoprec: interrupted", file=sys.stderr)
@@ -381,5 +451,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `autoprec` program: main(), then an exit that threads model.py left running cannot hold up."""
+    import traceback
+
+    from autoprec.process import exit_process
+
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's usage errors, --help
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # a bug: its traceback, and still an exit that model.py's threads cannot hold up
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from autoprec.errors import PolicyError
+from autoprec.output import check_output, write_output
 from autoprec.precision import DTYPES, FLOAT_DTYPES, Calibration, apply_formats
 
 RUNTIMES = ("eager", "compiled")  # where a policy was timed: the runtimes of autoprec.measure.runtime
@@ -26,6 +27,11 @@ RUNTIMES = ("eager", "compiled")  # where a policy was timed: the runtimes of au
 POLICY_FORMAT = "autoprec.policy"
 POLICY_VERSION = 1
 _FIELDS = {"format", "version", "default", "layers", "training", "measured", "model"}
+# What `autoprec export` writes under 'measured' (autoprec.results.frames.policy_of); checked at load, so a
+# hand-edited file is refused in one line, not after a whole measurement. Other keys are kept unchecked.
+_MEASURED_NUMBERS = ("score", "latency_ms", "memory_bytes", "peak_bytes", "score_drop", "reference_score",
+                     "reference_latency_ms", "latency_ratio", "retimed_ratio", "compile_s")
+_MEASURED_TEXTS = ("device", "device_name", "cpu_allocator", "torch", "runtime", "study")
 _TRAINING_FIELDS = {"loss_scale": "number", "dynamic_loss_scale": "bool", "learning_rate": "number",
                     "steps": "int", "optimizer": "str"}
 
@@ -80,12 +86,15 @@ class Policy:
             data["model"] = self.model
         return data
 
+    def to_text(self) -> str:
+        """The policy file's text."""
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        tmp.replace(path)  # never a half-written policy file
-        return path
+        """Write the policy file (through a symlink; never over a SQLite database; a regular file is
+        replaced at once, never left half-written)."""
+        write_output(check_output(path, force=True), self.to_text())
+        return Path(path)
 
 
 def validate_formats(default: Any, layers: Any, where: str) -> None:
@@ -130,6 +139,43 @@ def _parse_training(data: Any, where: str) -> TrainingSettings:
     return TrainingSettings(**data)
 
 
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) < 1e18  # no measurement comes near: a hand-edited file
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _check_measured(measured: dict[str, Any], where: str) -> None:
+    """The fields `autoprec apply` prints: numbers finite, texts strings, the thread count a count."""
+    for key in _MEASURED_NUMBERS:
+        value = measured.get(key)
+        if value is not None and not _finite_number(value):
+            raise PolicyError(f"{where}: field 'measured.{key}' is {_shown(value)}; it must be a finite number "
+                              "(under 1e18) or null (re-export the policy with `autoprec export`)")
+    for key in _MEASURED_TEXTS:
+        value = measured.get(key)
+        if value is not None and not (isinstance(value, str) and len(value) <= 200):
+            raise PolicyError(f"{where}: field 'measured.{key}' is {_shown(value)}; it must be a short string "
+                              "or null (re-export the policy with `autoprec export`)")
+    threads, trial = measured.get("threads"), measured.get("trial")
+    if threads is not None and not ((isinstance(threads, str) and threads.isdigit() and len(threads) <= 6)
+                                    or (_check_type(threads, "int") and threads < 10**6)):
+        raise PolicyError(f"{where}: field 'measured.threads' is {_shown(threads)}; it must be a thread count "
+                          "or null (re-export the policy with `autoprec export`)")
+    if trial is not None and (isinstance(trial, bool) or not isinstance(trial, int) or not 0 <= trial < 10**12):
+        raise PolicyError(f"{where}: field 'measured.trial' is {_shown(trial)}; it must be a trial number or null")
+
+
+def _shown(value: Any) -> str:
+    """A value for an error line: its repr, cut short (a 300-digit number or a long string fits on a line)."""
+    big = isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30
+    text = "a number of more than 30 digits" if big else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def policy_from_json(data: Any, where: str = "policy") -> Policy:
     """Validate a decoded policy document; every failure names the offending entry."""
     if not isinstance(data, dict):
@@ -151,6 +197,8 @@ def policy_from_json(data: Any, where: str = "policy") -> Policy:
     measured = data.get("measured")
     if measured is not None and not isinstance(measured, dict):
         raise PolicyError(f"{where}: field 'measured' must be an object, not {type(measured).__name__}")
+    if measured is not None:
+        _check_measured(measured, where)
     if measured is not None and measured.get("runtime", "eager") not in RUNTIMES:
         raise PolicyError(f"{where}: field 'measured.runtime' is {measured['runtime']!r}; use one of "
                           f"{', '.join(RUNTIMES)}")

@@ -11,7 +11,7 @@ from autoprec.errors import AutoprecError, PolicyError
 from autoprec.measure.evaluator import Evaluator
 from autoprec.measure.machine import KEPT, configure_cpu, environment, resolve_device
 from autoprec.policy import Policy, load_policy, model_fingerprint
-from autoprec.display import format_bytes, format_table, threads_text
+from autoprec.display import format_bytes, format_table, printable, threads_text
 from autoprec.measure.timing import TimingSettings
 from autoprec.model.model_file import load_spec
 
@@ -22,7 +22,7 @@ def check_model(policy: Policy, policy_path: str | Path, model: nn.Module, model
     expected = (policy.model or {}).get("fingerprint")
     if not expected or expected == model_fingerprint(model):
         return ""
-    made_for = (policy.model or {}).get("class") or "model"
+    made_for = printable((policy.model or {}).get("class") or "model")
     what = (f"{policy_path} was exported for another model ({made_for}, fingerprint {expected[:19]}...) than "
             f"{Path(model_path).name} builds ({type(model).__name__}, {model_fingerprint(model)[:19]}...)")
     if not force:
@@ -43,7 +43,7 @@ def apply_and_compare(policy_path: str | Path, model_path: str | Path, device: s
     try:
         evaluator.candidate(policy)  # refuses a policy that does not fit this model before measuring
     except AutoprecError as exc:
-        made_for = (policy.model or {}).get("class")
+        made_for = printable((policy.model or {}).get("class") or "")
         mismatch = (f" (the policy was exported for a {made_for}, {Path(model_path).name} builds a "
                     f"{type(evaluator.model).__name__})" if made_for and made_for != type(evaluator.model).__name__
                     else "")
@@ -88,6 +88,7 @@ def stored_latency(stored: dict, here_ratio: float, here: dict[str, str]) -> str
     if not isinstance(ratio, (int, float)):
         return ""
     how = "re-timed at the end of the search" if stored.get("retimed_ratio") else "in the search"
+    stored = {k: printable(v) if isinstance(v, str) else v for k, v in stored.items()}  # a file from anyone
     line = (f"\nlatency stored in the policy: {ratio:.3f}x fp32 ({how}, {stored.get('device')} "
             f"{stored.get('device_name')}, {threads_text(stored.get('threads'))}); measured here: {here_ratio:.3f}x")
     differs = []

@@ -6,13 +6,15 @@ Every broken spec raises `SpecError` with one line naming the file, the callable
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -261,12 +263,38 @@ class ModelSpec:
         return "sha256:" + hashlib.sha256(self.path.read_bytes()).hexdigest()
 
 
+class ProcessExit(Exception):
+    """os._exit() called by model.py while autoprec imports it."""
+
+    def __init__(self, status: Any) -> None:
+        super().__init__(f"os._exit({status!r})")
+
+
+@contextlib.contextmanager
+def _no_process_exit() -> Iterator[None]:
+    """While model.py is imported, os._exit raises ProcessExit instead of ending the process with no word
+    (a kill or a crash of the interpreter still cannot be caught: the exit status then tells)."""
+    real = os._exit
+
+    def refuse(status: Any = 0) -> NoReturn:
+        raise ProcessExit(status)
+
+    os._exit = refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
 def load_spec(path: str | Path) -> ModelSpec:
     """Import model.py by path (like torch.hub's hubconf.py) and check its names statically."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: file not found; pass the path to a model.py that defines "
                         "build_model() and example_inputs()")
+    if path.suffix != ".py":
+        raise SpecError(f"{path}: not a Python file; pass a model.py (a .py file that defines build_model() and "
+                        "example_inputs(); see docs/model-file.md)")
     source = path.read_bytes()
     try:
         compile(source, str(path), "exec")
@@ -274,12 +302,17 @@ def load_spec(path: str | Path) -> ModelSpec:
         raise SpecError(f"{path}:{exc.lineno}: syntax error: {exc.msg}; fix the file") from None
     module_name = "autoprec_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise SpecError(f"{path}: Python cannot import it as a module; pass a model.py (a .py file)")
     module = importlib.util.module_from_spec(spec)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)  # so model.py can import its neighbours
     try:
-        spec.loader.exec_module(module)
+        with _no_process_exit():
+            spec.loader.exec_module(module)
+    except ProcessExit as exc:
+        raise SpecError(f"{path}: importing it calls {exc}, which would end autoprec with no word; remove the "
+                        "call (autoprec imports model.py, it does not run it as a script)") from None
     except USER_CODE_ERRORS as exc:
         raise SpecError(one_line(f"{path}: importing it raised {type(exc).__name__}: {exc}; fix the import "
                                  "(is every package it needs installed?)")) from None

@@ -3,6 +3,7 @@ the studies in a store, a trial's policy for export."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pandas as pd
 
 from autoprec.store import schema
 from autoprec.errors import AutoprecError
+from autoprec.output import Output, check_output, write_output
 from autoprec.policy import Policy, policy_from_json
 from autoprec.precision import DTYPES
 from autoprec.store.schema import StudyInfo, TrialRecord
@@ -64,14 +66,21 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def output_path(path: str | Path, flag: str = "-o") -> Path:
-    """`path` as a file to write, refused with one line before anything is computed or written."""
-    path = Path(path)
-    if path.is_dir():
-        raise AutoprecError(f"{flag} {path}: is a folder; name the file to write")
-    if not path.parent.is_dir():
-        raise AutoprecError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
-    return path
+def output_of(path: "str | Path | Output", flag: str = "-o") -> Output:
+    """`path` checked as a file to write (autoprec.output's rules), refused with one line before anything is
+    computed; the library overwrites an existing file (the CLI asks for --force first)."""
+    return path if isinstance(path, Output) else check_output(path, force=True, flag=flag)
+
+
+def trials_kind(out: Output) -> str:
+    """csv or parquet, from the file's suffix (standard output: csv)."""
+    if out.is_stdout:
+        return "csv"
+    kind = TRIAL_FORMATS.get(out.suffix)
+    if kind is None:
+        raise AutoprecError(f"{out.flag} {out.shown}: unknown file type {out.suffix or '(no suffix)'!r}; "
+                            "name a .csv or .parquet file")
+    return kind
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -92,28 +101,29 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return frame
 
 
-def write_trials(study: optuna.Study, path: str | Path) -> Path:
-    """Every trial as a row, to CSV or Parquet chosen by the file's suffix."""
-    path = output_path(path)
-    kind = TRIAL_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise AutoprecError(f"-o {path}: unknown file type {path.suffix or '(no suffix)'!r}; "
-                            "name a .csv or .parquet file")
+def write_trials(study: optuna.Study, path: "str | Path | Output") -> Path | None:
+    """Every trial as a row, to CSV or Parquet chosen by the file's suffix; returns the file written
+    (None: standard output)."""
+    out = output_of(path)
+    kind = trials_kind(out)
+    if kind == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise AutoprecError(f"{out.flag} {out.shown}: writing Parquet needs pyarrow; pip install "
+                                "'autoprec[report]' or write a .csv") from None
     frame = trials_table(study)
     if kind == "csv":
-        frame.to_csv(path, index=False)
-        return path
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise AutoprecError(f"-o {path}: writing Parquet needs pyarrow; pip install 'autoprec[report]' "
-                            "or write a .csv") from None
+        write_output(out, frame.to_csv(index=False))
+        return out.target
     # Columns that are None everywhere (no failure reasons yet) have no type; make them strings.
     for column in frame.columns:
         if frame[column].dtype == object and frame[column].isna().all():
             frame[column] = frame[column].astype("string")
-    frame.to_parquet(path, index=False)
-    return path
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    write_output(out, buffer.getvalue())
+    return out.target
 
 
 def _dominates(a: pd.Series, b: pd.Series) -> bool:

@@ -19,6 +19,7 @@ import functools
 import html
 import io
 import math
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,8 @@ from autoprec.errors import AutoprecError
 from autoprec.precision import DTYPES
 from autoprec.store import schema
 from autoprec.store.schema import PROFILE_ATTR, RETIMED_ATTR, Origin, StudyInfo
-from autoprec.results.frames import output_path, pareto_front, trials_table
+from autoprec.results.frames import output_of, pareto_front, trials_table
+from autoprec.output import Output, write_output
 
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
 DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00", "fp8": "#CC79A7"}
@@ -459,7 +461,8 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
             '<h2 id="policies">Policies on the front</h2>',
             '<p class="note">One column per front member, fastest first; <code>(default)</code> is the format '
             "of everything that is not a searchable layer (norms, embeddings, attention products). Export one "
-            f"with <code>autoprec export --study {_e(study.study_name)} --trial N -o policy.json</code>.</p>",
+            f"with <code>autoprec export --study {_e(shlex.quote(study.study_name))} --trial N -o policy.json"
+            "</code>.</p>",
             f'<div class="figure" id="policy-map">{policy_map(front, layers)}</div>',
         ]
     parts.append(_profile_section(study))
@@ -483,8 +486,8 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
     return "\n".join(parts)
 
 
-def write_report(study: optuna.Study, path: str | Path, max_drop: float | None = None) -> Path:
-    path = output_path(path)
-    document = build_report(study, max_drop)
-    path.write_text(document, encoding="utf-8")
-    return path
+def write_report(study: optuna.Study, path: str | Path | Output, max_drop: float | None = None) -> Path | None:
+    """Write the report (autoprec.output's rules); returns the file written (None: standard output)."""
+    out = output_of(path)
+    write_output(out, build_report(study, max_drop))
+    return out.target

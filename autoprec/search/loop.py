@@ -34,7 +34,8 @@ from autoprec.store.schema import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_fro
 from autoprec.store.recovery import fail_stale, retry_interrupted
 from autoprec.search.retime import retime_front
 from autoprec.search.sampling import KeepOut
-from autoprec.store.storage import storage_url
+from autoprec.store.storage import shown_url, storage_url
+from autoprec.display import printable
 from autoprec.search.config import SearchConfig
 
 
@@ -51,7 +52,8 @@ class _OneLineFailures(logging.Filter):
             return False
         if rec.exc_info and isinstance(rec.exc_info[1], (CandidateFailed, KeyboardInterrupt)):
             number = re.match(r"Trial (\d+)", str(rec.msg))
-            what = "interrupted" if isinstance(rec.exc_info[1], KeyboardInterrupt) else f"failed: {rec.exc_info[1]}"
+            exc = rec.exc_info[1]
+            what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {printable(exc)}"
             rec.msg = f"trial {number.group(1) if number else '?'} {what}"
             rec.args, rec.exc_info, rec.exc_text = (), None, None
         return True
@@ -115,7 +117,7 @@ class Search:
         return cls(open_study(config))
 
     def summary(self) -> str:
-        return (f"study {self.study_name!r} in {self.storage_url} ({self.finished_trials()} trials so far); "
+        return (f"study {self.study_name!r} in {shown_url(self.storage_url)} ({self.finished_trials()} trials so far); "
                 f"{len(self.choices)} searchable layers on {self.device}, {self.info.runtime} runtime; fp32 score "
                 f"{self.reference_score:.6g}, max drop {self.max_drop}")
 
@@ -306,8 +308,8 @@ def run_search(config: SearchConfig, on_open: Callable[[Search], None] | None = 
     search before the first trial (the CLI prints its summary)."""
     url = storage_url(config.storage)
     if config.workers > 1 and url.startswith("sqlite"):
-        raise AutoprecError(f"--workers {config.workers} with SQLite ({url}): SQLite lets one process write at a "
-                            "time, so several workers may fail with 'database is locked'; use "
+        raise AutoprecError(f"--workers {config.workers} with SQLite ({shown_url(url)}): SQLite lets one process "
+                            "write at a time, so several workers may fail with 'database is locked'; use "
                             "--storage postgresql://USER@HOST/DB for several workers")
     search = Search.open(config)
     if on_open is not None:

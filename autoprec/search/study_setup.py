@@ -84,6 +84,20 @@ class OpenedStudy:
         return self.storage.ledger  # type: ignore[attr-defined]
 
 
+# Optuna's studies.study_name column (and autoprec's tables beside it) is VARCHAR(512): PostgreSQL refuses a
+# longer name half way through creating the study, SQLite would keep it; both refuse it here, before anything.
+def _max_study_name() -> int:
+    try:
+        from optuna.storages._rdb.models import StudyModel
+
+        return int(StudyModel.__table__.c.study_name.type.length or 512)
+    except Exception:  # another Optuna layout: its documented schema's length
+        return 512
+
+
+MAX_STUDY_NAME = _max_study_name()
+
+
 def check_config(config: SearchConfig) -> None:
     """Refuse a bad option before anything is loaded or written."""
     if config.strategy not in STRATEGIES:
@@ -98,6 +112,9 @@ def check_config(config: SearchConfig) -> None:
         raise AutoprecError(f"--timeout {config.timeout}: give a number of seconds above 0, or leave it out")
     if config.study is not None and not config.study.strip():
         raise AutoprecError("--study '': give the study a name, or leave --study out for the model's folder name")
+    if config.study is not None and len(config.study) > MAX_STUDY_NAME:
+        raise AutoprecError(f"--study: the name has {len(config.study)} characters; a study store keeps at most "
+                            f"{MAX_STUDY_NAME}: give a shorter name")
     if config.runtime is not None:
         runtimes.check_runtime(config.runtime)
 

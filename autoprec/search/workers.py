@@ -2,9 +2,10 @@
 
 The launching process has opened the study (measured the fp32 reference and created it, or
 resumed it); it registers one run with the requested trial count and starts N processes
-(`python -m autoprec.search.workers JOB`, one per device with --devices). Each gets its job as JSON
-data: the search config, pinned to the study, its store, the study's thread count and its own
-seed and device, and the run to join. They reserve trials from that run in the store
+(`python -m autoprec.search.workers`, one per device with --devices). Each reads its job as one line
+of JSON on its standard input, never on its command line (every local user can read that with `ps`,
+and the store's URL may hold a password): the search config, pinned to the study, its store, the
+study's thread count and its own seed and device, and the run to join. They reserve trials from that run in the store
 (autoprec/ledger.py), so together they run exactly the requested number, and a worker killed
 mid-trial has its trial failed by the heartbeat and retried by a survivor. Workers on other
 machines join the same study by running `autoprec search` with the same --storage and --study.
@@ -48,6 +49,19 @@ def worker_job(search: Search, run_id: str, index: int) -> WorkerJob:
     return WorkerJob(pinned, run_id)
 
 
+def _start_worker(job: WorkerJob) -> subprocess.Popen:
+    """A worker process with its job on its standard input (a pipe), not on its command line."""
+    proc = subprocess.Popen([sys.executable, "-m", "autoprec.search.workers"], stdin=subprocess.PIPE,
+                            start_new_session=True)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write((job.to_json() + "\n").encode())
+        proc.stdin.close()
+    except BrokenPipeError:  # the worker died at start: its exit status says so
+        pass
+    return proc
+
+
 def run_workers(search: Search) -> SearchResult:
     config = search.config
     workers = config.workers
@@ -58,9 +72,7 @@ def run_workers(search: Search) -> SearchResult:
     search.run_id = run_id
     # In their own session: a Ctrl-C in the terminal reaches the launcher alone, which passes one
     # SIGINT to each worker (two would break a worker's store writes half way).
-    procs = [subprocess.Popen([sys.executable, "-m", "autoprec.search.workers", worker_job(search, run_id, i).to_json()],
-                              start_new_session=True)
-             for i in range(workers)]
+    procs = [_start_worker(worker_job(search, run_id, i)) for i in range(workers)]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.trials, desc=f"trials ({workers} workers)", unit="trial", disable=not config.progress)
@@ -101,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     quiet_libraries()
     try:
-        job = WorkerJob.from_json(args[0])
+        job = WorkerJob.from_json(args[0] if args else sys.stdin.readline())
         result = Search.open(job.config).run(None, job.config.timeout, run_id=job.run_id)
     except AutoprecError as exc:
         print(f"autoprec: error: {exc}", file=sys.stderr)
@@ -112,4 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from autoprec.process import exit_process
+
+    exit_process(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,24 @@ SQLITE_BUSY_TIMEOUT_S = 60
 
 def storage_url(url: str | None) -> str:
     return url or os.environ.get("AUTOPREC_STORAGE") or DEFAULT_STORAGE
+
+
+def shown_url(url: str) -> str:
+    """The store's URL to print or log: its password masked (`postgresql://user:***@host/db`)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: mask anything between "user:" and "@" anyway
+        return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def without_password(text: str, url: str) -> str:
+    """`text` (a driver's error, say) with the store URL's password masked wherever it appears."""
+    text = text.replace(url, shown_url(url))
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(str(password), "***") if password and len(str(password)) >= 3 else text
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -97,7 +116,8 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, readonly: bo
     url = storage_url(url)
     path = sqlite_file(url)
     if path is not None and readonly and not path.is_file():
-        raise StoreError(f"no study store at {str(path)!r} ({url}); run `autoprec search` first, or pass --storage")
+        raise StoreError(f"no study store at {str(path)!r} ({shown_url(url)}); run `autoprec search` first, "
+                         "or pass --storage")
     if path is not None and not readonly and path.exists() and not _writable(path):
         where = path if not os.access(path, os.W_OK) else path.parent
         raise StoreError(f"the study store {str(path)!r} cannot be written ({where} is read-only); a search writes "
@@ -123,7 +143,8 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, readonly: bo
     except Exception as exc:  # SQLAlchemy and drivers raise many kinds; all mean "cannot use this store"
         text = str(getattr(exc, "orig", None) or exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
-        raise StoreError(f"cannot open the study store {url!r}: {first}; check --storage / AUTOPREC_STORAGE") from None
+        raise StoreError(f"cannot open the study store {shown_url(url)!r}: {without_password(first, url)}; "
+                         "check --storage / AUTOPREC_STORAGE") from None
     if callback is not None:
         callback.ledger = ledger
     storage.ledger = ledger  # type: ignore[attr-defined]
