@@ -4,7 +4,7 @@ one worker), then the planner's proposals, one at a time, each planned on every 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -14,6 +14,7 @@ from autoprec.search.study_setup import CLAIM_STALE_S
 from autoprec.store import schema
 
 if TYPE_CHECKING:
+    from autoprec.guided.verdict import Exclusion, Skip
     from autoprec.search.loop import Search
 
 
@@ -22,6 +23,7 @@ class Guidance:
 
     def __init__(self, search: "Search") -> None:
         self.search = search
+        self._exclusion: tuple[tuple[int, ...], "Exclusion"] | None = None  # (finished trials, what they exclude)
 
     def ready(self) -> bool:
         """Whether the profile is due: guided strategy, no proposal yet, no uniform trial waiting or running."""
@@ -83,3 +85,43 @@ class Guidance:
 
     def active(self) -> bool:
         return self.search.config.strategy == "guided" and schema.PROPOSALS_ATTR in self.search.study.user_attrs
+
+    def _applies(self) -> bool:
+        """The exclusions and the verdict need the profile's drops; a fine-tuned trial's score depends
+        on its training knobs too, so they are left to the sampler there."""
+        return self.active() and not self.search.trains
+
+    def skip(self, default: str, layers: dict[str, str]) -> "Skip | None":
+        """Why the sampler's candidate is not worth measuring (autoprec.guided.verdict), or None."""
+        if not self._applies():
+            return None
+        states = optuna.trial.TrialState
+        finished = tuple(sorted(t.number for t in self.search._trials(states.COMPLETE, states.FAIL)))
+        if self._exclusion is None or self._exclusion[0] != finished:
+            profile = study_state.stored_profile(self.search.study)
+            if profile is None:
+                return None
+            s = self.search
+            self._exclusion = (finished, study_state.exclusion(s.study, profile, s.search_choices, s.reference_score,
+                                                               s.max_drop, s.search_defaults))
+        return self._exclusion[1].why(default, layers)
+
+    def verdict(self) -> dict[str, Any] | None:
+        """Once the planner has nothing left: the verdict that nothing unmeasured can beat the front
+        by more than the timing's resolution, or None while something still can."""
+        if not self._applies() or self.search._trials(optuna.trial.TrialState.WAITING):
+            return None
+        profile = study_state.stored_profile(self.search.study)
+        if profile is None:
+            return None
+        s = self.search
+        return study_state.stop_verdict(s.study, profile, s.search_choices, s.reference_score, s.max_drop,
+                                        s.search_defaults, s.config.timing.target_ci - 1.0, s.info.runtime)
+
+    def exhausted(self, skipped: int) -> dict[str, Any] | None:
+        """The verdict when the sampler's last `skipped` proposals were all skipped."""
+        profile = study_state.stored_profile(self.search.study)
+        if profile is None:
+            return None
+        s = self.search
+        return study_state.exhausted_verdict(s.study, profile, s.reference_score, s.max_drop, skipped, s.info.runtime)

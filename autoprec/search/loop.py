@@ -38,6 +38,9 @@ from autoprec.store.storage import storage_url
 from autoprec.search.config import SearchConfig
 
 
+MAX_SKIPS_IN_A_ROW = 25  # sampler proposals skipped one after another before the search stops
+
+
 class CandidateFailed(Exception):
     """A candidate that could not run; the trial is recorded as FAIL with the reason."""
 
@@ -82,6 +85,8 @@ class SearchResult:
     interrupted: bool
     phase_seconds: dict[str, float] = field(default_factory=dict)
     study: optuna.Study | None = None
+    verdict: str | None = None  # why the search stopped before its --trials (autoprec.guided.verdict)
+    skipped: dict[str, int] = field(default_factory=dict)  # sampler proposals not measured this run, by why
 
 
 class Search:
@@ -103,6 +108,8 @@ class Search:
         self.reference_score = float(self.info.reference.score)
         self.phase_seconds: dict[str, float] = {}
         self._last_origin = Origin()
+        self._skipped = False  # the last trial was a sampler proposal not worth measuring
+        self.verdict: dict[str, Any] | None = None
         self.pruning = opened.pruning
         self.search_choices = self.choices if self.pruning is None else self.pruning.choices
         self.search_defaults = self.space.default_dtypes if self.pruning is None else self.pruning.defaults
@@ -156,6 +163,12 @@ class Search:
             params["loss_scale"] = trial.suggest_categorical("loss_scale", knobs["loss_scale"])
             params["dynamic_loss_scale"] = trial.suggest_categorical("dynamic_loss_scale", knobs["dynamic_loss_scale"])
         policy = policy_from_params(params, self.space)
+        if self._last_origin.kind == schema.SAMPLER:  # the planner's exclusions hold for the sampler too
+            skip = self.guidance.skip(policy.default, policy.layers)
+            if skip is not None:
+                self._skipped = True
+                schema.record_skip(trial, skip.kind, skip.text, None if skip.drop is None else skip.drop - self.max_drop)
+                raise optuna.TrialPruned(skip.text)
         twin = self._measured_twin(trial.number, params)
         if twin is not None:  # samplers re-propose policies; measuring one twice buys nothing
             schema.copy_measured(trial, twin, self.max_drop)
@@ -200,6 +213,7 @@ class Search:
         self.run_id = run_id or self.ledger.new_run(self.study_name, int(trials or 0))
         bar = _ProgressBar(trials or 0, self.config.progress and run_id is None)
         interrupted = False
+        skips_in_a_row = 0
         try:
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -215,12 +229,27 @@ class Search:
                         continue
                     break
                 if self.guidance.active():
-                    self.guidance.propose()  # planned on everything measured so far, just before it is measured
+                    # planned on everything measured so far, just before it is measured; when the
+                    # planner has nothing left, stop where nothing unmeasured can beat the front
+                    if not self.guidance.propose() and self._stop_with(self.guidance.verdict()):
+                        break
                 started = time.perf_counter()
+                self._skipped = False
                 self.study.optimize(self.objective, n_trials=1, catch=(CandidateFailed,), callbacks=[bar.update],
                                     gc_after_trial=False)
                 phase = self._last_origin.phase
                 self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - started
+                if self._skipped:  # not a measurement: it does not count against --trials
+                    self.ledger.release(self.run_id)
+                    skips_in_a_row += 1
+                    if skips_in_a_row >= MAX_SKIPS_IN_A_ROW:  # the sampler keeps proposing what cannot win
+                        if not self._stop_with(self.guidance.exhausted(skips_in_a_row)):
+                            self.ledger.close_run(self.run_id)
+                        break
+                    continue
+                skips_in_a_row = 0
+                if self.verdict is None and schema.verdict_of(self.study) is not None:
+                    self.study.set_user_attr(schema.VERDICT_ATTR, None)  # an earlier run's, and this one went on
                 if on_trial:
                     on_trial()
             if run_id is None:
@@ -233,9 +262,25 @@ class Search:
             bar.close()
         return self.result(interrupted)
 
+    def _stop_with(self, verdict: dict[str, Any] | None) -> bool:
+        """Record `verdict` on the study and close the run (its other workers stop after their trial);
+        False, and a verdict left by an earlier run cleared, when there is none."""
+        if verdict is None:
+            if schema.verdict_of(self.study) is not None:
+                self.study.set_user_attr(schema.VERDICT_ATTR, None)
+            return False
+        self.verdict = verdict
+        self.study.set_user_attr(schema.VERDICT_ATTR, verdict)
+        self.study.set_user_attr(schema.SKIPPED_ATTR, schema.skipped_counts(self.study))
+        self.ledger.close_run(self.run_id)
+        return True
+
     def result(self, interrupted: bool) -> SearchResult:
+        verdict = schema.verdict_of(self.study)
         return SearchResult(self.study_name, self.storage_url, self.trials_of_run(), self.finished_trials(),
-                            interrupted, dict(self.phase_seconds), self.study)
+                            interrupted, dict(self.phase_seconds), self.study,
+                            verdict=verdict["line"] if verdict else None,
+                            skipped=schema.skipped_counts(self.study, self.run_id))
 
     def trials_of_run(self) -> int:
         """Trials this run (all its workers) finished: not other runs' trials, not attempts that were
@@ -260,6 +305,9 @@ class Search:
 
     def finish(self) -> None:
         """After the trials: record the cost model's error, re-time the front beside fp32."""
+        skipped = schema.skipped_counts(self.study)
+        if skipped:
+            self.study.set_user_attr(schema.SKIPPED_ATTR, skipped)
         profile = study_state.stored_profile(self.study)
         if profile is not None:
             model = study_state.calibrated_model(self.study, profile, self.search_choices, self.reference_score)
@@ -272,8 +320,8 @@ class Search:
             self.phase_seconds["retime"] = time.perf_counter() - started
 
     def finished_trials(self) -> int:
-        return len(self._trials(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
-                                optuna.trial.TrialState.PRUNED))
+        """Trials measured or failed (a skipped proposal, PRUNED, is neither)."""
+        return len(self._trials(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
 
 
 class _ProgressBar:
@@ -291,6 +339,9 @@ class _ProgressBar:
             if all(c <= 0 for c in t.constraints.values()) and (best is None or t.values[1] < best):
                 best = t.values[1]
         self.bar.set_description_str("trials")
+        if trial.state == optuna.trial.TrialState.PRUNED:  # a skipped proposal: not a trial run
+            self.bar.set_postfix_str(f"#{trial.number} skipped")
+            return
         state = trial.state.name.lower()
         self.bar.set_postfix_str(f"last #{trial.number} {state}, best feasible {best:.2f} ms" if best
                                  else f"last #{trial.number} {state}")
