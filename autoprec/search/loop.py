@@ -27,7 +27,7 @@ from autoprec.guided import study_state
 from autoprec.store import schema
 from autoprec.errors import AutoprecError
 from autoprec.store.worker_tables import worker_name
-from autoprec.search.guidance import Guidance
+from autoprec.search.guidance import MEASURED, STOP, Guidance
 from autoprec.search.study_setup import OpenedStudy, open_study
 from autoprec.precision.static_int8 import layout_hint
 from autoprec.store.schema import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params
@@ -36,9 +36,6 @@ from autoprec.search.retime import retime_front
 from autoprec.search.sampling import KeepOut
 from autoprec.store.storage import storage_url
 from autoprec.search.config import SearchConfig
-
-
-MAX_SKIPS_IN_A_ROW = 25  # sampler proposals skipped one after another before the search stops
 
 
 class CandidateFailed(Exception):
@@ -108,8 +105,6 @@ class Search:
         self.reference_score = float(self.info.reference.score)
         self.phase_seconds: dict[str, float] = {}
         self._last_origin = Origin()
-        self._skipped = False  # the last trial was a sampler proposal not worth measuring
-        self.verdict: dict[str, Any] | None = None
         self.pruning = opened.pruning
         self.search_choices = self.choices if self.pruning is None else self.pruning.choices
         self.search_defaults = self.space.default_dtypes if self.pruning is None else self.pruning.defaults
@@ -163,12 +158,7 @@ class Search:
             params["loss_scale"] = trial.suggest_categorical("loss_scale", knobs["loss_scale"])
             params["dynamic_loss_scale"] = trial.suggest_categorical("dynamic_loss_scale", knobs["dynamic_loss_scale"])
         policy = policy_from_params(params, self.space)
-        if self._last_origin.kind == schema.SAMPLER:  # the planner's exclusions hold for the sampler too
-            skip = self.guidance.skip(policy.default, policy.layers)
-            if skip is not None:
-                self._skipped = True
-                schema.record_skip(trial, skip.kind, skip.text, None if skip.drop is None else skip.drop - self.max_drop)
-                raise optuna.TrialPruned(skip.text)
+        self.guidance.screen(trial, policy, self._last_origin)  # the planner's exclusions hold for the sampler too
         twin = self._measured_twin(trial.number, params)
         if twin is not None:  # samplers re-propose policies; measuring one twice buys nothing
             schema.copy_measured(trial, twin, self.max_drop)
@@ -213,7 +203,6 @@ class Search:
         self.run_id = run_id or self.ledger.new_run(self.study_name, int(trials or 0))
         bar = _ProgressBar(trials or 0, self.config.progress and run_id is None)
         interrupted = False
-        skips_in_a_row = 0
         try:
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -228,29 +217,17 @@ class Search:
                     if self._wait_for_siblings():
                         continue
                     break
-                if self.guidance.active():
-                    # planned on everything measured so far, just before it is measured; when the
-                    # planner has nothing left, stop where nothing unmeasured can beat the front
-                    if not self.guidance.propose() and self._stop_with(self.guidance.verdict()):
-                        break
+                if self.guidance.before_trial():  # nothing unmeasured can beat the front: said, and stopped
+                    break
                 started = time.perf_counter()
-                self._skipped = False
                 self.study.optimize(self.objective, n_trials=1, catch=(CandidateFailed,), callbacks=[bar.update],
                                     gc_after_trial=False)
                 phase = self._last_origin.phase
                 self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - started
-                if self._skipped:  # not a measurement: it does not count against --trials
-                    self.ledger.release(self.run_id)
-                    skips_in_a_row += 1
-                    if skips_in_a_row >= MAX_SKIPS_IN_A_ROW:  # the sampler keeps proposing what cannot win
-                        if not self._stop_with(self.guidance.exhausted(skips_in_a_row)):
-                            self.ledger.close_run(self.run_id)
-                        break
-                    continue
-                skips_in_a_row = 0
-                if self.verdict is None and schema.verdict_of(self.study) is not None:
-                    self.study.set_user_attr(schema.VERDICT_ATTR, None)  # an earlier run's, and this one went on
-                if on_trial:
+                outcome = self.guidance.after_trial()
+                if outcome == STOP:
+                    break
+                if outcome == MEASURED and on_trial:
                     on_trial()
             if run_id is None:
                 self.finish()
@@ -261,19 +238,6 @@ class Search:
         finally:
             bar.close()
         return self.result(interrupted)
-
-    def _stop_with(self, verdict: dict[str, Any] | None) -> bool:
-        """Record `verdict` on the study and close the run (its other workers stop after their trial);
-        False, and a verdict left by an earlier run cleared, when there is none."""
-        if verdict is None:
-            if schema.verdict_of(self.study) is not None:
-                self.study.set_user_attr(schema.VERDICT_ATTR, None)
-            return False
-        self.verdict = verdict
-        self.study.set_user_attr(schema.VERDICT_ATTR, verdict)
-        self.study.set_user_attr(schema.SKIPPED_ATTR, schema.skipped_counts(self.study))
-        self.ledger.close_run(self.run_id)
-        return True
 
     def result(self, interrupted: bool) -> SearchResult:
         verdict = schema.verdict_of(self.study)
