@@ -72,9 +72,15 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(f"stopped: {result.trials_run} trials run this time are kept in the store; "
               "run the same command to resume", file=sys.stderr)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.phase_seconds.items())
-    print(f"\n{result.trials_run} trials run, {result.trials_total} in the study ({phases}). Feasible Pareto front:")
+    skipped = sum(result.skipped.values())
+    skipped_text = (f"; {skipped} sampler proposals skipped, not measured ("
+                    + ", ".join(f"{kind}: {n}" for kind, n in result.skipped.items()) + ")") if skipped else ""
+    print(f"\n{result.trials_run} trials run, {result.trials_total} in the study ({phases}){skipped_text}. "
+          "Feasible Pareto front:")
     front = pareto_front(trials_frame(result.study))
     print(_front_table(front))
+    if result.verdict:
+        print(f"\nstopped before --trials {args.trials}: {result.verdict}")
     if not front.empty:
         print(f"\nexport one with: {export_command(result.study_name, args.storage and result.storage)}")
     if result.interrupted:
@@ -148,13 +154,19 @@ def _open_study(args: argparse.Namespace):
 def cmd_front(args: argparse.Namespace) -> None:
     from autoprec.results.frames import pareto_front, trials_frame
 
-    front = pareto_front(trials_frame(_open_study(args)), args.max_drop)
+    from autoprec.store.schema import verdict_of
+
+    study = _open_study(args)
+    front = pareto_front(trials_frame(study), args.max_drop)
     if args.format == "csv":
         print(front.to_csv(index=False), end="")
     elif args.format == "json":
         print(front.to_json(orient="records", indent=2))
     else:
         print(_front_table(front))
+        verdict = verdict_of(study)
+        if verdict:
+            print(f"\nthe last search stopped early: {verdict['line']}")
 
 
 def cmd_studies(args: argparse.Namespace) -> None:

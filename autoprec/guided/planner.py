@@ -56,6 +56,7 @@ class Measured:
     uniform: str | None = None  # the format of a uniform trial
     proposed: bool = False  # made by this planner
     pending: bool = False  # enqueued or running, not measured yet: not proposed again, not fitted on
+    number: int | None = None  # the trial's number, where it came from a study
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class _Excluded:
     def __init__(self, profile: Profile, trials: Sequence[Measured], reference_score: float, max_drop: float,
                  names: Sequence[str]) -> None:
         self.profile, self.names = profile, list(names)
+        self.reference_score = reference_score
         self.seen = {_key(t.default, t.layers) for t in trials}
         self.missed = [t for t in trials if t.score is not None and reference_score - t.score > max_drop]
         self.failed = [t for t in trials if t.score is None and not t.pending]
@@ -145,17 +147,21 @@ class _Excluded:
         return 0.0 if fmt == "fp32" else self.profile.layers[name].get(fmt, {}).get("drop", 0.0)
 
     def __call__(self, default: str, layers: Mapping[str, str]) -> bool:
-        if _key(default, layers) in self.seen:
-            return True
-        for t in self.missed:
-            if t.default == default and all(
-                    self._drop(n, layers.get(n, default)) >= self._drop(n, t.layers.get(n, default)) for n in self.names):
-                return True
+        return _key(default, layers) in self.seen or self.why(default, layers) is not None
+
+    def why(self, default: str, layers: Mapping[str, str]) -> tuple[str, Measured] | None:
+        """("miss", the miss) when the policy is at least as damaging, layer by layer, as a measured miss
+        (the least damaging such miss); ("failed", the failure) when it changes every layer a policy that
+        could not run changed, as that one did; else None. Measured or not: a twin of a miss is a miss."""
+        misses = [t for t in self.missed if t.default == default and all(
+            self._drop(n, layers.get(n, default)) >= self._drop(n, t.layers.get(n, default)) for n in self.names)]
+        if misses:
+            return "miss", min(misses, key=lambda t: self.reference_score - t.score)
         for t in self.failed:
             changed = {n: f for n, f in t.layers.items() if f != "fp32"}
             if t.default == default and changed and all(layers.get(n) == f for n, f in changed.items()):
-                return True
-        return False
+                return "failed", t
+        return None
 
 
 def _state(profile: Profile, trials: Sequence[Measured], reference_score: float, max_drop: float,

@@ -17,6 +17,7 @@ from autoprec.store import schema
 from autoprec.guided.cost_model import CostModel
 from autoprec.guided.planner import Measured, Proposal, drop_model_report, next_proposal
 from autoprec.guided.sensitivity import Profile
+from autoprec.guided.verdict import Exclusion, exhausted, verdict
 from autoprec.store.schema import COSTMODEL_ATTR, PROFILE_ATTR, Origin, StudyInfo
 
 
@@ -126,7 +127,7 @@ def planner_trials(study: optuna.Study) -> list[Measured]:
                             latency_ms=t.values[1] if done else None, memory_bytes=t.values[2] if done else None,
                             uniform=r.origin.format if r.origin.kind == schema.UNIFORM else None,
                             proposed=r.origin.kind == schema.PROPOSAL and r.origin.phase == SEQUENTIAL_ORIGIN,
-                            pending=not (done or failed)))
+                            pending=not (done or failed), number=t.number))
     return out
 
 
@@ -162,3 +163,24 @@ def drop_model_of(study: optuna.Study, profile: Profile) -> dict[str, Any]:
     trials = [t for t in planner_trials(study) if not t.pending]
     defaults = tuple(sorted({t.default for t in trials}, key=lambda d: d != "fp32"))
     return drop_model_report(profile, trials, info.reference.score, defaults, info.max_drop)
+
+
+# --------------------------------------------------------------------------- where the search can still win
+
+
+def exclusion(study: optuna.Study, profile: Profile, choices: dict[str, tuple[str, ...]], reference_score: float,
+              max_drop: float, defaults: tuple[str, ...]) -> Exclusion:
+    """What is not worth measuring, given every trial measured so far (autoprec.guided.verdict)."""
+    return Exclusion(profile, choices, planner_trials(study), reference_score, max_drop, defaults)
+
+
+def stop_verdict(study: optuna.Study, profile: Profile, choices: dict[str, tuple[str, ...]], reference_score: float,
+                 max_drop: float, defaults: tuple[str, ...], resolution: float, runtime: str) -> dict[str, Any] | None:
+    """The verdict that nothing unmeasured can beat the front, or None (autoprec.guided.verdict)."""
+    return verdict(profile, choices, planner_trials(study), reference_score, max_drop, defaults, resolution, runtime)
+
+
+def exhausted_verdict(study: optuna.Study, profile: Profile, reference_score: float, max_drop: float, skipped: int,
+                      runtime: str) -> dict[str, Any]:
+    """The verdict when the sampler's last `skipped` proposals were all skipped."""
+    return exhausted(profile, planner_trials(study), reference_score, max_drop, skipped, runtime)

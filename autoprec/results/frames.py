@@ -42,7 +42,7 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
             "feasible": t.state == optuna.trial.TrialState.COMPLETE and all(c <= 0 for c in t.constraints.values()),
             "default": r.default,
             **{d: counts.get(d, 0) for d in DTYPES},
-            "reason": r.failure_reason,
+            "reason": r.failure_reason or (f"skipped: {r.skipped}" if r.skipped else None),
             "compile_s": measurement.get("compile_s"),  # compiled runtime only
             "graph_breaks": measurement.get("graph_breaks"),
         }

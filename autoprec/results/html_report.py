@@ -4,9 +4,10 @@
 are matplotlib SVG inlined in the page (text kept as text, so trial numbers and layer names can be
 searched with the browser's find), the tables are plain HTML, the styles are inline, and there is no
 JavaScript. Sections: summary, Pareto front (score drop against latency and against memory, with the
-uniform policies and the fp32 reference marked), the front as a table, a map of the front's
+uniform policies and the fp32 reference marked), why the last search stopped early where it did
+(study attribute ``autoprec_verdict``), the front as a table, a map of the front's
 policies (layers x front members, coloured by format), the sensitivity profile (study attribute
-``autoprec_profile``) when there is one, every trial with failures and their reasons, and the
+``autoprec_profile``) when there is one, every trial with failures and skipped proposals and their reasons, and the
 environment the study was measured in.
 
 Needs matplotlib: ``pip install autoprec[report]``.
@@ -290,6 +291,7 @@ th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: left; vertical-al
 th { background: #f4f4f4; position: sticky; top: 0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.front td { background: #fff1ec; font-weight: 600; }
+p.verdict { background: #eef4fb; border-left: 4px solid #3366aa; padding: 6px 10px; max-width: 70em; }
 tr.fail td { background: #fbeaea; color: #8a1f1f; }
 tr.infeasible td { color: #777; }
 td.warn { background: #fff3c4 !important; color: #7a5a00; }
@@ -403,6 +405,14 @@ def _profile_section(study: optuna.Study) -> str:
             f'<div class="figure" id="profile-plot">{figure}</div>')
 
 
+def _verdict_note(study: optuna.Study) -> str:
+    """The line that says why the last search stopped before its --trials, beside the front."""
+    verdict = schema.verdict_of(study)
+    if verdict is None:
+        return ""
+    return (f'<p class="verdict" id="verdict"><b>The last search stopped early:</b> {_e(verdict["line"])}</p>')
+
+
 def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
     """The report of `study` as one self-contained HTML document."""
     info = schema.read_info(study)
@@ -424,7 +434,9 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
 
     cards = [("trials", n), ("complete", states.get("COMPLETE", 0)), ("failed", states.get("FAIL", 0)),
              ("infeasible", infeasible), ("on the front", len(front))]
-    cards += [(state.lower(), states[state]) for state in ("RUNNING", "WAITING", "PRUNED") if states.get(state)]
+    cards += [(state.lower(), states[state]) for state in ("RUNNING", "WAITING") if states.get(state)]
+    if states.get("PRUNED"):  # sampler proposals not worth measuring (autoprec.guided.verdict)
+        cards.append(("skipped", states["PRUNED"]))
     cards += [("fp32 latency", f"{ref['latency_ms']:.3f} ms"),
               ("fastest on front", f"{best:.3f} ms ({best / ref['latency_ms']:.2f}x)" if best else "-"),
               ("fp32 memory", _bytes(ref["memory_bytes"]))]
@@ -446,6 +458,7 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
         "a symmetric log scale (zero at the top). Failed trials have no measurement and are listed below."
         "</p>",
         f'<div class="figure" id="front-plot">{front_plot(frame, front, info)}</div>',
+        _verdict_note(study),
     ]
     if front.empty:
         parts.append('<p id="front-table">No feasible trial yet: run more trials or loosen --max-drop.</p>')

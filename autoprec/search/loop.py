@@ -27,7 +27,7 @@ from autoprec.guided import study_state
 from autoprec.store import schema
 from autoprec.errors import AutoprecError
 from autoprec.store.worker_tables import worker_name
-from autoprec.search.guidance import Guidance
+from autoprec.search.guidance import MEASURED, STOP, Guidance
 from autoprec.search.study_setup import OpenedStudy, open_study
 from autoprec.precision.static_int8 import layout_hint
 from autoprec.store.schema import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params
@@ -84,6 +84,8 @@ class SearchResult:
     interrupted: bool
     phase_seconds: dict[str, float] = field(default_factory=dict)
     study: optuna.Study | None = None
+    verdict: str | None = None  # why the search stopped before its --trials (autoprec.guided.verdict)
+    skipped: dict[str, int] = field(default_factory=dict)  # sampler proposals not measured this run, by why
 
 
 class Search:
@@ -158,6 +160,7 @@ class Search:
             params["loss_scale"] = trial.suggest_categorical("loss_scale", knobs["loss_scale"])
             params["dynamic_loss_scale"] = trial.suggest_categorical("dynamic_loss_scale", knobs["dynamic_loss_scale"])
         policy = policy_from_params(params, self.space)
+        self.guidance.screen(trial, policy, self._last_origin)  # the planner's exclusions hold for the sampler too
         twin = self._measured_twin(trial.number, params)
         if twin is not None:  # samplers re-propose policies; measuring one twice buys nothing
             schema.copy_measured(trial, twin, self.max_drop)
@@ -216,14 +219,17 @@ class Search:
                     if self._wait_for_siblings():
                         continue
                     break
-                if self.guidance.active():
-                    self.guidance.propose()  # planned on everything measured so far, just before it is measured
+                if self.guidance.before_trial():  # nothing unmeasured can beat the front: said, and stopped
+                    break
                 started = time.perf_counter()
                 self.study.optimize(self.objective, n_trials=1, catch=(CandidateFailed,), callbacks=[bar.update],
                                     gc_after_trial=False)
                 phase = self._last_origin.phase
                 self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - started
-                if on_trial:
+                outcome = self.guidance.after_trial()
+                if outcome == STOP:
+                    break
+                if outcome == MEASURED and on_trial:
                     on_trial()
             if run_id is None:
                 self.finish()
@@ -236,8 +242,11 @@ class Search:
         return self.result(interrupted)
 
     def result(self, interrupted: bool) -> SearchResult:
+        verdict = schema.verdict_of(self.study)
         return SearchResult(self.study_name, self.storage_url, self.trials_of_run(), self.finished_trials(),
-                            interrupted, dict(self.phase_seconds), self.study)
+                            interrupted, dict(self.phase_seconds), self.study,
+                            verdict=verdict["line"] if verdict else None,
+                            skipped=schema.skipped_counts(self.study, self.run_id))
 
     def trials_of_run(self) -> int:
         """Trials this run (all its workers) finished: not other runs' trials, not attempts that were
@@ -262,6 +271,9 @@ class Search:
 
     def finish(self) -> None:
         """After the trials: record the cost model's error, re-time the front beside fp32."""
+        skipped = schema.skipped_counts(self.study)
+        if skipped:
+            self.study.set_user_attr(schema.SKIPPED_ATTR, skipped)
         profile = study_state.stored_profile(self.study)
         if profile is not None:
             model = study_state.calibrated_model(self.study, profile, self.search_choices, self.reference_score)
@@ -274,8 +286,8 @@ class Search:
             self.phase_seconds["retime"] = time.perf_counter() - started
 
     def finished_trials(self) -> int:
-        return len(self._trials(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
-                                optuna.trial.TrialState.PRUNED))
+        """Trials measured or failed (a skipped proposal, PRUNED, is neither)."""
+        return len(self._trials(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
 
 
 class _ProgressBar:
@@ -293,6 +305,9 @@ class _ProgressBar:
             if all(c <= 0 for c in t.constraints.values()) and (best is None or t.values[1] < best):
                 best = t.values[1]
         self.bar.set_description_str("trials")
+        if trial.state == optuna.trial.TrialState.PRUNED:  # a skipped proposal: not a trial run
+            self.bar.set_postfix_str(f"#{trial.number} skipped")
+            return
         state = trial.state.name.lower()
         self.bar.set_postfix_str(f"last #{trial.number} {state}, best feasible {best:.2f} ms" if best
                                  else f"last #{trial.number} {state}")

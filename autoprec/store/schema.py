@@ -24,6 +24,11 @@ Study user attributes (JSON, so optuna-dashboard shows them):
   ``autoprec_costmodel``: the guided search's sensitivity profile (profile.Profile), the study a
   reused profile came from, the proposals enqueued (one at a time, as planned) and the cost model's
   error, with the drop model's under "drop_model" (autoprec.guided.study_state).
+- ``autoprec_verdict``: why the last search stopped before its --trials, when it did
+  (autoprec.guided.verdict): ``{"kind", "line", "max_drop", "miss_trial", "miss_drop", "fastest_trial"}``,
+  "line" the one line `autoprec front` and the report print; None once a later run went on measuring.
+- ``autoprec_skipped``: how many sampler proposals were not measured, by why
+  (``{"as damaging as a measured miss": N, ...}``): each is a PRUNED trial with its ``skipped`` reason.
 
 Trial params: ``default`` (`DEFAULT_PARAM`) and one ``layer:NAME`` (`LAYER_PARAM`) per searchable
 layer, each a format name; in training mode also ``learning_rate``, ``loss_scale`` and
@@ -41,6 +46,9 @@ Trial user attributes (`TrialRecord` reads them all; `TrialKey` names them):
   (retried by the next run), `STALE` for one whose worker stopped beating (retried at once). The
   traceback of an unexpected failure is in its measurement's ``traceback``.
 - ``duplicate_of``: the trial whose measurement a re-proposed policy copied.
+- ``skipped``: a sampler proposal that was not measured (a PRUNED trial), why in one line, and
+  ``skipped_kind`` (autoprec.guided.verdict.SKIP_KINDS); its constraint is the drop it is believed to
+  lose less max_drop, so the sampler learns from it as from an infeasible trial.
 - ``predicted``: what a proposal was planned at: the cost model's latency and memory, and for the
   sequential planner's (origin "sequential ...") the drop model's score drop, the policy's fidelity
   drop, the fidelity budget and the score drop it aimed at (autoprec.guided.planner.Proposal).
@@ -73,6 +81,8 @@ PROFILE_ATTR = "autoprec_profile"
 PROFILE_SOURCE_ATTR = "autoprec_profile_from"
 PROPOSALS_ATTR = "autoprec_proposals"
 COSTMODEL_ATTR = "autoprec_costmodel"
+VERDICT_ATTR = "autoprec_verdict"
+SKIPPED_ATTR = "autoprec_skipped"
 
 LAYER_PARAM = "layer:"
 DEFAULT_PARAM = "default"
@@ -94,6 +104,8 @@ class TrialKey:
     FAILURE_REASON = "failure_reason"
     DUPLICATE_OF = "duplicate_of"
     PREDICTED = "predicted"
+    SKIPPED = "skipped"
+    SKIPPED_KIND = "skipped_kind"
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +275,7 @@ class TrialRecord:
     worker: str | None = None
     duplicate_of: int | None = None
     predicted: dict[str, float] | None = None
+    skipped: str | None = None
 
     @classmethod
     def of(cls, trial: "optuna.trial.FrozenTrial") -> "TrialRecord":
@@ -273,7 +286,7 @@ class TrialRecord:
                    measurement=a.get(TrialKey.MEASUREMENT) or {}, score_drop=a.get(TrialKey.SCORE_DROP),
                    failure_reason=a.get(TrialKey.FAILURE_REASON), run_id=a.get(TrialKey.RUN_ID),
                    worker=a.get(TrialKey.WORKER), duplicate_of=a.get(TrialKey.DUPLICATE_OF),
-                   predicted=a.get(TrialKey.PREDICTED))
+                   predicted=a.get(TrialKey.PREDICTED), skipped=a.get(TrialKey.SKIPPED))
 
     @property
     def default(self) -> str | None:
@@ -305,6 +318,30 @@ def record_measurement(trial: "optuna.Trial", measurement: dict[str, Any]) -> No
 
 def record_failure(trial: "optuna.Trial", reason: str) -> None:
     trial.set_user_attr(TrialKey.FAILURE_REASON, reason)
+
+
+def record_skip(trial: "optuna.Trial", kind: str, reason: str, over_budget: float | None) -> None:
+    """A candidate not measured: why, and (where known) how far over max_drop it is believed to land."""
+    trial.set_user_attr(TrialKey.SKIPPED, reason)
+    trial.set_user_attr(TrialKey.SKIPPED_KIND, kind)
+    if over_budget is not None and over_budget == over_budget:
+        trial.set_constraint("score_drop", over_budget)
+
+
+def skipped_counts(study: "optuna.Study", run_id: str | None = None) -> dict[str, int]:
+    """How many proposals were skipped, by kind, as the trials record it (with run_id: that run's)."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        kind = t.user_attrs.get(TrialKey.SKIPPED_KIND)
+        if kind and TrialKey.SKIPPED in t.user_attrs and run_id in (None, t.user_attrs.get(TrialKey.RUN_ID)):
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def verdict_of(study: "optuna.Study") -> dict[str, Any] | None:
+    """Why the last search stopped before its --trials (VERDICT_ATTR), or None."""
+    value = study.user_attrs.get(VERDICT_ATTR)
+    return value if isinstance(value, dict) and value.get("line") else None
 
 
 def record_drop(trial: "optuna.Trial", drop: float, max_drop: float) -> None:
