@@ -77,7 +77,7 @@ def test_default_is_fp32_when_absent():
 
 def test_counts():
     policy = Policy(layers={"a": "int8", "b": "int8", "c": "bf16"})
-    assert policy.counts() == {"fp32": 0, "fp16": 0, "bf16": 1, "int8": 2, "fp8": 0}
+    assert policy.counts() == {"fp32": 0, "fp16": 0, "bf16": 1, "int8": 2, "fp8": 0, "int4": 0}
 
 
 # --------------------------------------------------------------------------- refusals, each with its own message
@@ -182,8 +182,8 @@ def test_int8_conv_at_apply_time_needs_the_calibration_batches(tmp_path):
 
 
 def test_policy_object_validates_itself():
-    with pytest.raises(PolicyError, match=r"policy: layer 'x' has format 'int4'"):
-        Policy(layers={"x": "int4"})
+    with pytest.raises(PolicyError, match=r"policy: layer 'x' has format 'int3'"):
+        Policy(layers={"x": "int3"})
     with pytest.raises(PolicyError, match=r"policy: field 'default' is 'int8'"):
         Policy(default="int8")
 

@@ -24,7 +24,7 @@ import numpy as np
 from autoprec.guided.sensitivity import Profile
 
 BUDGET_FRACTIONS = (0.8, 0.5, 0.3, 0.15, 0.05)
-QUANTIZED = ("int8", "fp8")  # formats that cannot be a policy's default
+QUANTIZED = ("int8", "fp8", "int4")  # formats that cannot be a policy's default
 _BINS = 1000
 _SCALE_BOUNDS = (0.25, 4.0)  # a layer in the model vs alone: beyond this the profile is wrong, not the scale
 

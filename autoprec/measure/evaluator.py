@@ -54,7 +54,8 @@ METHODS = {
     "runtime_eager": "eager forwards",
     "runtime_compiled_cpu": ("torch.compile (inductor), the model's repeated blocks compiled one by one (regional "
                              "compilation), else the whole model; fp32 reference compiled the same way"),
-    "runtime_compiled_cuda": f"torch.compile (inductor) of the whole model, mode {runtimes.CUDA_MODE!r} (CUDA graphs)",
+    "runtime_compiled_cuda": (f"torch.compile (inductor), mode {runtimes.CUDA_MODE!r} (CUDA graphs), the model's "
+                              "repeated blocks compiled one by one (regional compilation), else the whole model"),
 }
 
 

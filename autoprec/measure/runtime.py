@@ -2,9 +2,9 @@
 
 `compiled` is `torch.compile` with inductor, as a user serves a model: on the CPU the repeated
 blocks of the model are compiled one by one (PyTorch's regional compilation recipe: identical
-blocks share one compiled graph, so a 6-layer encoder compiles one layer, not six), on CUDA the
-whole model in mode "reduce-overhead" (CUDA graphs: an eager forward of a small batch is bound by
-kernel launches, which a graph replay removes).
+blocks share one compiled graph, so a 6-layer encoder compiles one layer, not six), on CUDA in mode
+"reduce-overhead" (CUDA graphs: an eager forward of a small batch is bound by kernel launches, which
+a graph replay removes), regionally too where the model has repeated blocks.
 
 `prepare(model, runtime, device, example)` compiles (on the first call, which it makes) and returns
 a `Prepared`: the model to score, the forward to time and what compiling cost. Inductor's on-disk
@@ -208,8 +208,8 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
     """`model` ready to run in `runtime`; `call(fn)` runs fn on the example batch (the first call,
     which compiles, and a warm one, to separate compile time from run time).
 
-    regional: compile the repeated blocks (None: on the CPU where the model has them; on CUDA never,
-    where one CUDA graph for the whole forward is the point). mode: torch.compile's mode (None: CUDA_MODE
+    regional: compile the repeated blocks one by one (None: wherever the model has them, on CUDA with
+    a CUDA graph per block, so a large model compiles one block per distinct format assignment). mode: torch.compile's mode (None: CUDA_MODE
     on CUDA, inductor's default on the CPU)."""
     check_runtime(runtime)
     if runtime == "eager":
@@ -218,8 +218,8 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
     if mode is None and device.type == "cuda":
         mode = CUDA_MODE
     cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
-    if regional is None:
-        regional = not cuda_graphs
+    if regional is None:  # CUDA too: each block a CUDA graph; a study compiles each block assignment once
+        regional = True
     regions = repeated_blocks(model) if regional else []
     if regions:
         for name in regions:

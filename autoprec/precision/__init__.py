@@ -16,9 +16,10 @@ from autoprec.precision.layers import SEARCHABLE_CLASSES, LayerInfo, searchable_
 from autoprec.precision import floating as _floating  # noqa: F401
 from autoprec.precision import int8 as _int8  # noqa: F401
 from autoprec.precision import fp8 as _fp8  # noqa: F401
+from autoprec.precision import int4 as _int4  # noqa: F401
 from autoprec.precision.calibration import Calibration, calibrate
 
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8")
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
 
 __all__ = [
     "Calibration",
