@@ -13,7 +13,7 @@ from torch import nn
 from autoprec.errors import UnsupportedFormat
 from autoprec.policy import Policy, load_policy, policy_from_json
 from autoprec.precision import DTYPES, HANDLERS, apply_formats, module_storage_bytes
-from autoprec.space import load_space, space_from_dict
+from autoprec.search.space import space_from_dict
 
 INT4 = HANDLERS["int4"]
 CUDA = torch.device("cuda")
@@ -82,9 +82,8 @@ def test_int4_in_a_search_space_and_dropped_from_the_cpu_choices():
     space = space_from_dict({"name": "gpu", "dtypes": ["fp32", "bf16", "fp8", "int4"],
                              "default_dtypes": ["bf16"]}, "gpu.yaml")
     assert space.dtypes == ("fp32", "bf16", "fp8", "int4")
-    assert "int4" in load_space("default").dtypes
     model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 8))
-    choices = load_space("default").choices(model, torch.device("cpu"))
+    choices = space.choices(model, torch.device("cpu"))
     assert choices and all("int4" not in formats for formats in choices.values())
 
 
