@@ -95,6 +95,8 @@ def _print_opened(search) -> None:
 def _retimed_text(row) -> str:
     if row.retimed_ratio is not None and row.retimed_ratio == row.retimed_ratio:
         return f"{row.retimed_ratio:.3f}x"
+    if getattr(row, "retime_too_noisy", False) in (True,):  # a bool column (NaN where a frame lacks it)
+        return "too noisy"
     return "not re-timed" if getattr(row, "not_retimed", False) else "-"
 
 
@@ -114,6 +116,9 @@ def _front_table(front) -> str:
     retimed = front.retimed_ratio.notna().any()
     note = ("\n(re-timed: the front timed again beside fp32 in one pass at the end of the last search, fastest and "
             "smallest first, within 15% of the search's time)") if retimed else ""
+    if "retime_too_noisy" in front.columns and front.retime_too_noisy.eq(True).any():
+        note += ("\n(too noisy: the re-time's interval was wider than the search's own measurement, so the "
+                 "search's ratio stands; the machine was busy)")
     if "compile_s" in front.columns and front.compile_s.notna().any():  # the compiled runtime
         header[-1:-1] = ["compile s"]
         rows = [(*row[:-1], "-" if r.compile_s != r.compile_s or r.compile_s is None else f"{r.compile_s:.1f}", row[-1])
@@ -156,9 +161,11 @@ def cmd_studies(args: argparse.Namespace) -> None:
         print("no autoprec studies in this store")
         return
     rows = [(r.study, r.trials, r.complete, r.failed, r.front, "-" if r.best_latency_ms is None else
-             f"{r.best_latency_ms:.2f}", "-" if r.best_vs_fp32 is None else f"{r.best_vs_fp32:.3f}x", r.device)
+             f"{r.best_latency_ms:.2f}", "-" if r.best_vs_fp32 is None else f"{r.best_vs_fp32:.3f}x", r.device,
+             r.machine)
             for r in frame.itertuples()]
-    print(format_table(["study", "trials", "complete", "failed", "front", "best ms", "vs fp32", "device"], rows))
+    print(format_table(["study", "trials", "complete", "failed", "front", "best ms", "vs fp32", "device", "machine"],
+                       rows))
 
 
 def _drop_limit(text: str) -> float:
@@ -369,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except AutoprecError as exc:
         print(f"autoprec: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("autoprec: interrupted", file=sys.stderr)
         return 130
@@ -378,6 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # a database error from inside Optuna or SQLAlchemy: the store failed
+        from autoprec.store.storage import store_fault
+
+        fault = store_fault(exc)
+        if fault is None:
+            raise
+        print(f"autoprec: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     return 0
 
 
