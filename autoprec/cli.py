@@ -112,6 +112,8 @@ def _print_opened(search) -> None:
 def _retimed_text(row) -> str:
     if row.retimed_ratio is not None and row.retimed_ratio == row.retimed_ratio:
         return f"{row.retimed_ratio:.3f}x"
+    if getattr(row, "retime_too_noisy", False) in (True,):  # a bool column (NaN where a frame lacks it)
+        return "too noisy"
     return "not re-timed" if getattr(row, "not_retimed", False) else "-"
 
 
@@ -131,6 +133,9 @@ def _front_table(front) -> str:
     retimed = front.retimed_ratio.notna().any()
     note = ("\n(re-timed: the front timed again beside fp32 in one pass at the end of the last search, fastest and "
             "smallest first, within 15% of the search's time)") if retimed else ""
+    if "retime_too_noisy" in front.columns and front.retime_too_noisy.eq(True).any():
+        note += ("\n(too noisy: the re-time's interval was wider than the search's own measurement, so the "
+                 "search's ratio stands; the machine was busy)")
     if "compile_s" in front.columns and front.compile_s.notna().any():  # the compiled runtime
         header[-1:-1] = ["compile s"]
         rows = [(*row[:-1], "-" if r.compile_s != r.compile_s or r.compile_s is None else f"{r.compile_s:.1f}", row[-1])
@@ -180,9 +185,10 @@ def cmd_studies(args: argparse.Namespace) -> None:
         return
     # names and devices come from the store (anyone's): format_table escapes control characters
     rows = [(r.study, r.trials, r.complete, r.failed, r.front, number_text(r.best_latency_ms, ".2f"),
-             number_text(r.best_vs_fp32, ".3f", "x"), r.device)
+             number_text(r.best_vs_fp32, ".3f", "x"), r.device, r.machine)
             for r in frame.itertuples()]
-    print(format_table(["study", "trials", "complete", "failed", "front", "best ms", "vs fp32", "device"], rows))
+    print(format_table(["study", "trials", "complete", "failed", "front", "best ms", "vs fp32", "device", "machine"],
+                       rows))
 
 
 def _drop_limit(text: str) -> float:
@@ -451,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     except AutoprecError as exc:
         print(f"autoprec: error: {_error_text(exc, args)}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("autoprec: interrupted", file=sys.stderr)
         return 130
@@ -460,6 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # a database error from inside Optuna or SQLAlchemy: the store failed
+        from autoprec.store.storage import store_fault
+
+        fault = store_fault(exc)
+        if fault is None:
+            raise
+        print(f"autoprec: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 class AutoprecError(Exception):
     """Base of every error autoprec raises on purpose. The message names the culprit and the fix."""
 
+    exit_code = 2  # the CLI's exit status: the user's input or setup is at fault
+
 
 class SpecError(AutoprecError):
     """A model.py that breaks the contract."""
@@ -25,3 +27,10 @@ class SpaceError(AutoprecError):
 
 class StoreError(AutoprecError):
     """A study store that cannot be reached or holds something other than expected."""
+
+
+class StoreFault(StoreError):
+    """The study store failed while in use (a statement cancelled by the server, a connection lost for
+    good): the store is at fault, not the user's input."""
+
+    exit_code = 1

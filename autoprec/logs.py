@@ -25,3 +25,10 @@ def quiet_libraries() -> None:
     # then keeps that kernel in fp32, which is the compiled runtime's honest cost, not trouble (dozens of
     # these lines in one compiled search)
     warnings.filterwarnings("ignore", message=r"bf16 and fp16 are mixed in the scheduler node")
+    # Optuna's RDB storage logs a failed read with its SQL and parameters before it retries another way;
+    # when the store is failing, the command ends with one line on it (autoprec.store.storage.store_fault)
+    logging.getLogger("optuna.storages._rdb.storage").addFilter(_no_sql_fallback_notes)
+
+
+def _no_sql_fallback_notes(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Caught an error from sqlalchemy")

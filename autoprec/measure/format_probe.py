@@ -74,6 +74,16 @@ def machine(device: torch.device) -> dict[str, str]:
     return info
 
 
+def machine_kind(device: torch.device) -> dict[str, str]:
+    """The kind of machine a study is timed on: `machine` without the thread count, which a study
+    fixes and checks on its own. Two machines of one kind run the same kernels at the same speeds
+    (same CPU model, ISA flags and ISA-restricting variables, or same GPU and compute capability;
+    same torch), so their latency ratios to fp32 belong in one front."""
+    kind = machine(device)
+    kind.pop("threads", None)
+    return kind
+
+
 @dataclass
 class FormatProbe:
     """ratios[fmt][kind]: median time of the format's kernel / fp32's (absent: the format cannot run it)."""

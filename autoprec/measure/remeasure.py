@@ -89,6 +89,10 @@ def stored_latency(stored: dict, here_ratio: float, here: dict[str, str]) -> str
         return ""
     how = "re-timed at the end of the search" if stored.get("retimed_ratio") else "in the search"
     stored = {k: printable(v) if isinstance(v, str) else v for k, v in stored.items()}  # a file from anyone
+    noisy = stored.get("retime_too_noisy")
+    if not stored.get("retimed_ratio") and isinstance(noisy, list) and len(noisy) == 2 \
+            and all(isinstance(x, (int, float)) for x in noisy):
+        how += f"; its final re-time, {noisy[0]:.2f}-{noisy[1]:.2f}x, was noisier and is not used"
     line = (f"\nlatency stored in the policy: {ratio:.3f}x fp32 ({how}, {stored.get('device')} "
             f"{stored.get('device_name')}, {threads_text(stored.get('threads'))}); measured here: {here_ratio:.3f}x")
     differs = []

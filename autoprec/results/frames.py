@@ -48,7 +48,9 @@ def trials_frame(study: optuna.Study, flatten_layers: bool = False) -> pd.DataFr
         }
         if row["latency_ms"] is not None:
             row["latency_ratio"] = row["latency_ms"] / ref.latency_ms
-        row["retimed_ratio"] = retimed.get(str(t.number), {}).get("ratio")
+        entry = retimed.get(str(t.number))
+        row["retimed_ratio"] = entry["ratio"] if schema.usable_retime(entry) else None
+        row["retime_too_noisy"] = isinstance(entry, dict) and bool(entry.get("wider"))  # the search's ratio stands
         row["not_retimed"] = t.number in left_out  # on the front, past the re-time pass's budget
         if row["memory_bytes"] is not None:
             row["memory_ratio"] = row["memory_bytes"] / ref.memory_bytes
@@ -178,13 +180,16 @@ def policy_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Policy:
     r = TrialRecord.of(trial)
     policy = policy_from_json(trial.user_attrs[schema.TrialKey.POLICY], where=f"trial {trial.number}")
     env, ref = info.environment, info.reference
-    retimed = schema.retimed(study).get(str(trial.number), {})
+    retimed = schema.retimed(study).get(str(trial.number))
+    noisy = isinstance(retimed, dict) and bool(retimed.get("wider"))
     policy.measured = {
         "score": trial.values[0], "latency_ms": trial.values[1], "memory_bytes": int(trial.values[2]),
         "peak_bytes": r.measurement.get("peak_bytes"), "score_drop": r.score_drop,
         "reference_score": ref.score, "reference_latency_ms": ref.latency_ms,
         "latency_ratio": trial.values[1] / ref.latency_ms,
-        "retimed_ratio": retimed.get("ratio"),  # the front re-timed side by side at the end of the search
+        # the front re-timed side by side at the end of the search, unless that was noisier than the search
+        "retimed_ratio": retimed["ratio"] if schema.usable_retime(retimed) else None,
+        **({"retime_too_noisy": [retimed.get("lo"), retimed.get("hi")]} if noisy else {}),
         "device": env.get("device"), "device_name": env.get("device_name"), "threads": env.get("threads"),
         "cpu_allocator": env.get("cpu_allocator"), "torch": env.get("torch"),
         "runtime": info.runtime,  # how it was timed: serve a compiled policy under torch.compile
@@ -203,6 +208,25 @@ def _timed_on(info: StudyInfo) -> str:
     return where if info.runtime == "eager" else f"{where}, {info.runtime}"
 
 
+def machine_of(info: StudyInfo) -> str:
+    """The machine kind a study is timed on; for a study from before it was recorded, the CPU or GPU name."""
+    if info.machine_kind:
+        return schema.machine_text(info.machine_kind)
+    return f"{info.environment.get('device_name') or '-'} (kind not recorded)"
+
+
+def trial_machines(study: optuna.Study) -> dict[str, int]:
+    """Machine kinds (in words) that trials were timed on, other than the study's own, with their counts."""
+    own = schema.read_info(study).machine_kind
+    others: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        kind = t.user_attrs.get(schema.TrialKey.MACHINE)
+        if isinstance(kind, dict) and own and kind != own:
+            text = schema.machine_texts(own, kind)[1]
+            others[text] = others.get(text, 0) + 1
+    return others
+
+
 def studies_frame(storage: Any) -> pd.DataFrame:
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
@@ -218,5 +242,5 @@ def studies_frame(storage: Any) -> pd.DataFrame:
                      "failed": int((frame.state == "FAIL").sum()) if not frame.empty else 0,
                      "front": len(front), "best_latency_ms": best,
                      "best_vs_fp32": best / info.reference.latency_ms if best else None,
-                     "device": _timed_on(info)})
+                     "device": _timed_on(info), "machine": machine_of(info)})
     return pd.DataFrame(rows)

@@ -33,7 +33,7 @@ from autoprec.errors import AutoprecError
 from autoprec.precision import DTYPES
 from autoprec.store import schema
 from autoprec.store.schema import PROFILE_ATTR, RETIMED_ATTR, Origin, StudyInfo
-from autoprec.results.frames import output_of, pareto_front, trials_table
+from autoprec.results.frames import machine_of, output_of, pareto_front, trial_machines, trials_table
 from autoprec.output import Output, write_output
 
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
@@ -372,6 +372,11 @@ def _spread_cell(spread: Any) -> str:
 def _retimed_cell(entry: Any, left_out: bool = False) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("latency_ms"), (int, float)):
         return "<td class=num>not re-timed</td>" if left_out else "<td class=num>-</td>"
+    if entry.get("wider"):  # noisier than the search's own measurement: the search's number stands
+        lo, hi = entry.get("lo"), entry.get("hi")
+        span = f" {lo:.2f}-{hi:.2f}x fp32" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else ""
+        return (f'<td class="num warn" title="the re-time{span} was noisier than the search\'s own '
+                'measurement; the search\'s latency stands">too noisy</td>')
     spread = entry.get("spread")
     title = f' title="max/min of the per-round ratios {spread:.3f}"' if isinstance(spread, (int, float)) else ""
     return f"<td class=num{title}>{entry['latency_ms']:.3f}</td>"
@@ -448,7 +453,7 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
         f"<h1>autoprec study <code>{_e(study.study_name)}</code></h1>",
         f'<p class="sub">{_e(info.model_class)} from {_e(info.model_path)}, '
         f'{len(layers)} searchable layers, space <code>{_e(info.space.get("name"))}</code>, '
-        f'on {_e(env.get("device"))} ({_e(env.get("device_name"))}), {_e(info.runtime)} runtime; max drop {study_drop:g}; '
+        f'on {_e(env.get("device"))} ({_e(machine_of(info))}), {_e(info.runtime)} runtime; max drop {study_drop:g}; '
         f'report written {_e(time.strftime("%Y-%m-%d %H:%M"))}</p>',
         '<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards) + "</div>",
         '<h2 id="front">Pareto front</h2>',
@@ -493,7 +498,9 @@ def build_report(study: optuna.Study, max_drop: float | None = None) -> str:
                 "runtime": info.runtime, "search space": info.space.get("name"), "max drop": study_drop,
                 "fp32 score": f"{ref['score']:.6f}", "fp32 latency": f"{ref['latency_ms']:.3f} ms",
                 "fp32 memory": f"{int(ref['memory_bytes']):,} B", "study created": info.created,
-                "optuna": optuna.__version__}
+                "optuna": optuna.__version__, "machine kind": machine_of(info)}
+    for text, count in trial_machines(study).items():  # trials from before a study's kind was checked
+        env_rows[f"{count} trials timed on"] = text
     parts += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in env_rows.items()]
     parts += ["</dl></body></html>"]
     return "\n".join(parts)

@@ -31,10 +31,10 @@ from autoprec.search.guidance import MEASURED, STOP, Guidance
 from autoprec.search.study_setup import OpenedStudy, open_study
 from autoprec.precision.static_int8 import layout_hint
 from autoprec.store.schema import DEFAULT_PARAM, LAYER_PARAM, Origin, policy_from_params
-from autoprec.store.recovery import fail_stale, retry_interrupted
+from autoprec.store.recovery import RetriesFirst, abandon, fail_stale, process_identity, retry_interrupted
 from autoprec.search.retime import retime_front
 from autoprec.search.sampling import KeepOut
-from autoprec.store.storage import shown_url, storage_url
+from autoprec.store.storage import shown_url, storage_url, store_fault
 from autoprec.display import printable
 from autoprec.search.config import SearchConfig
 
@@ -49,6 +49,8 @@ class _OneLineFailures(logging.Filter):
 
     def filter(self, rec: logging.LogRecord) -> bool:
         if re.match(r"Trial \d+ failed with value None", str(rec.msg)):  # follows each of those: said already
+            return False
+        if rec.exc_info and store_fault(rec.exc_info[1]) is not None:  # the search stops with one line on it
             return False
         if rec.exc_info and isinstance(rec.exc_info[1], (CandidateFailed, KeyboardInterrupt)):
             number = re.match(r"Trial (\d+)", str(rec.msg))
@@ -88,6 +90,35 @@ class SearchResult:
     skipped: dict[str, int] = field(default_factory=dict)  # sampler proposals not measured this run, by why
 
 
+def _sampler(config: SearchConfig, kept: dict[str, tuple[str, ...]] | None, choices: dict[str, tuple[str, ...]],
+             defaults: tuple[str, ...], kept_defaults: tuple[str, ...]) -> optuna.samplers.BaseSampler:
+    """The strategy's sampler; with pruning (`kept`: each layer's formats left in), one that skips the
+    pruned formats."""
+    seed = config.seed
+    if config.strategy == "nsga2":
+        base: optuna.samplers.BaseSampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+    elif config.strategy == "random":
+        base = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        base = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8, constant_liar=True)
+    if kept is None:
+        return base
+    # the distributions keep every format (the uniform policies use them); the sampler skips the pruned
+    pruned = {LAYER_PARAM + n: set(choices[n]) - set(k) for n, k in kept.items()}
+    pruned[DEFAULT_PARAM] = set(defaults) - set(kept_defaults)
+    return KeepOut(base, pruned, seed)
+
+
+def measured_twin(complete: list[optuna.trial.FrozenTrial], number: int,
+                  params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+    """A measured trial with the same parameters as trial `number` (samplers re-propose policies).
+    Not for fine-tuned trials: their score depends on the training knobs' exact values too."""
+    for t in complete:
+        if t.number != number and t.params == params and schema.is_measured(t):
+            return t
+    return None
+
+
 class Search:
     """The trial loop of one worker over an opened study."""
 
@@ -111,7 +142,9 @@ class Search:
         self.search_choices = self.choices if self.pruning is None else self.pruning.choices
         self.search_defaults = self.space.default_dtypes if self.pruning is None else self.pruning.defaults
         self.layout_hint = layout_hint(self.evaluator.model, self.choices, self.device)
-        self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
+        self.study = RetriesFirst(study_name=self.study_name, storage=self.storage, sampler=self._sampler())
+        self.run_id = ""
+        self._trial_id: int | None = None  # the trial this process is running
         self.guidance = Guidance(self)
 
     @classmethod
@@ -124,19 +157,8 @@ class Search:
                 f"{self.reference_score:.6g}, max drop {self.max_drop}")
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
-        seed = self.config.seed
-        if self.config.strategy == "nsga2":
-            base: optuna.samplers.BaseSampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
-        elif self.config.strategy == "random":
-            base = optuna.samplers.RandomSampler(seed=seed)
-        else:
-            base = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8, constant_liar=True)
-        if self.pruning is None:
-            return base
-        # the distributions keep every format (the uniform policies use them); the sampler skips the pruned
-        pruned = {LAYER_PARAM + n: set(self.choices[n]) - set(kept) for n, kept in self.search_choices.items()}
-        pruned[DEFAULT_PARAM] = set(self.space.default_dtypes) - set(self.search_defaults)
-        return KeepOut(base, pruned, seed)
+        return _sampler(self.config, None if self.pruning is None else self.search_choices, self.choices,
+                        self.space.default_dtypes, self.search_defaults)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
         try:
@@ -148,8 +170,10 @@ class Search:
 
     def _objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
         # Beat before anything else: a trial with no heartbeat row never counts as stale.
+        self._trial_id = trial._trial_id
         self.storage.record_heartbeat(trial._trial_id)
-        self._last_origin = schema.start_trial(trial, self.run_id, worker_name())
+        self._last_origin = schema.start_trial(trial, self.run_id, worker_name(), self.opened.machine_kind,
+                                               process_identity())
         params = {DEFAULT_PARAM: trial.suggest_categorical(DEFAULT_PARAM, list(self.space.default_dtypes))}
         for name, options in self.choices.items():
             params[LAYER_PARAM + name] = trial.suggest_categorical(LAYER_PARAM + name, list(options))
@@ -161,7 +185,7 @@ class Search:
             params["dynamic_loss_scale"] = trial.suggest_categorical("dynamic_loss_scale", knobs["dynamic_loss_scale"])
         policy = policy_from_params(params, self.space)
         self.guidance.screen(trial, policy, self._last_origin)  # the planner's exclusions hold for the sampler too
-        twin = self._measured_twin(trial.number, params)
+        twin = None if self.trains else measured_twin(self._trials(optuna.trial.TrialState.COMPLETE), trial.number, params)
         if twin is not None:  # samplers re-propose policies; measuring one twice buys nothing
             schema.copy_measured(trial, twin, self.max_drop)
             return tuple(twin.values)
@@ -184,20 +208,25 @@ class Search:
         reference = self.evaluator.reference_latency_ms
         return (1.0, *(t.values[1] / reference for t in self.study.best_trials))
 
-    def _measured_twin(self, number: int, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
-        if self.trains:  # a fine-tuned trial's score depends on its training knobs' exact values too
-            return None
-        for t in self._trials(optuna.trial.TrialState.COMPLETE):
-            if t.number != number and t.params == params and schema.is_measured(t):
-                return t
-        return None
-
     def _trials(self, *states: optuna.trial.TrialState) -> list[optuna.trial.FrozenTrial]:
-        return self.study.get_trials(deepcopy=False, states=states)
+        return self.study.get_trials(deepcopy=False, states=states or None)
 
     def run(self, trials: int | None, timeout: float | None = None, run_id: str | None = None,
-            on_trial: Callable[[], None] | None = None) -> SearchResult:
-        """Run this invocation's trials: `trials` new ones, or with `run_id` a share of that run's."""
+            on_trial: Callable[[], None] | None = None, stop: Callable[[], bool] | None = None) -> SearchResult:
+        """Run this invocation's trials: `trials` new ones, or with `run_id` a share of that run's.
+        `stop`, asked before each trial: True ends the loop there (a worker whose launcher is gone)."""
+        try:
+            return self._run(trials, timeout, run_id, on_trial, stop)
+        except Exception as exc:
+            fault = store_fault(exc)
+            if fault is None:
+                raise
+            if self._trial_id is not None:
+                abandon(self.storage, self._trial_id)
+            raise fault from None
+
+    def _run(self, trials: int | None, timeout: float | None, run_id: str | None,
+             on_trial: Callable[[], None] | None, stop: Callable[[], bool] | None) -> SearchResult:
         fail_stale(self.study, self.storage)
         if run_id is None:  # the launcher of workers retries before it starts them
             retry_interrupted(self.study)
@@ -209,6 +238,8 @@ class Search:
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.ledger.close_run(self.run_id)
+                    break
+                if stop is not None and stop():
                     break
                 if self.guidance.ready():
                     bar.note("profiling layers")
@@ -224,6 +255,7 @@ class Search:
                 started = time.perf_counter()
                 self.study.optimize(self.objective, n_trials=1, catch=(CandidateFailed,), callbacks=[bar.update],
                                     gc_after_trial=False)
+                self._trial_id = None
                 phase = self._last_origin.phase
                 self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - started
                 outcome = self.guidance.after_trial()
@@ -249,14 +281,7 @@ class Search:
                             skipped=schema.skipped_counts(self.study, self.run_id))
 
     def trials_of_run(self) -> int:
-        """Trials this run (all its workers) finished: not other runs' trials, not attempts that were
-        retried, not interrupted ones."""
-        trials = self.study.get_trials(deepcopy=False)
-        retried = schema.retried_numbers(trials)
-        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-        return sum(1 for t in trials if t.state in done and t.number not in retried
-                   and t.user_attrs.get(schema.TrialKey.RUN_ID) == self.run_id
-                   and t.user_attrs.get(schema.TrialKey.FAILURE_REASON) != schema.INTERRUPTED)
+        return schema.trials_of_run(self._trials(), self.run_id)
 
     def _wait_for_siblings(self) -> bool:
         """True while another worker of this run has a trial RUNNING (it finishes, or goes stale and
@@ -282,7 +307,9 @@ class Search:
                                     self.search_defaults)
         if self.config.retime_front:
             started = time.perf_counter()
-            retime_front(self.study, self.evaluator, self.max_drop, sum(self.phase_seconds.values()))
+            # a launcher of workers ran no trial itself: the budget is its workers' time
+            seconds = sum(self.phase_seconds.values()) or schema.run_seconds(self._trials(), self.run_id)
+            retime_front(self.study, self.evaluator, self.max_drop, seconds)
             self.phase_seconds["retime"] = time.perf_counter() - started
 
     def finished_trials(self) -> int:

@@ -6,6 +6,10 @@ their drop: the fastest policy, or the smallest. So the pass re-times members in
 fastest, smallest, second fastest, second smallest, ..., each that still fits the budget (its
 cost: what timing it took when it was measured), and marks the rest "not re-timed". The fastest
 member is always re-timed: it is the one a user most often exports.
+
+A re-timing noisier than the search's own measurement of a member (its confidence interval, hi / lo,
+wider) does not replace the search's ratio: it is kept, marked ``wider``, and shown as too noisy
+(a busy machine during the pass gave 0.30-5.26 around a ratio the search had measured as 1.32).
 """
 
 from __future__ import annotations
@@ -93,15 +97,28 @@ def retime_front(study: optuna.Study, evaluator: Evaluator, max_drop: float, sea
         neighbours = (1.0, *(r for n, r in ratios.items() if n != number))
         timing = evaluator.retime(policy_from_params(by_number[number].params), neighbours)
         if timing is not None:
-            timings[str(number)] = {"latency_ms": timing.ratio * reference, "ratio": timing.ratio,
-                                    "spread": timing.ratio_spread, "lo": timing.ratio_lo, "hi": timing.ratio_hi,
-                                    "rounds": timing.rounds}
+            entry = {"latency_ms": timing.ratio * reference, "ratio": timing.ratio, "spread": timing.ratio_spread,
+                     "lo": timing.ratio_lo, "hi": timing.ratio_hi, "rounds": timing.rounds}
+            search_width = interval_width(schema.TrialRecord.of(by_number[number]).measurement)
+            width = interval_width({"latency_ratio_lo": timing.ratio_lo, "latency_ratio_hi": timing.ratio_hi})
+            if width is not None and search_width is not None and width > search_width:
+                entry["wider"] = True  # noisier than the search's own number: that one stands
+            timings[str(number)] = entry
     # a member this pass left out keeps the re-timing an earlier pass gave it (a short resume has a
     # small budget; its earlier side-by-side ratio is still the better number than none)
     earlier = schema.retimed(study)
     kept = {str(n): {**earlier[str(n)], "earlier": True} for n in plan.not_retimed if str(n) in earlier}
     return schema.write_retimed(study, time.strftime("%Y-%m-%dT%H:%M:%S%z"), {**kept, **timings},
                                 [n for n in plan.not_retimed if str(n) not in kept], plan.budget_s)
+
+
+def interval_width(measurement: dict[str, Any]) -> float | None:
+    """hi / lo of a measured latency ratio's confidence interval (None where it was not recorded)."""
+    lo, hi = measurement.get("latency_ratio_lo"), measurement.get("latency_ratio_hi")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > 0:
+        return hi / lo
+    ci = measurement.get("latency_ci")
+    return float(ci) if isinstance(ci, (int, float)) and ci >= 1 else None
 
 
 def _timing_cost(trial: schema.TrialRecord) -> float:

@@ -78,6 +78,7 @@ class OpenedStudy:
     info: StudyInfo
     threads: int | None
     pruning: format_probe.Pruning | None = None  # formats left out of per-layer search (None: nothing)
+    machine_kind: dict[str, str] | None = None  # this process's machine kind, the study's (checked on opening)
 
     @property
     def ledger(self) -> Ledger:
@@ -154,8 +155,22 @@ def study_threads(device: torch.device, stored: str | int | None, requested: int
     return int(stored)
 
 
+def check_machine(info: StudyInfo, kind: dict[str, str] | None, name: str) -> None:
+    """Refuse to time a study on another kind of machine than the one it is timed on: its latencies
+    are ratios to fp32 on that kind, and another CPU model, ISA (ONEDNN_MAX_CPU_ISA,
+    ATEN_CPU_CAPABILITY), GPU or torch gives other ratios. A study from before the kind was recorded
+    is accepted (and gets this one)."""
+    if kind is None or info.machine_kind is None or info.machine_kind == kind:
+        return
+    there, here = schema.machine_texts(info.machine_kind, kind)
+    raise StoreError(f"study {name!r} is timed on {there}, and this machine is {here}: latency ratios to fp32 "
+                     "change with the machine kind, so its trials would not compare; run it on a machine of the "
+                     f"study's kind, or start a new study with --study NEW_NAME (this one is {name!r})")
+
+
 def check_resume(info: StudyInfo, fingerprint: str, space: SearchSpace, device: torch.device,
-                 max_drop: float | None, name: str, freed_memory_kept: bool, inputs: str | None = None) -> None:
+                 max_drop: float | None, name: str, freed_memory_kept: bool, inputs: str | None = None,
+                 machine_kind: dict[str, str] | None = None) -> None:
     way_out = f"start a new study with --study NEW_NAME (this one is {name!r})"
     if info.model_fingerprint != fingerprint:
         raise StoreError(f"study {name!r} was made for a different model ({info.model_class}, "
@@ -168,6 +183,7 @@ def check_resume(info: StudyInfo, fingerprint: str, space: SearchSpace, device: 
                          f"and this run's space {space.name!r} differs; {way_out}")
     if info.device_type != device.type:
         raise StoreError(f"study {name!r} was measured on {info.device_type}, not {device.type}; {way_out}")
+    check_machine(info, machine_kind, name)
     kept = info.cpu_freed_memory_kept
     if device.type == "cpu" and kept is not None and kept != freed_memory_kept:
         was, flag = ("kept", "drop --malloc-defaults") if kept else ("returned", "add --malloc-defaults")
@@ -238,6 +254,7 @@ class _Opener:
         self.new_file = file if file is not None and not file.exists() else None
         self.storage = open_storage(self.storage_url)
         self.ledger: Ledger = self.storage.ledger  # type: ignore[attr-defined]
+        self.machine_kind = format_probe.machine_kind(self.device)
 
     def open(self) -> OpenedStudy:
         config = self.config
@@ -249,20 +266,24 @@ class _Opener:
             info, evaluator = self._create_or_wait(threads, runtime)
         if evaluator is None:
             check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
-                         prepare_allocator(config.timing.keep_freed_memory), self.inputs)
-            check_choices(optuna.load_study(study_name=self.study_name, storage=self.storage), self.choices,
-                          self.study_name)
+                         prepare_allocator(config.timing.keep_freed_memory), self.inputs, self.machine_kind)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            check_choices(study, self.choices, self.study_name)
             threads = study_threads(self.device, info.environment.get("threads"), config.threads,
                                     config.workers, self.study_name)
             runtime = study_runtime(self.device, info.runtime, config.runtime, self.study_name)
             evaluator = self._evaluator(threads, runtime, info.reference.latency_ms)
+            if info.machine_kind is None:  # a study from before the kind was recorded: its kind from now on
+                info.machine_kind = self.machine_kind
+                schema.write_info(study, info)
         if self.device.type == "cpu" and threads and threads * config.workers > usable_cores():
             print(f"autoprec: {config.workers} x {threads_text(threads)} (study {self.study_name!r}'s) "
                   f"oversubscribe this machine's {usable_cores()} cores, which slows and blurs every timing; "
                   "use fewer --workers, or a new study with fewer --threads", file=sys.stderr)
         return OpenedStudy(config=config, spec=self.spec, space=self.space, device=self.device, choices=self.choices,
                            study_name=self.study_name, storage_url=self.storage_url, storage=self.storage,
-                           evaluator=evaluator, info=info, threads=threads, pruning=self._pruning(info))
+                           evaluator=evaluator, info=info, threads=threads, pruning=self._pruning(info),
+                           machine_kind=self.machine_kind)
 
     def _pruning(self, info: StudyInfo) -> format_probe.Pruning | None:
         """What the study leaves out of per-layer search: fixed when it was created (its probe and
@@ -316,7 +337,8 @@ class _Opener:
             max_drop=DEFAULT_MAX_DROP if max_drop is None else max_drop,
             reference=Reference(score=evaluator.reference_score, latency_ms=evaluator.reference_latency_ms,
                                 memory_bytes=module_storage_bytes(model)),
-            layers=list(self.choices), training=self.space.trains, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            layers=list(self.choices), training=self.space.trains, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            machine_kind=self.machine_kind)
         # the format probe runs in the study's thread count, set by the Evaluator; cached per machine
         found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device)
         # the probe times eager kernels: in the compiled runtime it orders the uniform trials but prunes

@@ -15,11 +15,15 @@ Study user attributes (JSON, so optuna-dashboard shows them):
   freed memory, the runtime (eager or compiled, autoprec.measure.runtime), max_drop, the fp32 reference
   (score, latency, memory), the searchable layers, training mode, the creation time, the format
   probe of the machine it was created on (probe.FormatProbe JSON; the store's cache of probes, keyed
-  by machine: `stored_probes`) and whether slow formats are pruned.
+  by machine: `stored_probes`) and whether slow formats are pruned, and the machine kind it is timed
+  on (``machine_kind``: the probe's machine key without the thread count; absent in studies from
+  before it was recorded, which get it at their next resume).
   Fixed for the study's life: a resume that would measure differently is refused.
 - ``autoprec_retimed``: the front re-timed beside fp32 at the end of the last search,
   ``{"at": TIME, "trials": {"NUMBER": {"latency_ms", "ratio", "spread", "lo", "hi", "rounds"}},
   "not_retimed": [NUMBER, ...], "budget_s": SECONDS}`` (autoprec.search.retime: what did not fit the budget).
+  A re-timing whose interval (hi / lo) is wider than the trial's own measurement's carries
+  ``"wider": true`` and does not replace the search's ratio (`usable_retime`).
 - ``autoprec_profile``, ``autoprec_profile_from``, ``autoprec_proposals``,
   ``autoprec_costmodel``: the guided search's sensitivity profile (profile.Profile), the study a
   reused profile came from, the proposals enqueued (one at a time, as planned) and the cost model's
@@ -39,11 +43,17 @@ Trial user attributes (`TrialRecord` reads them all; `TrialKey` names them):
 - ``origin``: why the trial exists, an `Origin` written as one string ("uniform bf16",
   "knapsack fastest, drop <= 0.5 x max_drop", absent for the sampler's).
 - ``run_id``, ``worker``: the invocation (autoprec.store.worker_tables) and process that ran it.
+- ``machine``: the machine kind the trial was timed on (as the study's ``machine_kind``).
+- ``owner``: the process running it, ``{"host", "pid", "pid_namespace", "started"}`` (its start
+  time in clock ticks after boot): a RUNNING trial whose owner is gone on this host is failed and
+  retried at once (autoprec.store.recovery), without waiting for the heartbeat grace.
 - ``policy`` (policy.Policy JSON), ``counts`` (layers per format and the default),
   ``measurement`` (evaluate.Measurement JSON), ``score_drop`` (fp32 score minus the trial's):
   a measured candidate; its constraint ``score_drop - max_drop`` is Optuna's.
 - ``failure_reason``: a FAIL trial's one-line reason; `INTERRUPTED` for a trial stopped by Ctrl-C
-  (retried by the next run), `STALE` for one whose worker stopped beating (retried at once). The
+  (retried by the next run), `STALE` for one whose worker stopped beating and `OWNER_GONE` for one
+  whose process ended on this host (both retried at once), `STORE_FAILED` for one the store failed
+  under (retried by the next run). The
   traceback of an unexpected failure is in its measurement's ``traceback``.
 - ``duplicate_of``: the trial whose measurement a re-proposed policy copied.
 - ``skipped``: a sampler proposal that was not measured (a PRUNED trial), why in one line, and
@@ -91,6 +101,8 @@ TRAINING_PARAMS = ("learning_rate", "loss_scale", "dynamic_loss_scale")
 
 INTERRUPTED = "interrupted"
 STALE = "its worker stopped (no heartbeat); retried"
+OWNER_GONE = "its process ended (killed or crashed); retried"
+STORE_FAILED = "the study store failed during the trial"
 
 
 class TrialKey:
@@ -106,6 +118,8 @@ class TrialKey:
     PREDICTED = "predicted"
     SKIPPED = "skipped"
     SKIPPED_KIND = "skipped_kind"
+    MACHINE = "machine"
+    OWNER = "owner"
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +196,7 @@ class StudyInfo:
     created: str = ""
     probe: dict[str, Any] | None = None  # probe.FormatProbe JSON, measured (or found cached) at creation
     prune: bool = False  # slow formats left out of per-layer search (studies from before: never)
+    machine_kind: dict[str, str] | None = None  # what it is timed on (None: recorded at the next resume)
     version: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
 
@@ -239,6 +254,37 @@ def write_retimed(study: "optuna.Study", at: str, trials: dict[str, dict[str, fl
     return record
 
 
+def usable_retime(entry: Any) -> bool:
+    """Whether a re-timing replaces the search's ratio: not when it was noisier than the search's own."""
+    return isinstance(entry, dict) and not entry.get("wider") and isinstance(entry.get("ratio"), (int, float))
+
+
+def machine_text(kind: Mapping[str, str] | None) -> str:
+    """A machine kind in a few words: 'AMD EPYC 7B13 (AVX2, torch 2.5.1)', with any ISA-restricting
+    variable; a GPU with its compute capability."""
+    if not kind:
+        return "an unrecorded machine kind"
+    name = kind.get("device_name") or kind.get("device_type") or "?"
+    if kind.get("device_type") == "cuda":
+        parts = [f"compute capability {kind.get('capability', '?')}"]
+    else:
+        parts = [kind["cpu_capability"]] if kind.get("cpu_capability") else []
+        parts += [f"{k}={v}" for k, v in sorted(kind.items()) if k.isupper()]  # ONEDNN_MAX_CPU_ISA and the like
+    parts.append(f"torch {kind.get('torch', '?')}")
+    return f"{name} ({', '.join(parts)})"
+
+
+def machine_texts(there: Mapping[str, str], here: Mapping[str, str]) -> tuple[str, str]:
+    """Two machine kinds in words that tell them apart (the differing fields are added when the short
+    texts are the same)."""
+    a, b = machine_text(there), machine_text(here)
+    if a == b:
+        differ = sorted(k for k in set(there) | set(here) if there.get(k) != here.get(k))
+        a += "".join(f", {k} {there.get(k, 'unset')!r}" for k in differ)
+        b += "".join(f", {k} {here.get(k, 'unset')!r}" for k in differ)
+    return a, b
+
+
 def machine_key(info: Mapping[str, str]) -> str:
     """The key a machine's format probe is kept under: CPU or GPU name, ISA flags, threads, torch."""
     return "sha256:" + hashlib.sha256(json.dumps(dict(info), sort_keys=True).encode()).hexdigest()[:16]
@@ -276,6 +322,8 @@ class TrialRecord:
     duplicate_of: int | None = None
     predicted: dict[str, float] | None = None
     skipped: str | None = None
+    machine: dict[str, str] | None = None
+    owner: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, trial: "optuna.trial.FrozenTrial") -> "TrialRecord":
@@ -286,7 +334,8 @@ class TrialRecord:
                    measurement=a.get(TrialKey.MEASUREMENT) or {}, score_drop=a.get(TrialKey.SCORE_DROP),
                    failure_reason=a.get(TrialKey.FAILURE_REASON), run_id=a.get(TrialKey.RUN_ID),
                    worker=a.get(TrialKey.WORKER), duplicate_of=a.get(TrialKey.DUPLICATE_OF),
-                   predicted=a.get(TrialKey.PREDICTED), skipped=a.get(TrialKey.SKIPPED))
+                   predicted=a.get(TrialKey.PREDICTED), skipped=a.get(TrialKey.SKIPPED),
+                   machine=a.get(TrialKey.MACHINE), owner=a.get(TrialKey.OWNER))
 
     @property
     def default(self) -> str | None:
@@ -301,9 +350,14 @@ def enqueue(study: "optuna.Study", params: dict[str, Any], origin: Origin, **att
     study.enqueue_trial(params, user_attrs={TrialKey.ORIGIN: origin.text, **attrs}, skip_if_exists=True)
 
 
-def start_trial(trial: "optuna.Trial", run_id: str, worker: str) -> Origin:
+def start_trial(trial: "optuna.Trial", run_id: str, worker: str, machine: Mapping[str, str] | None = None,
+                owner: Mapping[str, Any] | None = None) -> Origin:
     trial.set_user_attr(TrialKey.RUN_ID, run_id)
     trial.set_user_attr(TrialKey.WORKER, worker)
+    if owner is not None:
+        trial.set_user_attr(TrialKey.OWNER, dict(owner))
+    if machine is not None:
+        trial.set_user_attr(TrialKey.MACHINE, dict(machine))
     return Origin.parse(trial.user_attrs.get(TrialKey.ORIGIN))
 
 
@@ -360,6 +414,21 @@ def copy_measured(trial: "optuna.Trial", twin: "optuna.trial.FrozenTrial", max_d
 def retried_numbers(trials: "list[optuna.trial.FrozenTrial]") -> set[int]:
     """Numbers of the trials that a later trial retries (Optuna's ``retry_history`` system attribute)."""
     return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def trials_of_run(trials: "list[optuna.trial.FrozenTrial]", run_id: str) -> int:
+    """Trials a run (all its workers) finished: not other runs' trials, not attempts that were
+    retried, not interrupted ones."""
+    retried = retried_numbers(trials)
+    return sum(1 for t in trials if t.state.is_finished() and t.state.name != "PRUNED" and t.number not in retried
+               and t.user_attrs.get(TrialKey.RUN_ID) == run_id
+               and t.user_attrs.get(TrialKey.FAILURE_REASON) != INTERRUPTED)
+
+
+def run_seconds(trials: "list[optuna.trial.FrozenTrial]", run_id: str) -> float:
+    """Seconds a run's trials took, summed over its workers (start to completion)."""
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+               if t.datetime_start and t.datetime_complete and t.user_attrs.get(TrialKey.RUN_ID) == run_id)
 
 
 def is_measured(trial: "optuna.trial.FrozenTrial") -> bool:

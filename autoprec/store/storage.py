@@ -17,7 +17,7 @@ import optuna
 from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
-from autoprec.errors import StoreError
+from autoprec.errors import StoreError, StoreFault
 from autoprec.store.worker_tables import Ledger
 from autoprec.store.recovery import GRACE_S, HEARTBEAT_S, RetryAndRelease
 
@@ -60,8 +60,12 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 300}
     if url.startswith("postgresql"):
-        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S,
-                                  "options": f"-c statement_timeout={1000 * STATEMENT_TIMEOUT_S}"}
+        # the URL's own `options` (a server setting such as its own statement_timeout) come after
+        # autoprec's default, so they win: connect_args would otherwise replace them
+        own = make_url(url).query.get("options")
+        own = " ".join(own) if isinstance(own, tuple) else own
+        options = f"-c statement_timeout={1000 * STATEMENT_TIMEOUT_S}" + (f" {own}" if own else "")
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, "options": options}
     elif url.startswith("mysql"):
         kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": STATEMENT_TIMEOUT_S}
     return kwargs
@@ -141,14 +145,67 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, readonly: bo
     except StoreError:
         raise
     except Exception as exc:  # SQLAlchemy and drivers raise many kinds; all mean "cannot use this store"
-        text = str(getattr(exc, "orig", None) or exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise StoreError(f"cannot open the study store {shown_url(url)!r}: {without_password(first, url)}; "
+        first = without_password(_first_line(_database_error(exc) or exc), url)
+        if _statement_timeout(exc):  # it answers, then gives up: the server is at fault, not the URL
+            raise StoreFault(f"the study store {shown_url(url)!r} cancelled a statement while opening: {first}; raise "
+                             "the server's statement_timeout (or the one in the URL's options)") from None
+        raise StoreError(f"cannot open the study store {shown_url(url)!r}: {first}; "
                          "check --storage / AUTOPREC_STORAGE") from None
     if callback is not None:
         callback.ledger = ledger
     storage.ledger = ledger  # type: ignore[attr-defined]
     return storage
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, innermost last."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _database_error(exc: BaseException) -> BaseException | None:
+    """The database's own error behind `exc` (the driver's, else SQLAlchemy's), None when there is none.
+    Optuna re-raises a failed commit as StorageInternalError with a guess ("exceeding max length");
+    a failure while it handles that one surfaces as an UnboundLocalError: both are chained to it."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    found = [getattr(link, "orig", None) or link for link in _chain(exc) if isinstance(link, SQLAlchemyError)]
+    # the cause, not what followed it (after a cancelled statement: "current transaction is aborted")
+    cancelled = [e for e in found if _cancelled(e)]
+    return (cancelled or found or [None])[0]
+
+
+def _cancelled(error: BaseException) -> bool:
+    """Whether the server cancelled a statement (PostgreSQL's SQLSTATE 57014: a statement timeout)."""
+    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return code == "57014" or "statement timeout" in str(error)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _statement_timeout(exc: BaseException) -> bool:
+    found = _database_error(exc)
+    return found is not None and _cancelled(found)
+
+
+def store_fault(exc: BaseException) -> StoreFault | None:
+    """The store's failure behind `exc`, as one line (exit 1: the store is at fault); None when `exc`
+    does not come from the database."""
+    if isinstance(exc, StoreFault):
+        return exc
+    found = _database_error(exc)
+    if found is None:
+        return None
+    return StoreFault(f"the study store failed: {_first_line(found)}; the trials finished so far are kept, and a "
+                      "trial it cut short is retried by the next run; check the server (its statement_timeout, "
+                      "its connections) or --storage / AUTOPREC_STORAGE")
 
 
 def discard_if_unused(storage: RDBStorage, path: Path) -> None:

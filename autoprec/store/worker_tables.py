@@ -28,7 +28,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from autoprec.errors import StoreError
+from autoprec.errors import StoreFault
 
 T = TypeVar("T")
 _metadata = sa.MetaData()
@@ -77,7 +77,7 @@ def with_retry(action: Callable[[], T], what: str, attempts: int = 6) -> T:
         except OperationalError as exc:
             if attempt == attempts - 1:
                 first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-                raise StoreError(f"the study store stayed unreachable while {what}: {first}") from None
+                raise StoreFault(f"the study store stayed unreachable while {what}: {first}") from None
             time.sleep(0.5 * 2 ** attempt)
     raise AssertionError("unreachable")
 
