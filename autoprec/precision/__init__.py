@@ -16,9 +16,10 @@ from autoprec.precision.layers import SEARCHABLE_CLASSES, LayerInfo, searchable_
 from autoprec.precision import floating as _floating  # noqa: F401
 from autoprec.precision import int8 as _int8  # noqa: F401
 from autoprec.precision import fp8 as _fp8  # noqa: F401
+from autoprec.precision import static_int8_linear as _static_int8_linear  # noqa: F401  "int8s", not searched yet
 from autoprec.precision.calibration import Calibration, calibrate
 
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8")
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8")  # the formats a policy and a search space name
 
 __all__ = [
     "Calibration",
