@@ -76,10 +76,27 @@ def test_regional_compilation_compiles_identical_blocks_once():
     with torch.inference_mode():
         expected = model(x)
     before = counters["stats"]["unique_graphs"]
-    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x))
+    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x), freeze=False)
     assert prepared.regions == ["blocks.0", "blocks.1", "blocks.2"]
     assert counters["stats"]["unique_graphs"] - before == 1  # three blocks, one graph
     assert prepared.graph_breaks == 0 and prepared.compile_s >= 0
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared.model(x), expected)
+
+
+def test_frozen_regional_compilation_gives_each_block_its_graph_and_the_same_numbers():
+    """Freezing (the CPU default) makes weights constants of the graph: each block compiles its own."""
+    from torch._dynamo.utils import counters
+
+    R.reset()
+    model = Stack().eval()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(x)
+    before = counters["stats"]["unique_graphs"]
+    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x))
+    assert prepared.regions == ["blocks.0", "blocks.1", "blocks.2"]
+    assert counters["stats"]["unique_graphs"] - before == 3
     with torch.inference_mode():
         torch.testing.assert_close(prepared.model(x), expected)
 

@@ -105,12 +105,15 @@ def calibrate(model: nn.Module, names: Iterable[str], batches: Iterable[Any]) ->
 
 
 def calibrated_layers(model: nn.Module, device: torch.device | str) -> list[str]:
-    """The searchable layers of `model` that can take a calibrated format (static int8) on `device`."""
+    """The searchable layers of `model` that can take a calibrated format (static int8) on `device`, among
+    the formats a policy may name (`DTYPES`: a registered format that is not one is not calibrated for)."""
+    from autoprec.precision import DTYPES
     from autoprec.precision.base import HANDLERS
     from autoprec.precision.layers import is_searchable
 
     device = torch.device(device)
+    handlers = [HANDLERS[name] for name in DTYPES if name in HANDLERS]
     return [name for name, module in model.named_modules()
             if name and is_searchable(module)
             and any(h.needs_calibration(module) and h.unsupported_reason(module, device) is None
-                    for h in HANDLERS.values())]
+                    for h in handlers)]

@@ -15,12 +15,15 @@ import torch
 from torch import nn
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def foldable_batchnorms(model: nn.Module, conv_names: Iterable[str]) -> dict[str, str]:
     """conv name -> the BatchNorm (eval mode, running statistics) that alone consumes its output,
-    called once, for those of `conv_names` that have one; {} when the model cannot be traced."""
-    wanted = set(conv_names)
+    called once, for those of `conv_names` that have one; {} when the model cannot be traced. Names of
+    other layers (static int8 Linear layers) are passed over: a BatchNorm1d after a Linear on a 3-d input
+    normalises another dimension than the Linear's outputs."""
+    wanted = {name for name in conv_names if isinstance(model.get_submodule(name), _CONVS)}
     if not wanted:
         return {}
     try:

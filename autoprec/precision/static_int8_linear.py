@@ -1,0 +1,156 @@
+"""int8s: static int8 Linear layers on the CPU: uint8 activations with a calibrated per-tensor scale and
+zero point, per-channel symmetric int8 weights, oneDNN's int8 matmul (`onednn.qlinear_pointwise`, AMX or
+VNNI where the CPU has them), fp32 output.
+
+One layer at a time, like the static int8 convolutions (`static_int8.py`): each converted layer quantizes
+its own input and returns fp32, so any model works without tracing. The same two oneDNN calls run in
+both runtimes: eagerly, and under torch.compile, where inductor keeps them as they are (no graph break)
+and, with freezing, folds the packed weight into the graph as a constant.
+
+Measured against the other int8 Linear kernels torch has on the CPU (benchmarks/cpu_kernels.py): torch's
+dynamic int8 (fbgemm, activations quantized at run time: the `int8` format), torch.ao's static quantized
+Linear (quantized tensors in and out, so it needs an output scale too and requantizes), and a layer
+written as quantize / dequantize + F.linear, which inductor's x86 passes (torchao's) turn into the same
+oneDNN kernel under compile with freezing and which is slower eagerly.
+
+A format of its own, not a change of `int8`: a policy naming `int8` for a Linear layer means torch's
+dynamic int8 (no calibration needed) and still does.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+from torch import nn
+
+from autoprec.errors import UnsupportedFormat
+from autoprec.precision.base import register
+from autoprec.precision.int8 import _as_linear
+from autoprec.precision.layers import is_linear_like
+
+
+def static_linear_unsupported_reason(module: nn.Module, device: torch.device) -> str | None:
+    """None when `module` can run as a static int8 Linear on `device`, else why not."""
+    if not is_linear_like(module):
+        return (f"int8s (static int8) is for Linear layers, not {type(module).__name__}; "
+                "give this layer int8 (static int8 for convolutions), fp32, fp16 or bf16")
+    if device.type != "cpu":
+        return (f"int8s (static int8 Linear) runs on the CPU only (oneDNN), not {device.type}; "
+                "give this layer int8, fp32, fp16 or bf16")
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN quantized Linear (onednn.qlinear_pointwise); give this layer a float format"
+    return None
+
+
+@torch.library.custom_op("autoprec::static_int8_linear", mutates_args=())
+def _opaque_qlinear(qx: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor,
+                    w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """onednn.qlinear_pointwise, hidden from inductor: its lowering of that op needs the packed weight as a
+    graph constant, which it is only with freezing."""
+    return torch.ops.onednn.qlinear_pointwise(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias,
+                                              1.0, 0, torch.float32, "none", [], "")
+
+
+@_opaque_qlinear.register_fake
+def _(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias):
+    return qx.new_empty((*qx.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+
+
+@torch._dynamo.assume_constant_result
+def _freezing() -> bool:
+    """Whether torch.compile is tracing with inductor's freezing (decided when tracing, as dynamo decides
+    it for the parameters)."""
+    from torch._dynamo.utils import is_parameter_freezing
+
+    return is_parameter_freezing()
+
+
+class StaticInt8Linear(nn.Module):
+    """A Linear computing in int8 with fp32 output; built by `StaticInt8Linear.from_float`."""
+
+    def __init__(self, linear: nn.Linear, input_scale: float, input_zero_point: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
+        weight = linear.weight.detach().float().cpu()
+        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        qweight = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
+        # As in StaticInt8Conv: the int8 weight is the module's state (copied, saved, counted by
+        # memory_bytes); oneDNN's packed copy is made here and after a copy or a state load, never saved.
+        self.register_buffer("weight_int8", qweight)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", torch.zeros(scale.shape[0], dtype=torch.int64))
+        bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+        self._packed: torch.Tensor | None = None
+        self.packed_weight()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_packed"] = None  # an opaque oneDNN tensor: neither deep-copyable nor picklable
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.packed_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._packed = None
+        self.packed_weight()
+
+    def packed_weight(self) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
+        return self._packed
+
+    @classmethod
+    def from_float(cls, module: nn.Module, input_qparams: tuple[float, int]) -> "StaticInt8Linear":
+        return cls(_as_linear(module), *input_qparams)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if torch.compiler.is_compiling():  # inductor fuses it with its neighbours; no graph break
+            return torch.ops.quantized_decomposed.quantize_per_tensor.default(
+                x, self.input_scale, self.input_zero_point, 0, 255, torch.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensor types are deprecated; only the uint8 codes are kept
+            return torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8).int_repr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qx = self._quantize(x)
+        if torch.compiler.is_compiling() and not _freezing():
+            return _opaque_qlinear(qx, self.input_scale, self.input_zero_point, self.packed_weight(),
+                                   self.weight_scale, self.weight_zero_point, self.bias)
+        return torch.ops.onednn.qlinear_pointwise(
+            qx, self.input_scale, self.input_zero_point, self.packed_weight(), self.weight_scale,
+            self.weight_zero_point, self.bias, 1.0, 0, torch.float32, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"input scale={self.input_scale:.3g} zero point={self.input_zero_point}")
+
+
+class StaticInt8LinearFormat:
+    name = "int8s"
+
+    def needs_calibration(self, module: nn.Module) -> bool:
+        return True
+
+    def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
+        return static_linear_unsupported_reason(module, device)
+
+    def convert(self, module: nn.Module, device: torch.device,
+                input_qparams: tuple[float, int] | None = None) -> nn.Module:
+        if input_qparams is None:
+            raise UnsupportedFormat(f"static int8 {type(module).__name__} needs calibration: its input never "
+                                    "ran on the calibration batches, or none were given")
+        return StaticInt8Linear.from_float(module, input_qparams)
+
+    def io_dtype(self, device: torch.device) -> torch.dtype:
+        return torch.float32
+
+
+register(StaticInt8LinearFormat())

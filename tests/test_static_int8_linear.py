@@ -1,0 +1,199 @@
+"""int8s, static int8 Linear layers (CPU, oneDNN): closeness to fp32 eager and compiled (with and without
+inductor's freezing), calibration, refusals; and the int8 formats under the compiled runtime's freezing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from autoprec.measure import runtime as R
+from autoprec.errors import PolicyError, UnsupportedFormat
+from autoprec.precision import DTYPES, HANDLERS, apply_formats, calibrate, module_storage_bytes
+from autoprec.precision.calibration import calibrated_layers
+from autoprec.precision.static_int8 import StaticInt8Conv
+from autoprec.precision.static_int8_linear import StaticInt8Linear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+class Mlp(nn.Module):
+    """A transformer-like feed-forward block on (batch, tokens, features) and a head, seeded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        x = x + self.down(torch.nn.functional.gelu(self.up(h)))
+        return self.head(x).mean(1)
+
+
+def tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 6, 32, generator=torch.Generator().manual_seed(seed))
+
+
+CALIBRATION = [tokens(8, 10 + i) for i in range(3)]
+LINEARS = ("up", "down", "head")
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).min().item()
+
+
+def int8s_model(default: str = "fp32") -> nn.Module:
+    return apply_formats(Mlp().eval(), {n: "int8s" for n in LINEARS}, default, calibration=CALIBRATION)
+
+
+def test_static_int8_linear_applies_per_layer_and_stays_close_to_fp32():
+    model = Mlp().eval()
+    x = tokens(16, 1)
+    reference = run(model, x)
+    for names in (["down"], list(LINEARS)):
+        candidate = apply_formats(copy.deepcopy(model), {n: "int8s" for n in names}, calibration=CALIBRATION)
+        for name in LINEARS:
+            module = candidate.get_submodule(name)
+            assert isinstance(module, StaticInt8Linear) == (name in names), name
+            if name in names:
+                assert module.weight_int8.dtype == torch.int8
+                assert module.weight_scale.shape == (module.out_features,)  # per-channel, symmetric
+                assert module.weight_int8.abs().max() <= 127
+        out = run(candidate, x)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all() and not torch.equal(out, reference)
+        assert cosine(out, reference) > 0.995, names
+
+
+def test_in_a_bf16_model_the_int8_layers_take_and_give_back_bf16():
+    reference = run(Mlp().eval(), tokens(4, 2))
+    candidate = int8s_model("bf16")
+    assert candidate.norm.weight.dtype == torch.bfloat16 and isinstance(candidate.up, StaticInt8Linear)
+    out = run(candidate, tokens(4, 2))
+    assert out.dtype == torch.bfloat16 and cosine(out.float(), reference) > 0.99
+
+
+def test_calibration_gives_each_layer_its_input_range():
+    model = Mlp().eval()
+    calibration = calibrate(model, LINEARS, CALIBRATION)
+    scale, zero_point = calibration.inputs["up"]
+    assert scale > 0 and 0 < zero_point < 255  # a LayerNorm's output: both signs
+    candidate = apply_formats(copy.deepcopy(model), {"up": "int8s"}, calibration=calibration)
+    assert (candidate.up.input_scale, candidate.up.input_zero_point) == (scale, zero_point)
+    x = tokens(4, 3)
+    by_batches = run(apply_formats(copy.deepcopy(model), {"up": "int8s"}, calibration=CALIBRATION), x)
+    assert torch.equal(run(candidate, x), by_batches)
+
+
+def test_without_calibration_it_is_refused_with_the_reason():
+    with pytest.raises(PolicyError, match="needs calibration batches"):
+        apply_formats(Mlp().eval(), {"up": "int8s"})
+    only_up = calibrate(Mlp().eval(), ["up"], CALIBRATION)
+    with pytest.raises(UnsupportedFormat, match=r"layer 'down': static int8 needs its input range"):
+        apply_formats(Mlp().eval(), {"down": "int8s"}, calibration=only_up)
+
+
+def test_it_is_for_linear_layers_on_the_cpu():
+    handler = HANDLERS["int8s"]
+    assert handler.needs_calibration(nn.Linear(2, 2))
+    assert handler.unsupported_reason(nn.Linear(2, 2), CPU) is None
+    assert "Linear layers, not Conv2d" in handler.unsupported_reason(nn.Conv2d(2, 2, 1), CPU)
+    assert "CPU only" in handler.unsupported_reason(nn.Linear(2, 2), torch.device("cuda"))
+    assert "CPU only" in handler.unsupported_reason(nn.Linear(2, 2), torch.device("mps"))
+    with pytest.raises(UnsupportedFormat, match="Linear layers"):
+        apply_formats(nn.Sequential(nn.Conv2d(3, 3, 1)), {"0": "int8s"}, calibration=[torch.randn(1, 3, 4, 4)])
+
+
+def test_it_is_not_yet_a_format_a_policy_names_or_a_study_calibrates_for():
+    """Policies and search spaces name DTYPES; int8s is applied by apply_formats only, so a study's
+    calibration does not observe every Linear layer's input for it."""
+    assert "int8s" not in DTYPES and "int8s" in HANDLERS
+    assert calibrated_layers(Mlp(), CPU) == []
+
+
+def test_a_batchnorm_after_an_int8_linear_stays():
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).eval()
+    model[1].running_mean.fill_(0.5)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    candidate = apply_formats(copy.deepcopy(model), {"0": "int8s"}, calibration=[x])
+    assert isinstance(candidate[1], nn.BatchNorm1d)
+    assert cosine(run(candidate, x), run(model, x)) > 0.995
+
+
+def test_copies_and_state_loads_repack_the_weight():
+    candidate = int8s_model()
+    x = tokens(4, 4)
+    out = run(candidate, x)
+    assert torch.equal(run(copy.deepcopy(candidate), x), out)
+    fresh = int8s_model()
+    fresh.load_state_dict(candidate.state_dict())
+    assert torch.equal(run(fresh, x), out)
+    assert not any("packed" in key for key in candidate.state_dict())
+
+
+def test_memory_is_int8_weights_with_scales():
+    model = Mlp().eval()
+    candidate = apply_formats(copy.deepcopy(model), {"up": "int8s"}, calibration=CALIBRATION)
+    weights = 64 * 32
+    # fp32 weight (4 B each) -> int8 (1 B) plus a 4 B scale and 8 B zero point per output channel
+    assert module_storage_bytes(model) - module_storage_bytes(candidate) == 4 * weights - (weights + 64 * (4 + 8))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_compiled_with_or_without_freezing_it_is_one_graph_with_eager_numbers(freeze):
+    """With freezing inductor lowers oneDNN's int8 Linear with its packed weight as a constant; without,
+    its lowering refuses a packed weight that is a graph input, so the layer calls it through an opaque op."""
+    candidate = int8s_model()
+    x = tokens(4, 5)
+    eager = run(candidate, x)
+    R.reset()
+    prepared = R.prepare(candidate, "compiled", CPU, lambda fn: fn(x), freeze=freeze)
+    assert prepared.graph_breaks == 0
+    torch.testing.assert_close(run(prepared.model, x), eager, atol=1e-4, rtol=1e-4)
+    R.reset()
+
+
+def test_int8_formats_compile_under_freezing():
+    """The compiled runtime freezes on the CPU: the other int8 kernels (static int8 convolutions, torchao's
+    or torch's dynamic int8 Linear) compile and keep their numbers under it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    batches = [torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    x = batches[0]
+    reference = run(model, x)
+    for runtime in ("eager", "compiled"):
+        layers = {"0": "int8", "2": "int8", "5": "int8", "7": "int8s"}
+        candidate = apply_formats(copy.deepcopy(model), layers, calibration=batches, runtime=runtime)
+        assert isinstance(candidate[0], StaticInt8Conv)
+        eager = run(candidate, x)
+        R.reset()
+        prepared = R.prepare(candidate, "compiled", CPU, lambda fn: fn(x), freeze=True)
+        out = run(prepared.model, x)
+        R.reset()
+        assert cosine(out, reference) > 0.99, runtime
+        torch.testing.assert_close(out, eager, atol=2e-2, rtol=2e-2)
+
+
+def test_frozen_blocks_keep_their_own_weights():
+    """Freezing makes a block's weights constants of its graph: identical blocks must not share one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)]).eval()
+    x = torch.randn(2, 8)
+    expected = run(model, x)
+    R.reset()
+    prepared = R.prepare(model, "compiled", CPU, lambda fn: fn(x))
+    assert prepared.regions == ["0", "1", "2"]
+    torch.testing.assert_close(run(prepared.model, x), expected)
+    R.reset()
