@@ -63,7 +63,7 @@ def _write(command: str, output: str, *extra: str) -> list[str]:
 # 1. the store read (or any SQLite file) is never written over; other files only with --force ----------
 
 
-def test_1_output_never_overwrites_the_store_or_a_sqlite_file_and_asks_for_force(store, tmp_path, capsys):
+def test_output_never_overwrites_the_store_or_a_sqlite_file_and_asks_for_force(store, tmp_path, capsys):
     before = _digest(store)
     for command in ("export", "report", "trials"):
         for extra in ((), ("--force",)):
@@ -90,7 +90,7 @@ def test_1_output_never_overwrites_the_store_or_a_sqlite_file_and_asks_for_force
 # 2. symlinks written through, devices and FIFOs written in place, `-` is stdout, unique temp names ---------
 
 
-def test_2_output_writes_through_links_into_fifos_and_to_stdout(store, tmp_path, capsys):
+def test_output_writes_through_links_into_fifos_and_to_stdout(store, tmp_path, capsys):
     real = tmp_path / "real.json"
     real.write_text("")
     link = tmp_path / "link.json"
@@ -119,7 +119,7 @@ def test_2_output_writes_through_links_into_fifos_and_to_stdout(store, tmp_path,
         ["fifo", "link.json", "real.json"]
 
 
-def test_2_temporary_names_are_unique_and_policy_save_writes_through_links(tmp_path, monkeypatch):
+def test_temporary_names_are_unique_and_policy_save_writes_through_links(tmp_path, monkeypatch):
     from autoprec import Policy
     from autoprec import output
 
@@ -145,7 +145,7 @@ def test_2_temporary_names_are_unique_and_policy_save_writes_through_links(tmp_p
 # 12. a folder the user cannot write: one line, exit 2 ------------------------------------------------------
 
 
-def test_12_a_folder_that_cannot_be_written_is_one_line(store, tmp_path, capsys, monkeypatch):
+def test_a_folder_that_cannot_be_written_is_one_line(store, tmp_path, capsys, monkeypatch):
     pytest.importorskip("pyarrow")
     folder = tmp_path / "locked"
     folder.mkdir()
@@ -164,7 +164,7 @@ def test_12_a_folder_that_cannot_be_written_is_one_line(store, tmp_path, capsys,
     assert list(folder.iterdir()) == []
 
 
-def test_12_a_write_that_fails_half_way_is_one_line_and_leaves_nothing(store, tmp_path, capsys, monkeypatch):
+def test_a_write_that_fails_half_way_is_one_line_and_leaves_nothing(store, tmp_path, capsys, monkeypatch):
     from autoprec import output
 
     def full_disk(fd, *args):
@@ -179,7 +179,7 @@ def test_12_a_write_that_fails_half_way_is_one_line_and_leaves_nothing(store, tm
 # 3. no password on a command line or in any output ---------------------------------------------------------
 
 
-def test_3_store_urls_are_printed_without_their_password(capsys, monkeypatch):
+def test_store_urls_are_printed_without_their_password(capsys, monkeypatch):
     from autoprec.cli import export_command
     from autoprec.store.storage import shown_url
 
@@ -211,7 +211,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.skipif(not PG_URL, reason="AUTOPREC_TEST_POSTGRES_URL is not set")
-def test_3_workers_get_no_password_on_their_command_line_and_nothing_prints_it(tmp_path):
+def test_workers_get_no_password_on_their_command_line_and_nothing_prints_it(tmp_path):
     from sqlalchemy.engine import make_url
 
     url = make_url(PG_URL).set(password="s3cret").render_as_string(hide_password=False)
@@ -247,7 +247,7 @@ def test_3_workers_get_no_password_on_their_command_line_and_nothing_prints_it(t
 # 4. control characters from a store or a policy file are escaped when printed ------------------------------
 
 
-def test_4_control_characters_in_study_names_and_policy_fields_are_escaped(store, capsys):
+def test_control_characters_in_study_names_and_policy_fields_are_escaped(store, capsys):
     forged = "evil\x1b[2J\x1b[H\nforged      99  99\rx\u202e"
     with sqlite3.connect(store) as db:
         db.execute("UPDATE studies SET study_name = ? WHERE study_name = ?", (forged, STUDY))
@@ -272,7 +272,7 @@ def test_4_control_characters_in_study_names_and_policy_fields_are_escaped(store
     ("score", "0.9"), ("score", [1]), ("score", math.nan), ("latency_ratio", 10**300), ("retimed_ratio", math.inf),
     ("threads", {"a": 1}), ("threads", 10**40), ("device_name", ["x"]), ("latency_ms", True),
 ])
-def test_13_apply_refuses_junk_in_measured_fields_in_one_line(tmp_path, capsys, field, value):
+def test_apply_refuses_junk_in_measured_fields_in_one_line(tmp_path, capsys, field, value):
     from autoprec import Policy
 
     policy = Policy(layers={"0": "bf16"}).to_json()
@@ -289,7 +289,7 @@ def test_13_apply_refuses_junk_in_measured_fields_in_one_line(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("command,name", [("search", "nb.ipynb"), ("layers", "model.txt"), ("apply", "model")])
-def test_14_a_model_file_that_is_not_python_is_one_line(tmp_path, capsys, command, name):
+def test_a_model_file_that_is_not_python_is_one_line(tmp_path, capsys, command, name):
     model = tmp_path / name
     model.write_text(TINY.read_text())
     argv = {"search": ["search", str(model), "--storage", f"sqlite:///{tmp_path / 's.db'}"],
@@ -307,7 +307,7 @@ def test_14_a_model_file_that_is_not_python_is_one_line(tmp_path, capsys, comman
 # 15. a study name longer than the store's column -----------------------------------------------------------
 
 
-def test_15_a_study_name_over_512_characters_is_refused_before_the_store(tmp_path, capsys):
+def test_a_study_name_over_512_characters_is_refused_before_the_store(tmp_path, capsys):
     from autoprec.search.study_setup import MAX_STUDY_NAME
 
     assert MAX_STUDY_NAME == 512
@@ -323,7 +323,7 @@ def test_15_a_study_name_over_512_characters_is_refused_before_the_store(tmp_pat
 # 20. small ones --------------------------------------------------------------------------------------------
 
 
-def test_20_the_export_hint_and_the_report_hint_are_shell_quoted(store, tmp_path):
+def test_the_export_hint_and_the_report_hint_are_shell_quoted(store, tmp_path):
     from autoprec.cli import export_command
     from autoprec.results.html_report import build_report
 
@@ -338,7 +338,7 @@ def test_20_the_export_hint_and_the_report_hint_are_shell_quoted(store, tmp_path
 
 
 @pytest.mark.slow
-def test_20_the_printed_export_hint_runs_as_pasted_for_a_folder_with_a_space(tmp_path):
+def test_the_printed_export_hint_runs_as_pasted_for_a_folder_with_a_space(tmp_path):
     folder = tmp_path / "my model"
     folder.mkdir()
     shutil.copy(TINY, folder / "model.py")
@@ -354,7 +354,7 @@ def test_20_the_printed_export_hint_runs_as_pasted_for_a_folder_with_a_space(tmp
     assert (tmp_path / "policy.json").exists()
 
 
-def test_20_a_flag_typo_in_a_subcommand_prints_that_subcommands_usage(capsys):
+def test_a_flag_typo_in_a_subcommand_prints_that_subcommands_usage(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["export", "--study", "s", "--pick", "fastest", "-o", "p.json", "--forse"])
     err = capsys.readouterr().err
@@ -375,7 +375,7 @@ def _model_with(tmp_path: Path, prelude: str) -> Path:
 
 
 @pytest.mark.slow
-def test_20_a_thread_left_running_by_model_py_does_not_hang_the_command(tmp_path):
+def test_a_thread_left_running_by_model_py_does_not_hang_the_command(tmp_path):
     model = _model_with(tmp_path, THREAD_AT_IMPORT)
     env = {**ENV, "AUTOPREC_THREADS_EXIT_S": "1"}
     done = subprocess.run([sys.executable, "-m", "autoprec", "layers", str(model)], capture_output=True, text=True,
@@ -385,7 +385,7 @@ def test_20_a_thread_left_running_by_model_py_does_not_hang_the_command(tmp_path
 
 
 @pytest.mark.slow
-def test_20_ctrl_c_while_model_py_threads_hold_the_exit_is_quiet_and_non_zero(tmp_path):
+def test_ctrl_c_while_model_py_threads_hold_the_exit_is_quiet_and_non_zero(tmp_path):
     model = _model_with(tmp_path, THREAD_AT_IMPORT)
     env = {**ENV, "AUTOPREC_THREADS_EXIT_S": "600"}
     proc = subprocess.Popen([sys.executable, "-m", "autoprec", "layers", str(model)], stdout=subprocess.PIPE,
@@ -400,7 +400,7 @@ def test_20_ctrl_c_while_model_py_threads_hold_the_exit_is_quiet_and_non_zero(tm
 
 
 @pytest.mark.slow
-def test_20_os_exit_at_import_of_model_py_is_one_line_and_exit_2(tmp_path):
+def test_os_exit_at_import_of_model_py_is_one_line_and_exit_2(tmp_path):
     model = _model_with(tmp_path, "import os\nos._exit(0)\n")
     done = subprocess.run([sys.executable, "-m", "autoprec", "layers", str(model)], capture_output=True, text=True,
                           timeout=120, env=ENV)
@@ -408,9 +408,10 @@ def test_20_os_exit_at_import_of_model_py_is_one_line_and_exit_2(tmp_path):
     assert "os._exit(0)" in _one_line_error(done.stderr)
 
 
-def test_20_studies_shows_a_placeholder_for_nan(capsys, monkeypatch):
+def test_studies_shows_a_placeholder_for_nan(capsys, monkeypatch):
     frame = pd.DataFrame([{"study": "s", "trials": 3, "complete": 3, "failed": 0, "front": 1,
-                           "best_latency_ms": math.nan, "best_vs_fp32": math.inf, "device": "cpu"}])
+                           "best_latency_ms": math.nan, "best_vs_fp32": math.inf, "device": "cpu",
+                           "machine": "x86_64 avx512"}])
     monkeypatch.setattr("autoprec.results.frames.studies_frame", lambda storage: frame)
     monkeypatch.setattr("autoprec.store.storage.open_storage", lambda *a, **k: None)
     assert main(["studies"]) == 0
@@ -418,7 +419,7 @@ def test_20_studies_shows_a_placeholder_for_nan(capsys, monkeypatch):
     assert "nan" not in out and "inf" not in out and re.search(r"n/a\s+n/a\s+cpu", out)
 
 
-def test_20_seed_study_and_no_progress_have_help():
+def test_seed_study_and_no_progress_have_help():
     parser = build_parser()
     for command, flags in (("search", ("--seed", "--study", "--no-progress")),
                            ("front", ("--study",)), ("export", ("--study", "--force")), ("report", ("--force",))):
