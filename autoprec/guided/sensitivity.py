@@ -88,12 +88,14 @@ def _fidelity_drop(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def capture_layer_inputs(model: nn.Module, names: list[str], inputs: Any) -> dict[str, tuple[tuple, dict]]:
-    """The (args, kwargs) each named layer receives during one forward of `inputs`."""
+    """The (args, kwargs) each named layer receives during one forward of `inputs`; on a GPU they are
+    kept in host memory (`stash`), so the device holds one layer's inputs at a time, not every layer's."""
     captured: dict[str, tuple[tuple, dict]] = {}
     handles = []
     for name in names:
         def hook(_mod, args, kwargs, name=name):
-            captured.setdefault(name, (args, kwargs))
+            if name not in captured:
+                captured[name] = (stash(args, copy=False), stash(kwargs, copy=False))
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.inference_mode():
@@ -175,13 +177,29 @@ def exact_drops(spec: ModelSpec, model: nn.Module, example: Any, names: list[str
     return drops
 
 
-def _detached_copy(value: Any) -> Any:
+def stash(value: Any, copy: bool = True) -> Any:
+    """A layer's captured input, kept aside: tensors on a GPU copied to host memory (captured inputs of
+    every layer would otherwise take about one forward's activations of device memory), tensors on the
+    CPU detached copies (`copy`: the model may change them in place later) or the tensors themselves."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        if value.device.type != "cpu":
+            return value.detach().to("cpu", copy=True)
+        return value.detach().clone() if copy else value
     if isinstance(value, (tuple, list)):
-        return type(value)(_detached_copy(v) for v in value)
+        return type(value)(stash(v, copy) for v in value)
     if isinstance(value, dict):
-        return {k: _detached_copy(v) for k, v in value.items()}
+        return {k: stash(v, copy) for k, v in value.items()}
+    return value
+
+
+def unstash(value: Any, device: torch.device) -> Any:
+    """A stashed input back on `device`, for the one layer that runs on it now."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(unstash(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: unstash(v, device) for k, v in value.items()}
     return value
 
 
@@ -218,8 +236,8 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
                 return None
             if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
                 out = out.detach().requires_grad_()
-            # inputs copied: the model may change them in place after this layer ran
-            captured[name].append((_detached_copy(args), _detached_copy(kwargs), out))
+            # inputs copied (to host memory on a GPU): the model may change them in place after this layer ran
+            captured[name].append((stash(args), stash(kwargs), out))
             return out
         handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
     try:
@@ -261,7 +279,7 @@ def linearized_drops(spec: ModelSpec, model: nn.Module, example: Any, names: lis
         for index, name in enumerate(usable):
             if name in no_gradient:
                 continue
-            args, kwargs, _ = captured[name][0]
+            args, kwargs = (unstash(v, device) for v in captured[name][0][:2])
             layer = model.get_submodule(name)
             out = layer(*args, **kwargs)  # fp32, recomputed: the forward's own output may have changed in place
             per_sample = out.dim() > 0 and out.shape[0] == samples
@@ -335,7 +353,7 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
     captured = capture_layer_inputs(model, names, example)
     for index, name in enumerate(names):
         layer = model.get_submodule(name)
-        args, kwargs = captured[name]
+        args, kwargs = (unstash(v, device) for v in captured.pop(name))
         key = _layer_key(layer, args, kwargs)
         shared = shared_storage_bytes(model, name)
         for fmt in choices[name]:

@@ -14,6 +14,7 @@ carries `compile_s` and `graph_breaks`. A candidate that does not compile is a f
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import time
 import traceback
@@ -111,6 +112,11 @@ def is_reference(policy: Policy) -> bool:
 
 class NonFinite(Exception):
     pass
+
+
+def _shared_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
+    """A deepcopy memo under which the copy of `model` shares its parameters and buffers."""
+    return {id(t): t for t in [*model.parameters(), *model.buffers()]}
 
 
 def measurement_of(score: float, timing: PairedTiming, memory: int, peak: int | None, reference_latency_ms: float,
@@ -233,8 +239,8 @@ class Evaluator:
     def _prepare_reference(self) -> Prepared:
         if self.runtime == "eager":
             return Prepared(self.model, "eager")
-        try:
-            return self._prepare(copy.deepcopy(self.model))
+        try:  # compiled from a copy of the module tree that shares the fp32 weights: one fp32 copy on the device
+            return self._prepare(copy.deepcopy(self.model, memo=_shared_tensors(self.model)))
         except CompileFailed as exc:
             raise self.spec.error("build_model", f"the fp32 model does not compile: {exc}",
                                   "time it with --runtime eager") from exc
@@ -254,7 +260,6 @@ class Evaluator:
         """Compile a candidate in the study's runtime; the fp32 reference is re-warmed beside it."""
         if self.runtime == "eager":
             return Prepared(model, "eager")
-        runtimes.reset()  # forget the last candidate's graphs (they pile up to the recompile limit)
         prepared = self._prepare(model)
         with torch.inference_mode():  # the reference compiles again, from inductor's caches
             self._timed(self.reference)()
@@ -276,8 +281,21 @@ class Evaluator:
         score, self._score_compile_s = fidelity_score(self.spec, model, self._batches, self._ref_outputs)
         return score
 
-    def candidate(self, policy: Policy) -> nn.Module:
-        """A copy of the fp32 reference with `policy` applied on the device."""
+    def release_candidates(self) -> None:
+        """Free what earlier candidates left on the device before the next one is built: compiled graphs
+        (with freezing they hold folded copies of a candidate's weights, and they pile up to the
+        recompile limit) and the CUDA allocator's cached blocks. The reference's graph compiles again
+        from inductor's caches when it is next called."""
+        if self.runtime != "eager":
+            runtimes.reset()
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def candidate(self, policy: Policy, release: bool = True) -> nn.Module:
+        """A copy of the fp32 reference with `policy` applied on the device (the earlier candidates freed first)."""
+        if release:
+            self.release_candidates()
         return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device,
                              calibration=self.calibration, runtime=self.runtime)
 
@@ -316,6 +334,7 @@ class Evaluator:
                  neighbours: Sequence[float] | None) -> Measurement:
         tuned = None
         if training is not None:
+            self.release_candidates()
             model = copy.deepcopy(self.model)
             batches = load_train_batches(self.spec)
             tuned = fine_tune(self.spec, model, policy, training, self.device, seed, batches)
@@ -324,8 +343,9 @@ class Evaluator:
             model = apply_formats(model, policy.layers, policy.default, self.device, calibration=self.calibration,
                                   runtime=self.runtime)
         else:
-            model = self.candidate(policy)
-            if is_reference(policy) and not self.time_reference:  # the fp32 model itself: score and ratio are the reference's
+            reference = is_reference(policy) and not self.time_reference
+            model = self.candidate(policy, release=not reference)  # the reference's graph stays warm
+            if reference:  # the fp32 model itself: score and ratio are the reference's
                 with torch.inference_mode():
                     peak = self._peak(model, self.reference) if self.measure_peak else None
                 result = self._result(self.reference_score, reference_timing(self.reference_latency_ms), module_storage_bytes(model), peak)
