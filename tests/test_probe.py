@@ -47,12 +47,12 @@ def test_the_probe_is_cached_per_machine(monkeypatch):
     here = P.machine(CPU)
     stored = P.FormatProbe(here, {"bf16": {"linear": 9.0}, "int8": {"linear": 0.3}})
     cache = json.loads(json.dumps({stored.key: stored.to_json()}))  # as a store keeps it
-    monkeypatch.setattr(P, "run_probe", lambda formats, device: pytest.fail("probed again"))
+    monkeypatch.setattr(P, "run_probe", lambda formats, device, runtime="eager": pytest.fail("probed again"))
     probe, cached = P.cached_probe(cache, ["fp32", "bf16", "int8"], CPU)
     assert cached and probe.ratios == stored.ratios
     fresh = P.FormatProbe({**here, "threads": "99"}, {"bf16": {"linear": 1.0}})
     calls = []
-    monkeypatch.setattr(P, "run_probe", lambda formats, device: calls.append(formats) or fresh)
+    monkeypatch.setattr(P, "run_probe", lambda formats, device, runtime="eager": calls.append(formats) or fresh)
     other_machine = {P.machine_key({**here, "threads": "99"}): fresh.to_json()}
     probe, cached = P.cached_probe(other_machine, ["bf16"], CPU)
     assert not cached and calls == [["bf16"]]
@@ -75,3 +75,15 @@ def test_run_probe_times_each_supported_kernel(one_thread):
     assert set(probe.ratios["bf16"]) == {"linear", "conv"} and set(probe.ratios["int8"]) == {"linear", "conv"}
     assert all(r > 0 for kinds in probe.ratios.values() for r in kinds.values())
     assert P.FormatProbe.from_json(json.loads(json.dumps(probe.to_json()))) == probe
+
+
+def test_a_compiled_study_probes_compiled_kernels_under_its_own_key(one_thread, monkeypatch):
+    prepared = []
+    prepare = P.runtimes.prepare
+    monkeypatch.setattr(P.runtimes, "prepare", lambda *a, **k: prepared.append(a[1]) or prepare(*a, **k))
+    probe = P.run_probe(["bf16"], CPU, P.TimingSettings(rounds=3, min_round_s=0.002, warmup_calls=1, max_rounds=3),
+                        runtime="compiled")
+    assert prepared == ["compiled"] * 4  # fp32 and bf16, Linear and convolution
+    assert set(probe.ratios["bf16"]) == {"linear", "conv"} and probe.machine["runtime"] == "compiled"
+    assert P.machine_key(probe.machine) != P.machine_key(P.machine(CPU))  # an eager probe is not reused
+    assert "runtime" not in P.machine(CPU)  # eager probes keep the keys stored before runtimes were named

@@ -28,7 +28,7 @@ def _config(url: str, study: str, **kwargs) -> SearchConfig:
 @pytest.mark.slow
 def test_probe_is_cached_in_the_store_and_pruning_is_announced_and_obeyed(tmp_path, monkeypatch, one_thread):
     runs = []
-    monkeypatch.setattr(P, "run_probe", lambda formats, device: runs.append(list(formats)) or _slow_bf16(formats, device))
+    monkeypatch.setattr(P, "run_probe", lambda formats, device, runtime="eager": runs.append(list(formats)) or _slow_bf16(formats, device))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     search = Search.open(_config(url, "first", strategy="random", retime_front=False))
     assert len(runs) == 1

@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoprec.measure import runtime as runtimes
 from autoprec.measure.machine import cpu_name
 from autoprec.store.schema import machine_key
 from autoprec.precision import HANDLERS
@@ -59,9 +60,12 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def machine(device: torch.device) -> dict[str, str]:
-    """What a probe result depends on: the same dict means the same kernels at the same speeds."""
+def machine(device: torch.device, runtime: str = "eager") -> dict[str, str]:
+    """What a probe result depends on: the same dict means the same kernels at the same speeds (the
+    runtime named where it is not eager, so eager probes keep the keys they were stored under)."""
     info = {"device_type": device.type, "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    if runtime != "eager":
+        info["runtime"] = runtime
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         info["capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
@@ -127,15 +131,26 @@ def _kernels(device: torch.device) -> dict[str, tuple[nn.Module, torch.Tensor]]:
             "conv": (conv.to(device).eval(), torch.randn(4, 32, 28, 28, generator=generator).to(device))}
 
 
-def run_probe(formats: Iterable[str], device: torch.device, settings: TimingSettings = _SETTINGS) -> FormatProbe:
-    """Time each format's Linear and convolution against fp32's, paired (a second or so per format).
+def _in_runtime(module: nn.Module, x: torch.Tensor, runtime: str, device: torch.device) -> Callable[..., Any]:
+    """`module` as the study's runtime runs it: compiled (alone, as the profile compiles one layer) or eager."""
+    if runtime == "eager":
+        return module
+    runtimes.reset()  # the last kernel's graphs are done with
+    return runtimes.prepare(module, runtime, device, lambda fn: fn(x), regional=False).timed
+
+
+def run_probe(formats: Iterable[str], device: torch.device, settings: TimingSettings = _SETTINGS,
+              runtime: str = "eager") -> FormatProbe:
+    """Time each format's Linear and convolution against fp32's, paired (a second or so per format),
+    in the study's runtime: compiled kernels for a compiled study, as its candidates will run.
 
     Timing stops as soon as the ratio is placed against 1 and PRUNE_RATIO (see paired_latency)."""
     import copy
 
     started = time.perf_counter()
-    probe = FormatProbe(machine(device))
+    probe = FormatProbe(machine(device, runtime))
     kernels = _kernels(device)
+    reference = {kind: _in_runtime(copy.deepcopy(m), x, runtime, device) for kind, (m, x) in kernels.items()}
     with torch.inference_mode():
         for fmt in formats:
             if fmt == "fp32" or fmt not in HANDLERS:
@@ -149,29 +164,36 @@ def run_probe(formats: Iterable[str], device: torch.device, settings: TimingSett
                     qparams = None
                     if handler.needs_calibration(module):  # static int8: its input range, from the probe's input
                         qparams = calibrate(nn.Sequential(module), ["0"], [x]).inputs["0"]
-                    converted = convert_layer(handler, copy.deepcopy(module), device, input_qparams=qparams)
                     inside = _cast_floats(x, handler.io_dtype(device))
-                    timing = paired_latency(lambda: converted(inside), lambda: module(x), device, settings,
+                    converted = _in_runtime(convert_layer(handler, copy.deepcopy(module), device, input_qparams=qparams),
+                                            inside, runtime, device)
+                    fp32 = reference[kind]
+                    if runtime != "eager":
+                        fp32(x)  # compiled again from the cache after the reset, before it is timed
+                    timing = paired_latency(lambda: converted(inside), lambda: fp32(x), device, settings,
                                             neighbours=(1.0, PRUNE_RATIO))
-                except (RuntimeError, NotImplementedError):  # no kernel at all: as slow as it gets
+                except (RuntimeError, NotImplementedError, runtimes.CompileFailed):  # no kernel at all: as slow as it gets
                     probe.ratios.setdefault(fmt, {})[kind] = float("inf")
                     continue
                 probe.ratios.setdefault(fmt, {})[kind] = timing.ratio
+    if runtime != "eager":
+        runtimes.reset()
     probe.seconds = time.perf_counter() - started
     return probe
 
 
-def cached_probe(cache: Mapping[str, Any], formats: Iterable[str], device: torch.device) -> tuple[FormatProbe, bool]:
-    """The probe stored in `cache` (machine key -> FormatProbe JSON) for this machine, if it covers
-    `formats`; else a new one. Returns (probe, whether it came from the cache)."""
+def cached_probe(cache: Mapping[str, Any], formats: Iterable[str], device: torch.device,
+                 runtime: str = "eager") -> tuple[FormatProbe, bool]:
+    """The probe stored in `cache` (machine key -> FormatProbe JSON) for this machine and runtime, if it
+    covers `formats`; else a new one. Returns (probe, whether it came from the cache)."""
     wanted = [f for f in formats if f != "fp32" and f in HANDLERS]
-    info = machine(device)
+    info = machine(device, runtime)
     stored = cache.get(machine_key(info))
     if isinstance(stored, Mapping):
         probe = FormatProbe.from_json(stored)
         if probe.machine == info and all(f in probe.ratios for f in wanted):
             return probe, True
-    return run_probe(wanted, device), False
+    return run_probe(wanted, device, runtime=runtime), False
 
 
 @dataclass

@@ -201,10 +201,15 @@ class Prepared:
     regions: list[str] = field(default_factory=list)  # compiled submodules; [""] is the whole model
     _timed: Callable[..., Any] | None = None
 
+    @property
+    def timed(self) -> Callable[..., Any]:
+        """The model function to time: outputs are not copied (on CUDA, the next replay overwrites them)."""
+        return self._timed if self._timed is not None else self.model
+
     def forward(self, call: Callable[[Callable[..., Any]], Any]) -> Forward:
         """A zero-argument forward for timing: `call(fn)` runs the model function on the example
         (e.g. userspec.call_model(fn, example)). Outputs are not copied."""
-        fn = self._timed if self._timed is not None else self.model
+        fn = self.timed
         return lambda: call(fn)
 
 

@@ -340,10 +340,11 @@ class _Opener:
             layers=list(self.choices), training=self.space.trains, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             machine_kind=self.machine_kind)
         # the format probe runs in the study's thread count, set by the Evaluator; cached per machine
-        found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device)
-        # the probe times eager kernels: in the compiled runtime it orders the uniform trials but prunes
-        # nothing (torchao's int8 was 16x slower than fp32 eager on an H200, and 0.74x compiled)
-        info.probe, info.prune = found.to_json(), self.config.prune and evaluator.runtime == "eager"
+        # in the study's runtime: a compiled study's probe times compiled kernels (torchao's int8 was 16x
+        # slower than fp32 eager on an H200, and 0.74x compiled)
+        found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device,
+                                             evaluator.runtime)
+        info.probe, info.prune = found.to_json(), self.config.prune
         study.set_metric_names(list(OBJECTIVES))
         # fp32, then the others fastest first: a slow format's uniform policy then meets a front that
         # settles its timing in a few rounds
