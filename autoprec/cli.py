@@ -122,8 +122,11 @@ def _front_table(front) -> str:
 
     if front.empty:
         return "(no feasible trial yet)"
-    # fp8 exists on recent GPUs only: its column shows where a member uses it
-    formats = ["fp32", "fp16", "bf16", "int8"] + (["fp8"] if "fp8" in front.columns and front.fp8.gt(0).any() else [])
+    from autoprec.precision import DTYPES
+
+    # the common formats always, the others (fp8 and int4 on recent GPUs) where a member uses them
+    formats = ["fp32", "fp16", "bf16", "int8"]
+    formats += [f for f in DTYPES if f not in formats and f in front.columns and front[f].gt(0).any()]
     rows = [(int(r.trial), f"{r.score:.6f}", f"{r.score_drop:.2e}", f"{r.latency_ms:.2f}", f"{r.latency_ratio:.3f}x",
              _retimed_text(r), format_bytes(r.memory_bytes), f"{r.memory_ratio:.3f}x", r.default,
              *(getattr(r, f) for f in formats), r.origin)
@@ -270,7 +273,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
         print(f"study {args.study!r} has no sensitivity profile yet (it is made after the uniform trials "
               "of a guided search)")
         return
-    fmts = [f for f in ("fp16", "bf16", "int8", "fp8") if any(f in v for v in profile.layers.values())]
+    from autoprec.precision import DTYPES
+
+    fmts = [f for f in DTYPES if f != "fp32" and any(f in v for v in profile.layers.values())]
     rows = []
     for name, by_fmt in profile.layers.items():
         row = [name, f"{by_fmt['fp32']['latency_ms']:.3f}" if "fp32" in by_fmt else "-"]

@@ -100,8 +100,8 @@ def prepare_training(model: nn.Module, policy: Policy, device_type: str | None =
     targets.append((model, policy.default))
     for module, fmt in targets:
         original = module.__dict__.get("forward")
-        if fmt == "fp8":  # no fake-quantized fp8 here: training it as fp32 would measure the wrong thing
-            raise ValueError("fp8 layers cannot be fine-tuned by autoprec; leave fp8 out of a training space")
+        if fmt in ("fp8", "int4"):  # no fake-quantized form here: training it as fp32 would measure the wrong thing
+            raise ValueError(f"{fmt} layers cannot be fine-tuned by autoprec; leave {fmt} out of a training space")
         if fmt == "int8":
             if not is_linear_like(module):
                 raise ValueError(f"int8 training needs a Linear-like layer, not {type(module).__name__}")

@@ -25,8 +25,9 @@ from autoprec.guided import study_state
 
 from autoprec.store import schema
 from autoprec.guided.planner import next_proposal  # noqa: E402
+from autoprec.precision import DTYPES  # noqa: E402
 
-FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8")
+FORMATS = DTYPES
 
 
 def replay(db: Path, name: str) -> tuple[float, int, list[tuple[int, str]]]:

@@ -99,3 +99,10 @@ def test_int8_layer_trains_with_fake_quant_and_fp32_layer_leaves_autocast():
     assert model[0].weight.grad is not None and model[0].weight.dtype == torch.float32
     handle.remove()
     assert "forward" not in vars(model) and "forward" not in vars(model[0])
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_formats_without_a_fake_quantized_form_are_refused_for_training(fmt):
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=f"{fmt} layers cannot be fine-tuned"):
+        prepare_training(model, autoprec.Policy(layers={"0": fmt}))
