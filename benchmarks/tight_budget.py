@@ -33,13 +33,18 @@ KINDS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILI
 
 
 def cpu_name() -> str:
+    """The CPU's model name and the ISA flags that decide its bf16 and int8 kernels."""
+    name, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return "unknown CPU"
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return f"{name} ({' '.join(shown) or 'no flags read'})"
 
 
 def run(kind: str, args: argparse.Namespace, folder: Path) -> dict:
