@@ -19,7 +19,9 @@ dynamic int8 (no calibration needed) and still does.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
@@ -44,18 +46,23 @@ def static_linear_unsupported_reason(module: nn.Module, device: torch.device) ->
     return None
 
 
-@torch.library.custom_op("autoprec::static_int8_linear", mutates_args=())
-def _opaque_qlinear(qx: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor,
-                    w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """onednn.qlinear_pointwise, hidden from inductor: its lowering of that op needs the packed weight as a
-    graph constant, which it is only with freezing."""
-    return torch.ops.onednn.qlinear_pointwise(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias,
-                                              1.0, 0, torch.float32, "none", [], "")
+@functools.cache
+def _opaque_qlinear() -> Callable[..., torch.Tensor]:
+    """onednn.qlinear_pointwise as a custom op, hidden from inductor: its lowering of that op needs the
+    packed weight as a graph constant, which it is only with freezing. Defined at first use: defining a
+    custom op imports torch._dynamo, a second at every start of the command otherwise."""
 
+    @torch.library.custom_op("autoprec::static_int8_linear", mutates_args=())
+    def qlinear(qx: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor,
+                w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias,
+                                                  1.0, 0, torch.float32, "none", [], "")
 
-@_opaque_qlinear.register_fake
-def _(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias):
-    return qx.new_empty((*qx.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+    @qlinear.register_fake
+    def _(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias):
+        return qx.new_empty((*qx.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+
+    return qlinear
 
 
 @torch._dynamo.assume_constant_result
@@ -72,6 +79,7 @@ class StaticInt8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, input_scale: float, input_zero_point: int) -> None:
         super().__init__()
+        _opaque_qlinear()  # defines torch.ops.autoprec.static_int8_linear before anything compiles this layer
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
         weight = linear.weight.detach().float().cpu()
@@ -122,8 +130,9 @@ class StaticInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qx = self._quantize(x)
         if torch.compiler.is_compiling() and not _freezing():
-            return _opaque_qlinear(qx, self.input_scale, self.input_zero_point, self.packed_weight(),
-                                   self.weight_scale, self.weight_zero_point, self.bias)
+            return torch.ops.autoprec.static_int8_linear(qx, self.input_scale, self.input_zero_point,
+                                                         self.packed_weight(), self.weight_scale,
+                                                         self.weight_zero_point, self.bias)
         return torch.ops.onednn.qlinear_pointwise(
             qx, self.input_scale, self.input_zero_point, self.packed_weight(), self.weight_scale,
             self.weight_zero_point, self.bias, 1.0, 0, torch.float32, "none", [], "")
