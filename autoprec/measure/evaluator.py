@@ -114,6 +114,18 @@ class NonFinite(Exception):
     pass
 
 
+def release_candidates(runtime: str, device: torch.device) -> None:
+    """Free what earlier candidates left on the device before the next one is built: compiled graphs
+    (with freezing they hold folded copies of a candidate's weights, and they pile up to the
+    recompile limit) and the CUDA allocator's cached blocks. The reference's graph compiles again
+    from inductor's caches when it is next called."""
+    if runtime != "eager":
+        runtimes.reset()
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def _shared_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
     """A deepcopy memo under which the copy of `model` shares its parameters and buffers."""
     return {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -281,21 +293,10 @@ class Evaluator:
         score, self._score_compile_s = fidelity_score(self.spec, model, self._batches, self._ref_outputs)
         return score
 
-    def release_candidates(self) -> None:
-        """Free what earlier candidates left on the device before the next one is built: compiled graphs
-        (with freezing they hold folded copies of a candidate's weights, and they pile up to the
-        recompile limit) and the CUDA allocator's cached blocks. The reference's graph compiles again
-        from inductor's caches when it is next called."""
-        if self.runtime != "eager":
-            runtimes.reset()
-        if self.device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-
     def candidate(self, policy: Policy, release: bool = True) -> nn.Module:
         """A copy of the fp32 reference with `policy` applied on the device (the earlier candidates freed first)."""
         if release:
-            self.release_candidates()
+            release_candidates(self.runtime, self.device)
         return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device,
                              calibration=self.calibration, runtime=self.runtime)
 
@@ -334,7 +335,7 @@ class Evaluator:
                  neighbours: Sequence[float] | None) -> Measurement:
         tuned = None
         if training is not None:
-            self.release_candidates()
+            release_candidates(self.runtime, self.device)
             model = copy.deepcopy(self.model)
             batches = load_train_batches(self.spec)
             tuned = fine_tune(self.spec, model, policy, training, self.device, seed, batches)
