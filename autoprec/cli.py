@@ -22,7 +22,10 @@ def cmd_layers(args: argparse.Namespace) -> None:
     spec = load_spec(args.model)
     space = load_space(args.space)
     model = spec.new_model()
-    choices = space.choices(model, resolve_device(args.device))
+    device = resolve_device(args.device)
+    choices = space.choices(model, device)
+    if choices:
+        space.check_device(model, device, refuse=False)  # the table shows what is left
     rows = [(layer.name, layer.cls, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
              ",".join(choices.get(layer.name, ())) or "(none on this device)")
             for layer in space.layers(model)]

@@ -8,6 +8,7 @@ import pytest
 import optuna
 
 from autoprec.measure import format_probe as P
+from autoprec.errors import StoreError
 from autoprec.store import schema
 from autoprec.search.loop import Search, SearchConfig
 from autoprec.measure.timing import TimingSettings
@@ -47,8 +48,9 @@ def test_probe_is_cached_in_the_store_and_pruning_is_announced_and_obeyed(tmp_pa
     assert len(runs) == 1 and second.pruning is not None
     everything = Search.open(_config(url, "third", prune=False))
     assert len(runs) == 1 and everything.pruning is None and everything.search_choices == everything.choices
-    resumed = Search.open(_config(url, "first", prune=False))  # fixed at creation: a resume keeps it
-    assert resumed.pruning is not None
+    with pytest.raises(StoreError, match="drop --no-prune"):  # fixed at creation: a resume cannot widen it
+        Search.open(_config(url, "first", prune=False))
+    assert Search.open(_config(url, "first")).pruning is not None
 
 
 def test_the_final_re_time_is_bounded_and_marks_the_rest(tmp_path, monkeypatch, one_thread):

@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -90,35 +90,93 @@ def _check_inputs(value: Any) -> bool:
     return False
 
 
-def _unlike(batch: Any, example: Any) -> str | None:
-    """Why `batch` cannot be a batch of the same model as `example` (form, tensor rank, dtype kind)."""
+def _unlike(batch: Any, example: Any, ref: str = "example_inputs()") -> str | None:
+    """Why `batch` cannot be a batch of the same model as `example` (form, tensor rank, dtype kind);
+    `ref` names `example` in the message."""
     if not _check_inputs(batch):
         return f"is a {type(batch).__name__}, not a tensor, tuple or dict of tensors"
     if type(batch) is not type(example) and not (isinstance(batch, (tuple, list)) and isinstance(example, (tuple, list))):
-        return f"is a {type(batch).__name__} where example_inputs() is a {type(example).__name__}"
+        return f"is a {type(batch).__name__} where {ref} is a {type(example).__name__}"
     if isinstance(batch, torch.Tensor):
         pairs = [("", batch, example)]
     elif isinstance(batch, dict):
         if set(batch) != set(example):
-            return f"has keys {sorted(batch)} where example_inputs() has {sorted(example)}"
+            return f"has keys {sorted(batch)} where {ref} has {sorted(example)}"
         pairs = [(f"[{k!r}]", batch[k], example[k]) for k in example]
     else:
         if len(batch) != len(example):
-            return f"has {len(batch)} inputs where example_inputs() has {len(example)}"
+            return f"has {len(batch)} inputs where {ref} has {len(example)}"
         pairs = [(f"[{i}]", b, e) for i, (b, e) in enumerate(zip(batch, example))]
     for where, b, e in pairs:
         part = f"{where} " if where else ""
         if isinstance(e, torch.Tensor) != isinstance(b, torch.Tensor):
-            return f"{part}is a {type(b).__name__} where example_inputs(){where} is a {type(e).__name__}"
+            return f"{part}is a {type(b).__name__} where {ref}{where} is a {type(e).__name__}"
         if isinstance(e, torch.Tensor):
             if b.dim() != e.dim() or b.shape[1:] != e.shape[1:] and b.dim() > 2:
-                return (f"{part}has shape {tuple(b.shape)} where example_inputs(){where} has "
+                return (f"{part}has shape {tuple(b.shape)} where {ref}{where} has "
                         f"{tuple(e.shape)} (only the batch size may differ)")
             if b.is_floating_point() != e.is_floating_point():
-                return f"{part}is {b.dtype} where example_inputs(){where} is {e.dtype}"
+                return f"{part}is {b.dtype} where {ref}{where} is {e.dtype}"
             if b.numel() == 0:
                 return f"{part}is empty (shape {tuple(b.shape)})"
     return None
+
+
+# Past this magnitude a calibration batch is a bug (uninitialised memory, a unit mistake): the input
+# range it gives leaves every ordinary value in one or two int8 steps.
+ABSURD_MAGNITUDE = 1e20
+
+
+class BadBatches(Exception):
+    """Why a set of calibration batches cannot be used (a phrase for the caller's one-line error)."""
+
+
+def _float_tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _float_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _float_tensors(item)
+
+
+def checked_batches(value: Any, example: Inputs | None = None, *, one_batch_ok: bool = False,
+                    verb: str = "returned") -> list[Inputs]:
+    """The calibration batches in `value` as a list, checked: an iterable (not a string) of batches, each
+    a tensor, tuple or dict of tensors shaped like `example` (else like the first batch), with finite
+    values of sane magnitude, not all zeros. `one_batch_ok`: a bare tensor or dict is one batch.
+    Raises BadBatches with what is wrong."""
+    if isinstance(value, (torch.Tensor, dict)) and one_batch_ok:
+        value = [value]
+    if isinstance(value, (torch.Tensor, dict, str, bytes)) or not isinstance(value, Iterable):
+        raise BadBatches(f"{verb} a {type(value).__name__}, not an iterable of batches")
+    try:
+        batches = list(value)
+    except USER_CODE_ERRORS as exc:
+        raise BadBatches(f"raised {type(exc).__name__} while iterating: {exc}") from exc
+    if not batches:
+        raise BadBatches("gave no batches")
+    ref, ref_name = (example, "example_inputs()") if example is not None else (batches[0], "batch 0")
+    for index, batch in enumerate(batches):
+        problem = _unlike(batch, ref, ref_name)
+        if problem:
+            raise BadBatches(f"batch {index} {problem}")
+    nonzero = False
+    for index, batch in enumerate(batches):
+        for tensor in _float_tensors(batch):
+            if not bool(torch.isfinite(tensor).all()):
+                raise BadBatches(f"batch {index} has NaN or infinite values")
+            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if peak > ABSURD_MAGNITUDE:
+                raise BadBatches(f"batch {index} has values up to {peak:.3g} (over {ABSURD_MAGNITUDE:.0e} in "
+                                 "magnitude)")
+            nonzero = nonzero or peak > 0
+    if not nonzero and any(True for batch in batches for _ in _float_tensors(batch)):
+        raise BadBatches("every batch is all zeros, which gives no input range to calibrate on")
+    return batches
 
 
 def first_float_tensor(value: Any) -> torch.Tensor | None:
@@ -151,6 +209,9 @@ class ModelSpec:
     train_batches: Callable[[], Iterable[tuple[Inputs, Any]]] | None = None
     loss: Callable[[Any, Any], torch.Tensor] | None = None
     calibration_inputs: Callable[[], Iterable[Inputs]] | None = None
+    # eval_inputs()/calibration_inputs() are read once and kept: a function that returns the same
+    # generator each call would give nothing the second time (at the profile, or on a resume)
+    _batches: dict[str, list[Inputs]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def can_train(self) -> bool:
@@ -190,6 +251,8 @@ class ModelSpec:
         """The batches the default score compares on: eval_inputs() or the example batch."""
         if self.eval_inputs is None:
             return [self.example()]
+        if "eval_inputs" in self._batches:
+            return list(self._batches["eval_inputs"])
         try:
             batches = list(self.eval_inputs())
         except USER_CODE_ERRORS as exc:
@@ -203,7 +266,8 @@ class ModelSpec:
             problem = _unlike(batch, example)
             if problem:
                 raise self.error("eval_inputs", f"batch {index} {problem}")
-        return batches
+        self._batches["eval_inputs"] = batches
+        return list(batches)
 
     def calibration_batches(self) -> list[Inputs]:
         """The batches static int8 layers are calibrated on: calibration_inputs(), else eval_inputs(),
@@ -211,25 +275,19 @@ class ModelSpec:
         if self.calibration_inputs is None:
             return self.eval_batches()
         name = "calibration_inputs"
+        if name in self._batches:
+            return list(self._batches[name])
         try:
             value = self.calibration_inputs()
         except USER_CODE_ERRORS as exc:
             raise self.error(name, f"raised {type(exc).__name__}: {exc}") from exc
-        if isinstance(value, (torch.Tensor, dict)) or not isinstance(value, Iterable):
-            raise self.error(name, f"returned a {type(value).__name__}, not an iterable of batches",
-                             "return a list of batches, e.g. [example_inputs()]")
         try:
-            batches = list(value)
-        except USER_CODE_ERRORS as exc:
-            raise self.error(name, f"raised {type(exc).__name__} while iterating: {exc}") from exc
-        if not batches:
-            raise self.error(name, "gave no batches")
-        example = self.example()
-        for index, batch in enumerate(batches):
-            problem = _unlike(batch, example)
-            if problem:
-                raise self.error(name, f"batch {index} {problem}")
-        return batches
+            batches = checked_batches(value, self.example())
+        except BadBatches as exc:
+            fix = "return a list of batches, e.g. [example_inputs()]" if "iterable" in str(exc) else None
+            raise self.error(name, str(exc), fix) from exc.__cause__
+        self._batches[name] = batches
+        return list(batches)
 
     def compared_tensor(self, outputs: Any) -> torch.Tensor:
         """The tensor the default score compares: output(outputs) or the first floating tensor."""

@@ -10,6 +10,7 @@ from torch import nn
 
 from autoprec.errors import PolicyError, UnsupportedFormat
 from autoprec.precision.base import FLOAT_DTYPES, HANDLERS, convert_layer
+from autoprec.model.model_file import BadBatches, checked_batches, one_line
 from autoprec.precision.calibration import Calibration, calibrate
 from autoprec.precision.floating import cast_own_tensors
 from autoprec.precision.fold import foldable_batchnorms, folded_conv
@@ -84,6 +85,26 @@ def needs_calibration(model: nn.Module, layers: Mapping[str, str]) -> list[str]:
             and HANDLERS[fmt].needs_calibration(model.get_submodule(name))]
 
 
+_CALIBRATION_FIX = ("pass calibration=<a list of batches, each a tensor, tuple or dict of tensors as the model takes> "
+                    "(model.py's calibration_inputs(), else eval_inputs(), else [example_inputs()])")
+
+
+def _calibrate_checked(model: nn.Module, names: list[str], batches: Any) -> Calibration:
+    """calibrate() on batches a user passed, checked as the CLI checks calibration_inputs() (a bare tensor
+    or dict is taken as one batch): whatever is wrong, one PolicyError line, and the model untouched."""
+    try:
+        checked = checked_batches(batches, one_batch_ok=True, verb="got")
+    except BadBatches as exc:
+        raise PolicyError(f"calibration: {exc}; {_CALIBRATION_FIX}") from None
+    try:
+        return calibrate(model, names, checked)
+    except PolicyError:
+        raise
+    except Exception as exc:  # the batches do not fit the model: torch's own message, on one line
+        raise PolicyError(one_line(f"calibration: the fp32 model fails on the batches: {type(exc).__name__}: "
+                                   f"{exc}; {_CALIBRATION_FIX}")) from None
+
+
 def _input_ranges(model: nn.Module, names: list[str], calibration: CalibrationData) -> Calibration:
     if not names:
         return Calibration()
@@ -92,7 +113,7 @@ def _input_ranges(model: nn.Module, names: list[str], calibration: CalibrationDa
                           "calibration batches; pass calibration=<batches> (the model.py's calibration_inputs(), "
                           "else eval_inputs(), else [example_inputs()], as the search used)")
     if not isinstance(calibration, Calibration):
-        calibration = calibrate(model, names, calibration)
+        calibration = _calibrate_checked(model, names, calibration)
     missing = [name for name in names if name not in calibration.inputs]
     if missing:
         raise UnsupportedFormat(f"layer {missing[0]!r}: static int8 needs its input range, but the layer never ran "

@@ -4,6 +4,7 @@ the studies in a store, a trial's policy for export."""
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import optuna
 import pandas as pd
 
 from autoprec.store import schema
-from autoprec.errors import AutoprecError
+from autoprec.errors import AutoprecError, StoreError, StoreFault
 from autoprec.output import Output, check_output, write_output
 from autoprec.policy import Policy, policy_from_json
 from autoprec.precision import DTYPES
@@ -229,12 +230,18 @@ def trial_machines(study: optuna.Study) -> dict[str, int]:
 
 def studies_frame(storage: Any) -> pd.DataFrame:
     rows = []
+    unreadable = 0
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         if not schema.is_autoprec_study(study):
             continue
-        info = schema.read_info(study)
-        frame = trials_frame(study)
+        try:  # one damaged study is skipped with a warning; the others are listed
+            info = schema.read_info(study)
+            frame = trials_frame(study)
+        except StoreError as exc:
+            print(f"autoprec: warning: {exc}; not listed", file=sys.stderr)
+            unreadable += 1
+            continue
         front = pareto_front(frame)
         complete = int((frame.state == "COMPLETE").sum()) if not frame.empty else 0
         best = front.latency_ms.min() if not front.empty else None
@@ -243,4 +250,6 @@ def studies_frame(storage: Any) -> pd.DataFrame:
                      "front": len(front), "best_latency_ms": best,
                      "best_vs_fp32": best / info.reference.latency_ms if best else None,
                      "device": _timed_on(info), "machine": machine_of(info)})
+    if unreadable and not rows:
+        raise StoreFault(f"no study in the store can be read ({unreadable} damaged); restore the store from a copy")
     return pd.DataFrame(rows)

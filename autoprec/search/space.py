@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,44 @@ class SearchSpace:
             if ok:
                 result[layer.name] = ok
         return result
+
+    def dropped_formats(self, model: nn.Module, device: torch.device) -> dict[str, str]:
+        """Formats the space names that no layer of `model` may take on `device`, each with why (the
+        reason its first layer gave), in DTYPES order."""
+        named = set(self.dtypes).union(*(rule.dtypes for rule in self.rules))
+        given = {d for formats in self.choices(model, device).values() for d in formats}
+        modules = dict(model.named_modules())
+        dropped = {}
+        for fmt in (d for d in DTYPES if d in named - given):
+            reason = "no searchable layer takes it"
+            for layer in self.layers(model):
+                why = layer_format_reason(model, layer.name, fmt, device)
+                if why is None and self.trains and HANDLERS[fmt].needs_calibration(modules[layer.name]):
+                    why = "a training space fine-tunes int8 on Linear layers only"
+                if why is not None:
+                    reason = why.split(";")[0]
+                    break
+            dropped[fmt] = reason
+        return dropped
+
+    @property
+    def shipped(self) -> bool:
+        return self.source == "<built-in default>" or Path(self.source).resolve().parent == SPACES_DIR
+
+    def check_device(self, model: nn.Module, device: torch.device, refuse: bool = True) -> None:
+        """Say which of the space's formats `device` cannot run (one note per format, for a user's space:
+        the shipped spaces list every format on purpose), and refuse a space that leaves only fp32."""
+        dropped = self.dropped_formats(model, device)
+        if not dropped:
+            return
+        given = {d for formats in self.choices(model, device).values() for d in formats}
+        if refuse and given <= {"fp32"}:
+            reasons = "; ".join(f"{fmt} dropped: {why}" for fmt, why in dropped.items())
+            raise SpaceError(f"{self.source}: field 'dtypes': {reasons}; nothing but fp32 is left to search on "
+                             f"{device}: list a format this device runs (e.g. bf16 or int8 on the CPU)")
+        if not self.shipped or not refuse:
+            for fmt, why in dropped.items():
+                print(f"autoprec: note: space {self.name!r} ({self.source}): {fmt} dropped: {why}", file=sys.stderr)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtypes": list(self.dtypes), "default_dtypes": list(self.default_dtypes),

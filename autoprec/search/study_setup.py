@@ -234,6 +234,8 @@ class _Opener:
         self.fingerprint = model_fingerprint(model)
         self.inputs = describe_inputs(self.spec.example())
         self.choices = self.space.choices(model, self.device)
+        if self.choices:
+            self.space.check_device(model, self.device)
         if not self.choices:
             if is_searchable(model):  # the model is one layer: formats go to named sub-layers only
                 raise AutoprecError(f"{self.spec.path}: build_model() returns a bare {type(model).__name__}, which has "
@@ -269,6 +271,11 @@ class _Opener:
                          prepare_allocator(config.timing.keep_freed_memory), self.inputs, self.machine_kind)
             study = optuna.load_study(study_name=self.study_name, storage=self.storage)
             check_choices(study, self.choices, self.study_name)
+            if not config.prune and self._pruning(info) is not None:
+                # the pruned choices are the study's: a resume cannot widen them (workers would disagree)
+                raise StoreError(f"study {self.study_name!r} was created with format pruning, and a study keeps "
+                                 "the choices it was created with; drop --no-prune (a resume keeps the study's), "
+                                 "or start a new study with --study NEW_NAME --no-prune")
             threads = study_threads(self.device, info.environment.get("threads"), config.threads,
                                     config.workers, self.study_name)
             runtime = study_runtime(self.device, info.runtime, config.runtime, self.study_name)

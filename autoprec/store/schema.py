@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from autoprec.errors import StoreError
+from autoprec.errors import StoreError, StoreFault
 from autoprec.policy import Policy, TrainingSettings
 
 if TYPE_CHECKING:
@@ -223,11 +223,16 @@ class StudyInfo:
 
 
 def is_autoprec_study(study: "optuna.Study") -> bool:
-    return isinstance(study.user_attrs.get(STUDY_ATTR), dict)
+    value = study.user_attrs.get(STUDY_ATTR)
+    return isinstance(value, dict) or type(value).__name__ == "Unreadable"  # store/readable.py's marker
 
 
 def read_info(study: "optuna.Study") -> StudyInfo:
     data = study.user_attrs.get(STUDY_ATTR)
+    if type(data).__name__ == "Unreadable":
+        raise StoreFault(f"study {study.study_name!r}: its {STUDY_ATTR!r} attribute is unreadable in the store "
+                         f"({data.reason}); the study cannot be read (restore the store from a copy, or start a "
+                         "new study)")
     if not isinstance(data, dict):
         raise StoreError(f"study {study.study_name!r} was not made by `autoprec search` (no {STUDY_ATTR!r} attribute)")
     return StudyInfo.from_json(data, where=f"study {study.study_name!r}")

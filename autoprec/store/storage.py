@@ -18,6 +18,7 @@ from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
 from autoprec.errors import StoreError, StoreFault
+from autoprec.store.readable import ReadableStorage
 from autoprec.store.worker_tables import Ledger
 from autoprec.store.recovery import GRACE_S, HEARTBEAT_S, RetryAndRelease
 
@@ -131,7 +132,8 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True, readonly: bo
     try:
         with warnings.catch_warnings(), _creation_lock(None if readonly else path):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is, in Optuna 4
-            storage = RDBStorage(
+            # the reading commands skip what a hand-damaged store cannot decode (readable.py)
+            storage = (ReadableStorage if readonly else RDBStorage)(
                 _read_only_url(path) if readonly and path is not None else url,
                 engine_kwargs=_engine_kwargs(url),
                 heartbeat_interval=HEARTBEAT_S if heartbeat else None,
