@@ -272,13 +272,21 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
     if regional is None:  # CUDA too: each block a CUDA graph; a study compiles each block assignment once
         regional = True
     regions = repeated_blocks(model) if regional else []
+    # A frozen graph's backend carries the setting: dynamo keeps a compiled graph for any later caller whose
+    # backend compares equal, so without it a graph compiled unfrozen would serve a frozen model of the same
+    # blocks in one process (and the other way round).
+    options: dict[str, Any] = {"mode": mode}
+    if freeze:
+        from torch._inductor import list_mode_options
+
+        options = {"options": {**(list_mode_options(mode) if mode else {}), "freezing": True}}
     if regions:
         for name in regions:
-            model.get_submodule(name).compile(mode=mode, dynamic=False)
+            model.get_submodule(name).compile(dynamic=False, **options)
         compiled: nn.Module = model
     else:
         regions = [""]
-        compiled = torch.compile(model, mode=mode, dynamic=False)
+        compiled = torch.compile(model, dynamic=False, **options)
     breaks_before = _graph_breaks()
     if freeze:
         compiled = FrozenModel(compiled)

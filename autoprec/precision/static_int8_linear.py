@@ -1,4 +1,4 @@
-"""int8s: static int8 Linear layers on the CPU: uint8 activations with a calibrated per-tensor scale and
+"""int8_static: static int8 Linear layers on the CPU: uint8 activations with a calibrated per-tensor scale and
 zero point, per-channel symmetric int8 weights, oneDNN's int8 matmul (`onednn.qlinear_pointwise`, AMX or
 VNNI where the CPU has them), fp32 output.
 
@@ -34,10 +34,10 @@ from autoprec.precision.layers import is_linear_like
 def static_linear_unsupported_reason(module: nn.Module, device: torch.device) -> str | None:
     """None when `module` can run as a static int8 Linear on `device`, else why not."""
     if not is_linear_like(module):
-        return (f"int8s (static int8) is for Linear layers, not {type(module).__name__}; "
+        return (f"int8_static (static int8) is for Linear layers, not {type(module).__name__}; "
                 "give this layer int8 (static int8 for convolutions), fp32, fp16 or bf16")
     if device.type != "cpu":
-        return (f"int8s (static int8 Linear) runs on the CPU only (oneDNN), not {device.type}; "
+        return (f"int8_static (static int8 Linear) runs on the CPU only (oneDNN), not {device.type}; "
                 "give this layer int8, fp32, fp16 or bf16")
     if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN quantized Linear (onednn.qlinear_pointwise); give this layer a float format"
@@ -134,7 +134,7 @@ class StaticInt8Linear(nn.Module):
 
 
 class StaticInt8LinearFormat:
-    name = "int8s"
+    name = "int8_static"
 
     def needs_calibration(self, module: nn.Module) -> bool:
         return True
