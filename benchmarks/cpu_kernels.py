@@ -406,9 +406,9 @@ def _inference(model, example):
 # part 3: the goal, one process (--goal)
 
 
-def goal_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str], str, bool]]:
-    """Label -> (layer formats, default, freeze) for the compiled runtime; the first is the best before
-    inductor's freezing (what autoprec's search chose in the compiled runtime without it)."""
+def goal_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str], str, bool, bool]]:
+    """Label -> (layer formats, default, freeze, regional) for the compiled runtime; the first is the best
+    before inductor's freezing (what autoprec's search chose in the compiled runtime without it, regional)."""
     from autoprec.precision import searchable_layers
 
     layers = searchable_layers(model)
@@ -417,18 +417,25 @@ def goal_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str]
     every = {layer.name: "int8" for layer in layers}
     static = "int8_static"
     if name == "minilm":
-        return {"before: all-bf16, no freezing": ({}, "bf16", False),
-                "all-bf16": ({}, "bf16", True),
-                "all-int8 (dynamic Linear)": (every, "fp32", True),
-                f"Linear {static}, rest fp32": ({n: static for n in linears}, "fp32", True),
-                f"Linear {static}, rest bf16": ({n: static for n in linears}, "bf16", True)}
-    return {"before: all-int8, no freezing": (every, "fp32", False),
-            "all-bf16": ({}, "bf16", True),
-            "all-int8 (static convs, dynamic fc)": (every, "fp32", True),
-            f"convs int8, fc {static}": ({**{n: "int8" for n in convs}, **{n: static for n in linears}}, "fp32", True),
-            "convs int8, rest bf16": ({n: "int8" for n in convs}, "bf16", True),
-            f"convs int8, fc {static}, rest bf16": ({**{n: "int8" for n in convs}, **{n: static for n in linears}},
-                                                   "bf16", True)}
+        out = {"before: all-bf16, no freezing": ({}, "bf16", False, True),
+               "all-bf16": ({}, "bf16", True, True),
+               "all-int8 (dynamic Linear)": (every, "fp32", True, True),
+               f"Linear {static}, rest fp32": ({n: static for n in linears}, "fp32", True, True),
+               f"Linear {static}, rest bf16": ({n: static for n in linears}, "bf16", True, True)}
+        whole = ["all-bf16", f"Linear {static}, rest fp32", f"Linear {static}, rest bf16"]
+    else:
+        mixed = {**{n: "int8" for n in convs}, **{n: static for n in linears}}
+        out = {"before: all-int8, no freezing": (every, "fp32", False, True),
+               "all-bf16": ({}, "bf16", True, True),
+               "all-int8 (static convs, dynamic fc)": (every, "fp32", True, True),
+               f"convs int8, fc {static}": (mixed, "fp32", True, True),
+               "convs int8, rest bf16": ({n: "int8" for n in convs}, "bf16", True, True),
+               f"convs int8, fc {static}, rest bf16": (mixed, "bf16", True, True)}
+        whole = ["all-bf16", "all-int8 (static convs, dynamic fc)", f"convs int8, fc {static}"]
+    for label in whole:  # with freezing each block compiles on its own anyway: the whole model as one graph
+        layers_, default, freeze, _ = out[label]
+        out[f"{label}, whole graph"] = (layers_, default, freeze, False)
+    return out
 
 
 def goal(args: argparse.Namespace) -> dict:
@@ -447,14 +454,14 @@ def goal(args: argparse.Namespace) -> dict:
             refs = [spec.compared_tensor(call_model(base, b)).float() for b in batches]
         forwards: dict[str, object] = {"eager fp32": lambda m=base: _inference(m, example)}
         info: dict[str, dict[str, object]] = {"eager fp32": {"drop": 0.0}}
-        for label, (layers, default, freeze) in goal_policies(study, base).items():
+        for label, (layers, default, freeze, regional) in goal_policies(study, base).items():
             info[label] = {}
             try:
                 model = apply_formats(spec.new_model().eval(), layers, default, "cpu",
                                       calibration=calibration_batches, runtime="compiled")
                 start = time.perf_counter()
                 prepared = R.prepare(model, "compiled", torch.device("cpu"), lambda fn: call_model(fn, example),
-                                     freeze=freeze)
+                                     freeze=freeze, regional=regional)
                 info[label]["compile_s"] = time.perf_counter() - start
                 forwards[label] = prepared.forward(lambda fn: _inference(fn, example))
                 with torch.inference_mode():
@@ -474,7 +481,7 @@ def print_goal(results: dict, rounds: int, max_drop: float = 0.01) -> None:
     for study, info in results.items():
         before = next(label for label in info if label.startswith("before"))
         before_ratio = info[before].get("ratio")
-        header = ["policy (compiled runtime)", "freezing", "ms", "x fp32 eager", "score drop",
+        header = ["policy (compiled runtime; regional unless whole graph)", "freezing", "ms", "x fp32 eager", "score drop",
                   "speedup over the best before", "compile s"]
         rows = []
         for label, r in info.items():

@@ -1,6 +1,6 @@
 """int8_static: static int8 Linear layers on the CPU: uint8 activations with a calibrated per-tensor scale and
 zero point, per-channel symmetric int8 weights, oneDNN's int8 matmul (`onednn.qlinear_pointwise`, AMX or
-VNNI where the CPU has them), fp32 output.
+VNNI where the CPU has them), fp32 output (bf16 for a bf16 input: in a bf16 model, no casts around the layer).
 
 One layer at a time, like the static int8 convolutions (`static_int8.py`): each converted layer quantizes
 its own input and returns fp32, so any model works without tracing. The same two oneDNN calls run in
@@ -46,16 +46,17 @@ def static_linear_unsupported_reason(module: nn.Module, device: torch.device) ->
 
 @torch.library.custom_op("autoprec::static_int8_linear", mutates_args=())
 def _opaque_qlinear(qx: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor,
-                    w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                    w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None,
+                    bf16_out: bool = False) -> torch.Tensor:
     """onednn.qlinear_pointwise, hidden from inductor: its lowering of that op needs the packed weight as a
     graph constant, which it is only with freezing."""
     return torch.ops.onednn.qlinear_pointwise(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias,
-                                              1.0, 0, torch.float32, "none", [], "")
+                                              1.0, 0, torch.bfloat16 if bf16_out else torch.float32, "none", [], "")
 
 
 @_opaque_qlinear.register_fake
-def _(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias):
-    return qx.new_empty((*qx.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+def _(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias, bf16_out=False):
+    return qx.new_empty((*qx.shape[:-1], w_scale.shape[0]), dtype=torch.bfloat16 if bf16_out else torch.float32)
 
 
 @torch._dynamo.assume_constant_result
@@ -120,13 +121,15 @@ class StaticInt8Linear(nn.Module):
             return torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8).int_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 in, bf16 out (oneDNN writes it directly): a bf16 model needs no casts around the layer
+        bf16 = x.dtype == torch.bfloat16
         qx = self._quantize(x)
         if torch.compiler.is_compiling() and not _freezing():
             return _opaque_qlinear(qx, self.input_scale, self.input_zero_point, self.packed_weight(),
-                                   self.weight_scale, self.weight_zero_point, self.bias)
+                                   self.weight_scale, self.weight_zero_point, self.bias, bf16)
         return torch.ops.onednn.qlinear_pointwise(
             qx, self.input_scale, self.input_zero_point, self.packed_weight(), self.weight_scale,
-            self.weight_zero_point, self.bias, 1.0, 0, torch.float32, "none", [], "")
+            self.weight_zero_point, self.bias, 1.0, 0, torch.bfloat16 if bf16 else torch.float32, "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -135,6 +138,7 @@ class StaticInt8Linear(nn.Module):
 
 class StaticInt8LinearFormat:
     name = "int8_static"
+    native_io = (torch.bfloat16,)  # StaticInt8Linear returns bf16 for bf16 input
 
     def needs_calibration(self, module: nn.Module) -> bool:
         return True
