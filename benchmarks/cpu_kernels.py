@@ -406,9 +406,10 @@ def _inference(model, example):
 # part 3: the goal, one process (--goal)
 
 
-def goal_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str], str, bool, bool]]:
+def goal_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str], str, bool, bool | None]]:
     """Label -> (layer formats, default, freeze, regional) for the compiled runtime; the first is the best
-    before inductor's freezing (what autoprec's search chose in the compiled runtime without it, regional)."""
+    before inductor's freezing (what autoprec's search chose in the compiled runtime then: regional).
+    regional None: the runtime's default (with freezing on the CPU, the whole model as one graph)."""
     from autoprec.precision import searchable_layers
 
     layers = searchable_layers(model)
@@ -417,25 +418,20 @@ def goal_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str]
     every = {layer.name: "int8" for layer in layers}
     static = "int8_static"
     if name == "minilm":
-        out = {"before: all-bf16, no freezing": ({}, "bf16", False, True),
-               "all-bf16": ({}, "bf16", True, True),
-               "all-int8 (dynamic Linear)": (every, "fp32", True, True),
-               f"Linear {static}, rest fp32": ({n: static for n in linears}, "fp32", True, True),
-               f"Linear {static}, rest bf16": ({n: static for n in linears}, "bf16", True, True)}
-        whole = ["all-bf16", f"Linear {static}, rest fp32", f"Linear {static}, rest bf16"]
-    else:
-        mixed = {**{n: "int8" for n in convs}, **{n: static for n in linears}}
-        out = {"before: all-int8, no freezing": (every, "fp32", False, True),
-               "all-bf16": ({}, "bf16", True, True),
-               "all-int8 (static convs, dynamic fc)": (every, "fp32", True, True),
-               f"convs int8, fc {static}": (mixed, "fp32", True, True),
-               "convs int8, rest bf16": ({n: "int8" for n in convs}, "bf16", True, True),
-               f"convs int8, fc {static}, rest bf16": (mixed, "bf16", True, True)}
-        whole = ["all-bf16", "all-int8 (static convs, dynamic fc)", f"convs int8, fc {static}"]
-    for label in whole:  # with freezing each block compiles on its own anyway: the whole model as one graph
-        layers_, default, freeze, _ = out[label]
-        out[f"{label}, whole graph"] = (layers_, default, freeze, False)
-    return out
+        return {"before: all-bf16, no freezing, regional": ({}, "bf16", False, True),
+                "all-bf16, regional": ({}, "bf16", True, True),
+                "all-bf16": ({}, "bf16", True, None),
+                "all-int8 (dynamic Linear)": (every, "fp32", True, None),
+                f"Linear {static}, rest fp32": ({n: static for n in linears}, "fp32", True, None),
+                f"Linear {static}, rest bf16": ({n: static for n in linears}, "bf16", True, None)}
+    mixed = {**{n: "int8" for n in convs}, **{n: static for n in linears}}
+    return {"before: all-int8, no freezing, regional": (every, "fp32", False, True),
+            "all-int8, regional": (every, "fp32", True, True),
+            "all-bf16": ({}, "bf16", True, None),
+            "all-int8 (static convs, dynamic fc)": (every, "fp32", True, None),
+            f"convs int8, fc {static}": (mixed, "fp32", True, None),
+            "convs int8, rest bf16": ({n: "int8" for n in convs}, "bf16", True, None),
+            f"convs int8, fc {static}, rest bf16": (mixed, "bf16", True, None)}
 
 
 def goal(args: argparse.Namespace) -> dict:
@@ -481,7 +477,7 @@ def print_goal(results: dict, rounds: int, max_drop: float = 0.01) -> None:
     for study, info in results.items():
         before = next(label for label in info if label.startswith("before"))
         before_ratio = info[before].get("ratio")
-        header = ["policy (compiled runtime; regional unless whole graph)", "freezing", "ms", "x fp32 eager", "score drop",
+        header = ["policy (compiled runtime; one graph unless regional)", "freezing", "ms", "x fp32 eager", "score drop",
                   "speedup over the best before", "compile s"]
         rows = []
         for label, r in info.items():

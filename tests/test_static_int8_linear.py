@@ -223,7 +223,7 @@ def test_frozen_blocks_keep_their_own_weights():
     x = torch.randn(2, 8)
     expected = run(model, x)
     R.reset()
-    prepared = R.prepare(model, "compiled", CPU, lambda fn: fn(x))
+    prepared = R.prepare(model, "compiled", CPU, lambda fn: fn(x), regional=True)
     assert prepared.regions == ["0", "1", "2"]
     torch.testing.assert_close(run(prepared.model, x), expected)
     R.reset()
