@@ -503,6 +503,46 @@ def print_goal(results: dict, rounds: int, max_drop: float = 0.01) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# part 4: int8 between neighbouring int8 layers (--chain)
+
+
+def chain() -> list[list[str]]:
+    """Two int8 layers with a ReLU between them, compiled with freezing as the compiled runtime does: does
+    the first write uint8 for the second (inductor's x86 passes fold the second's quantize into it), or
+    fp32 that a separate kernel quantizes? Read from inductor's generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    cl = torch.channels_last
+    cases = {
+        "Linear int8_static -> ReLU -> Linear int8_static, fp32 model": (
+            nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(32, 64), "int8_static", "fp32"),
+        "Linear int8_static -> ReLU -> Linear int8_static, bf16 model": (
+            nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(32, 64), "int8_static", "bf16"),
+        "Conv2d int8 -> ReLU -> Conv2d int8, channels_last": (
+            nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).to(memory_format=cl),
+            torch.randn(2, 8, 16, 16).to(memory_format=cl), "int8", "fp32"),
+        "Conv2d int8 -> ReLU -> Conv2d int8, contiguous (NCHW)": (
+            nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)),
+            torch.randn(2, 8, 16, 16), "int8", "fp32"),
+    }
+    rows = []
+    for label, (model, x, fmt, default) in cases.items():
+        torch.manual_seed(0)
+        model = apply_formats(model.eval(), {"0": fmt, "2": fmt}, default, "cpu", calibration=[x], runtime="compiled")
+        R.reset()
+        prepared = R.prepare(model, "compiled", torch.device("cpu"), lambda fn: fn(x), freeze=True)
+        with torch.no_grad():
+            _, codes = run_and_get_code(prepared.timed, x)
+        code = "\n".join(codes)
+        outs = re.findall(r"onednn\.q(?:linear|conv)_pointwise\.?\w*\([^\n]*?(torch\.\w+), '(\w+)'", code)
+        kernels = re.findall(r"(cpp_fused_\w+) = ", code)
+        rows.append([label, ", ".join(f"{dtype.split('.')[-1]} out ({post})" for dtype, post in outs) or "-",
+                     str(len(kernels)), ", ".join(kernels) or "-"])
+    R.reset()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def child(args: argparse.Namespace) -> None:
@@ -530,6 +570,8 @@ def main() -> None:
     parser.add_argument("--study-min-round-s", type=float, default=0.3)
     parser.add_argument("--goal", action="store_true",
                         help="part 3 only: the best policy before freezing against the candidates with it, in one process")
+    parser.add_argument("--chain", action="store_true",
+                        help="part 4 only: does int8 pass between two neighbouring int8 layers, compiled with freezing?")
     parser.add_argument("--child", choices=["eager", *MODES], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.study_names = args.study_names or ["minilm", "resnet"]
@@ -543,6 +585,10 @@ def main() -> None:
     sys.stdout.flush()
     if args.goal:
         print_goal(goal(args), args.study_rounds)
+        return
+    if args.chain:
+        print("\n### Neighbouring int8 layers, compiled with freezing\n")
+        print(C.table(["chain", "oneDNN int8 kernels: output dtype (fused op)", "C++ kernels", "names"], chain()))
         return
     modes = ["eager"] if args.no_compile else (["freezing"] if args.no_plain_compile else ["plain", "freezing"])
     if "eager" not in modes and (args.studies or args.only_studies):

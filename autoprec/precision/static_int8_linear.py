@@ -112,10 +112,12 @@ class StaticInt8Linear(nn.Module):
         return cls(_as_linear(module), *input_qparams)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
         if torch.compiler.is_compiling():  # inductor fuses it with its neighbours; no graph break
+            # bf16 as it comes: with freezing, the previous int8 layer then writes uint8 for this one
+            x = x if x.dtype == torch.bfloat16 else x.float()
             return torch.ops.quantized_decomposed.quantize_per_tensor.default(
                 x, self.input_scale, self.input_zero_point, 0, 255, torch.uint8)
+        x = x.float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensor types are deprecated; only the uint8 codes are kept
             return torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8).int_repr()
