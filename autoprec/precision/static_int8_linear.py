@@ -148,6 +148,11 @@ class StaticInt8LinearFormat:
     def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
         return static_linear_unsupported_reason(module, device)
 
+    def drops_weight_tensor(self, module: nn.Module, device: torch.device, runtime: str = "eager") -> bool:
+        """StaticInt8Linear has no `weight` tensor: a parent reading it (a TransformerEncoderLayer's fused
+        path) cannot run with it, in either runtime."""
+        return True
+
     def convert(self, module: nn.Module, device: torch.device,
                 input_qparams: tuple[float, int] | None = None) -> nn.Module:
         if input_qparams is None:
