@@ -8,7 +8,7 @@ Part 1, kernels: one Linear layer on MiniLM's shapes (16 x 128 = 2048 tokens; 38
 - fp32, bf16 (bf16 in and out: in a bf16 model there is no cast at the layer)
 - int8 dyn: torch's dynamic int8, per-channel weights (autoprec's `int8` in the eager runtime)
 - int8 torchao: torchao's int8 dynamic-activation config (autoprec's `int8` compiled, on a VNNI CPU)
-- int8s: autoprec's static int8 Linear (`precision/static_int8_linear.py`): uint8 input with a calibrated
+- int8_static: autoprec's static int8 Linear (`precision/static_int8_linear.py`): uint8 input with a calibrated
   scale (autoprec's observer), per-channel int8 weight, `onednn.qlinear_pointwise`, fp32 out
 - ao static (x86 / onednn engine): torch.ao's quantized Linear (quantize, `quantized.linear` on
   quantized tensors with a calibrated output scale, dequantize)
@@ -165,7 +165,7 @@ def candidates(linear: nn.Linear, x: torch.Tensor, with_ao: bool) -> dict[str, t
     out = {"fp32": (linear, x), "bf16": (Bf16Linear(linear), x.to(torch.bfloat16)),
            "int8 dyn": (_cpu_dynamic_int8(copy.deepcopy(linear)), x),
            "int8 torchao": (_torchao_int8(copy.deepcopy(linear)), x),
-           "int8s (onednn qlinear)": (StaticInt8Linear.from_float(linear, qparams), x),
+           "int8_static (onednn qlinear)": (StaticInt8Linear.from_float(linear, qparams), x),
            "q/dq linear": (QDQLinear(linear, qparams), x)}
     if with_ao:
         with torch.no_grad():
@@ -309,10 +309,10 @@ def study_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str
     out: dict[str, tuple[dict[str, str], str]] = {"fp32": ({}, "fp32"), "all-bf16": ({}, "bf16")}
     if name == "minilm":
         out["Linear int8 (dynamic), rest fp32"] = ({n: "int8" for n in linears}, "fp32")
-        out["Linear int8s, rest fp32"] = ({n: "int8s" for n in linears}, "fp32")
-        out["Linear int8s, rest bf16"] = ({n: "int8s" for n in linears}, "bf16")
+        out["Linear int8_static, rest fp32"] = ({n: "int8_static" for n in linears}, "fp32")
+        out["Linear int8_static, rest bf16"] = ({n: "int8_static" for n in linears}, "bf16")
     else:
-        out["convs int8, fc int8s"] = ({**{n: "int8" for n in convs}, **{n: "int8s" for n in linears}}, "fp32")
+        out["convs int8, fc int8_static"] = ({**{n: "int8" for n in convs}, **{n: "int8_static" for n in linears}}, "fp32")
         out["convs int8, rest bf16"] = ({n: "int8" for n in convs}, "bf16")
     return out
 
@@ -403,6 +403,146 @@ def _inference(model, example):
 
 
 # ---------------------------------------------------------------------------------------------
+# part 3: the goal, one process (--goal)
+
+
+def goal_policies(name: str, model: nn.Module) -> dict[str, tuple[dict[str, str], str, bool, bool | None]]:
+    """Label -> (layer formats, default, freeze, regional) for the compiled runtime; the first is the best
+    before inductor's freezing (what autoprec's search chose in the compiled runtime then: regional).
+    regional None: the runtime's default (with freezing on the CPU, the whole model as one graph)."""
+    from autoprec.precision import searchable_layers
+
+    layers = searchable_layers(model)
+    linears = [layer.name for layer in layers if layer.cls == "Linear"]
+    convs = [layer.name for layer in layers if layer.cls.startswith("Conv")]
+    every = {layer.name: "int8" for layer in layers}
+    static = "int8_static"
+    if name == "minilm":
+        return {"before: all-bf16, no freezing, regional": ({}, "bf16", False, True),
+                "all-bf16, regional": ({}, "bf16", True, True),
+                "all-bf16": ({}, "bf16", True, None),
+                "all-int8 (dynamic Linear)": (every, "fp32", True, None),
+                f"Linear {static}, rest fp32": ({n: static for n in linears}, "fp32", True, None),
+                f"Linear {static}, rest bf16": ({n: static for n in linears}, "bf16", True, None)}
+    mixed = {**{n: "int8" for n in convs}, **{n: static for n in linears}}
+    return {"before: all-int8, no freezing, regional": (every, "fp32", False, True),
+            "all-int8, regional": (every, "fp32", True, True),
+            "all-bf16": ({}, "bf16", True, None),
+            "all-int8 (static convs, dynamic fc)": (every, "fp32", True, None),
+            f"convs int8, fc {static}": (mixed, "fp32", True, None),
+            "convs int8, rest bf16": ({n: "int8" for n in convs}, "bf16", True, None),
+            f"convs int8, fc {static}, rest bf16": (mixed, "bf16", True, None)}
+
+
+def goal(args: argparse.Namespace) -> dict:
+    """Per study: label -> {ms, ratio (to fp32 eager), drop, compile_s}, all timed in one process in
+    interleaved rounds (the prepared models' backends differ with freezing, so their graphs stay apart)."""
+    from autoprec.measure.runtime import rebatch_like
+
+    results = {}
+    for study in args.study_names:
+        spec = load_spec(C.REPO / "studies" / study / "model.py")
+        example = spec.example()
+        batches = rebatch_like(spec.eval_batches(), example)  # scored with the graph that is timed
+        calibration_batches = spec.calibration_batches()
+        base = spec.new_model().eval()
+        with torch.inference_mode():
+            refs = [spec.compared_tensor(call_model(base, b)).float() for b in batches]
+        forwards: dict[str, object] = {"eager fp32": lambda m=base: _inference(m, example)}
+        info: dict[str, dict[str, object]] = {"eager fp32": {"drop": 0.0}}
+        for label, (layers, default, freeze, regional) in goal_policies(study, base).items():
+            info[label] = {}
+            try:
+                model = apply_formats(spec.new_model().eval(), layers, default, "cpu",
+                                      calibration=calibration_batches, runtime="compiled")
+                start = time.perf_counter()
+                prepared = R.prepare(model, "compiled", torch.device("cpu"), lambda fn: call_model(fn, example),
+                                     freeze=freeze, regional=regional)
+                info[label]["compile_s"] = time.perf_counter() - start
+                forwards[label] = prepared.forward(lambda fn: _inference(fn, example))
+                with torch.inference_mode():
+                    outs = [spec.compared_tensor(call_model(prepared.model, b)).float() for b in batches]
+                info[label]["drop"] = 1.0 - sum(_cosine(o, r) * len(o) for o, r in zip(outs, refs)) / sum(len(o) for o in outs)
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                info[label]["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            print(f"{study}: {label}: {info[label]}", file=sys.stderr, flush=True)
+        res = C.interleaved(forwards, "eager fp32", args.study_rounds, args.study_min_round_s, warmup_calls=1)
+        for label, r in res.items():
+            info[label].update({"ms": r["ms"], "ratio": r["ratio"], "spread": r["spread"]})
+        results[study] = info
+    return results
+
+
+def print_goal(results: dict, rounds: int, max_drop: float = 0.01) -> None:
+    for study, info in results.items():
+        before = next(label for label in info if label.startswith("before"))
+        before_ratio = info[before].get("ratio")
+        header = ["policy (compiled runtime; one graph unless regional)", "freezing", "ms", "x fp32 eager", "score drop",
+                  "speedup over the best before", "compile s"]
+        rows = []
+        for label, r in info.items():
+            if "ratio" not in r:
+                rows.append([label, "-", r.get("failed", "-"), "-", "-", "-", "-"])
+                continue
+            fits = r.get("drop", 1.0) <= max_drop
+            rows.append([label, "-" if label == "eager fp32" else ("no" if label == before else "yes"),
+                         f"{r['ms']:.1f}", f"{r['ratio']:.3f}x", f"{r['drop']:.1e}" + ("" if fits else " (over)"),
+                         f"{before_ratio / r['ratio']:.2f}x" if before_ratio else "-",
+                         f"{r['compile_s']:.0f}" if "compile_s" in r else "-"])
+        feasible = [(r["ratio"], label) for label, r in info.items()
+                    if "ratio" in r and r.get("drop", 1.0) <= max_drop and label not in ("eager fp32", before)]
+        print(f"\n### studies/{study}: the goal, one process\n")
+        print(C.table(header, rows))
+        if feasible and before_ratio:
+            ratio, label = min(feasible)
+            print(f"\nfastest feasible (drop <= {max_drop}) with freezing: {label}, {before_ratio / ratio:.2f}x "
+                  f"the best before ({before_ratio:.3f}x -> {ratio:.3f}x fp32 eager)")
+        print(f"\n{rounds} rounds; largest pair spread: {max(r.get('spread', 1.0) for r in info.values()):.2f}; "
+              "every policy timed in adjacent pairs with fp32 eager in one process; score drop: 1 - mean per-sample "
+              "cosine to fp32 eager on eval_inputs() (autoprec's default fidelity), of the compiled model")
+
+
+# ---------------------------------------------------------------------------------------------
+# part 4: int8 between neighbouring int8 layers (--chain)
+
+
+def chain() -> list[list[str]]:
+    """Two int8 layers with a ReLU between them, compiled with freezing as the compiled runtime does: does
+    the first write uint8 for the second (inductor's x86 passes fold the second's quantize into it), or
+    fp32 that a separate kernel quantizes? Read from inductor's generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    cl = torch.channels_last
+    cases = {
+        "Linear int8_static -> ReLU -> Linear int8_static, fp32 model": (
+            nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(32, 64), "int8_static", "fp32"),
+        "Linear int8_static -> ReLU -> Linear int8_static, bf16 model": (
+            nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(32, 64), "int8_static", "bf16"),
+        "Conv2d int8 -> ReLU -> Conv2d int8, channels_last": (
+            nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).to(memory_format=cl),
+            torch.randn(2, 8, 16, 16).to(memory_format=cl), "int8", "fp32"),
+        "Conv2d int8 -> ReLU -> Conv2d int8, contiguous (NCHW)": (
+            nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)),
+            torch.randn(2, 8, 16, 16), "int8", "fp32"),
+    }
+    rows = []
+    for label, (model, x, fmt, default) in cases.items():
+        torch.manual_seed(0)
+        model = apply_formats(model.eval(), {"0": fmt, "2": fmt}, default, "cpu", calibration=[x], runtime="compiled")
+        R.reset()
+        prepared = R.prepare(model, "compiled", torch.device("cpu"), lambda fn: fn(x), freeze=True)
+        with torch.no_grad():
+            _, codes = run_and_get_code(prepared.timed, x)
+        code = "\n".join(codes)
+        outs = re.findall(r"onednn\.q(?:linear|conv)_pointwise\.?\w*\([^\n]*?(torch\.\w+), '(\w+)'", code)
+        kernels = re.findall(r"(cpp_fused_\w+) = ", code)
+        rows.append([label, ", ".join(f"{dtype.split('.')[-1]} out ({post})" for dtype, post in outs) or "-",
+                     str(len(kernels)), ", ".join(kernels) or "-"])
+    R.reset()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def child(args: argparse.Namespace) -> None:
@@ -428,6 +568,10 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="part 2: compile the whole model as one graph")
     parser.add_argument("--study-rounds", type=int, default=5)
     parser.add_argument("--study-min-round-s", type=float, default=0.3)
+    parser.add_argument("--goal", action="store_true",
+                        help="part 3 only: the best policy before freezing against the candidates with it, in one process")
+    parser.add_argument("--chain", action="store_true",
+                        help="part 4 only: does int8 pass between two neighbouring int8 layers, compiled with freezing?")
     parser.add_argument("--child", choices=["eager", *MODES], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.study_names = args.study_names or ["minilm", "resnet"]
@@ -439,6 +583,13 @@ def main() -> None:
     print(C.machine_header({"measured": "one thread, interleaved rounds against fp32 eager, medians; "
                                         "a shared 2-core machine (other jobs may run)"}))
     sys.stdout.flush()
+    if args.goal:
+        print_goal(goal(args), args.study_rounds)
+        return
+    if args.chain:
+        print("\n### Neighbouring int8 layers, compiled with freezing\n")
+        print(C.table(["chain", "oneDNN int8 kernels: output dtype (fused op)", "C++ kernels", "names"], chain()))
+        return
     modes = ["eager"] if args.no_compile else (["freezing"] if args.no_plain_compile else ["plain", "freezing"])
     if "eager" not in modes and (args.studies or args.only_studies):
         modes = ["eager", *modes]  # the eager score drops

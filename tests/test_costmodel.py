@@ -160,3 +160,24 @@ def test_layer_times_from_a_quieter_moment_are_tied_to_the_reference(tied):
         assert max(errors) < 1e-9
     else:
         assert max(errors) > 0.02
+
+
+def test_static_int8_linear_is_calibrated_as_a_quantized_format_not_a_default():
+    """int8_static, like int8: its uniform policy (fp32 elsewhere) fixes its drop scale, and it is never
+    taken for a default whose rest of the model it would calibrate."""
+    model = _random_model(1)
+    for name in model.choices:
+        model.profile.layers[name]["int8_static"] = dict(model.profile.layers[name]["int8"])
+        model.profile.latency_by_default["fp32"][name]["int8_static"] = model.profile.latency_by_default["fp32"][name]["int8"]
+    model.choices = {n: ("fp32", "bf16", "int8", "int8_static") for n in model.choices}
+    layers_fp32 = {n: "fp32" for n in model.choices}
+    layers_static = {n: "int8_static" for n in model.choices}
+    profiled = sum(model.profile.layers[n]["int8_static"]["drop"] for n in model.choices)
+    model.calibrate({
+        "fp32": ("fp32", layers_fp32, {"drop": 0.0, "latency_ms": 80.0, "memory_bytes": 30000.0}),
+        "int8_static": ("fp32", layers_static, {"drop": 3 * profiled, "latency_ms": 30.0, "memory_bytes": 9000.0}),
+    })
+    assert model.drop_scale["int8_static"] == pytest.approx(3.0)
+    assert model.drop_scale["int8"] == 1.0  # each int8 format its own scale
+    assert "int8_static" not in model.rest_latency
+    assert model.predict("fp32", layers_static)["drop"] == pytest.approx(3 * profiled)

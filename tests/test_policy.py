@@ -77,7 +77,7 @@ def test_default_is_fp32_when_absent():
 
 def test_counts():
     policy = Policy(layers={"a": "int8", "b": "int8", "c": "bf16"})
-    assert policy.counts() == {"fp32": 0, "fp16": 0, "bf16": 1, "int8": 2, "fp8": 0, "int4": 0}
+    assert policy.counts() == {"fp32": 0, "fp16": 0, "bf16": 1, "int8": 2, "fp8": 0, "int4": 0, "int8_static": 0}
 
 
 # --------------------------------------------------------------------------- refusals, each with its own message

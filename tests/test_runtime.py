@@ -94,9 +94,26 @@ def test_frozen_regional_compilation_gives_each_block_its_graph_and_the_same_num
     with torch.inference_mode():
         expected = model(x)
     before = counters["stats"]["unique_graphs"]
-    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x))
+    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x), regional=True)
     assert prepared.regions == ["blocks.0", "blocks.1", "blocks.2"]
     assert counters["stats"]["unique_graphs"] - before == 3
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared.model(x), expected)
+
+
+def test_frozen_cpu_compilation_is_one_graph_of_the_whole_model():
+    """With freezing regions would share no graph: the CPU default compiles the whole model as one."""
+    from torch._dynamo.utils import counters
+
+    R.reset()
+    model = Stack().eval()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(x)
+    before = counters["stats"]["unique_graphs"]
+    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x))
+    assert prepared.regions == [""]
+    assert counters["stats"]["unique_graphs"] - before == 1
     with torch.inference_mode():
         torch.testing.assert_close(prepared.model(x), expected)
 

@@ -35,3 +35,20 @@ def test_a_0_1_0_store_resumes(old_store):
     before = len(load_study(old_store, "tiny_mlp").trials)
     autoprec_cli("search", str(TINY), "--trials", "2", "--study", "tiny_mlp", "--storage", old_store, "--no-progress")
     assert len(load_study(old_store, "tiny_mlp").trials) == before + 2
+
+
+def test_a_cpu_space_study_from_before_int8_static_resumes_over_its_own_formats(tmp_path):
+    """The shipped cpu space gained int8_static; a study created with the space as it was (same name and
+    fields, dtypes fp32 / bf16 / int8) resumes under `--space cpu` over its own formats, and says so."""
+    old_cpu = tmp_path / "cpu.yaml"
+    old_cpu.write_text("name: cpu\ndtypes: [fp32, bf16, int8]\ndefault_dtypes: [fp32, bf16]\n")
+    url = f"sqlite:///{tmp_path / 'autoprec.db'}"
+    quick = ("--max-rounds", "3", "--threads", "1", "--no-progress", "--storage", url, "--study", "old_cpu")
+    autoprec_cli("search", str(TINY), "--space", str(old_cpu), "--trials", "2", *quick)
+    before = len(load_study(url, "old_cpu").trials)
+    resumed = autoprec_cli("search", str(TINY), "--space", "cpu", "--trials", "1", *quick)
+    assert "searches the formats it was created with (fp32, bf16, int8)" in resumed.stderr
+    assert "int8_static" in resumed.stderr
+    trials = load_study(url, "old_cpu").trials
+    assert len(trials) == before + 1
+    assert not any(v == "int8_static" for t in trials for v in t.params.values())

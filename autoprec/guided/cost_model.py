@@ -24,7 +24,7 @@ import numpy as np
 from autoprec.guided.sensitivity import Profile
 
 BUDGET_FRACTIONS = (0.8, 0.5, 0.3, 0.15, 0.05)
-QUANTIZED = ("int8", "fp8", "int4")  # formats that cannot be a policy's default
+QUANTIZED = ("int8", "fp8", "int4", "int8_static")  # formats that cannot be a policy's default
 _BINS = 1000
 _SCALE_BOUNDS = (0.25, 4.0)  # a layer in the model vs alone: beyond this the profile is wrong, not the scale
 
@@ -41,7 +41,7 @@ class CostModel:
     rest_memory: dict[str, float] = field(default_factory=dict)
     rest_drop: dict[str, float] = field(default_factory=dict)
     drop_scale: dict[str, float] = field(default_factory=lambda: {"fp32": 1.0, "fp16": 1.0, "bf16": 1.0, "int8": 1.0,
-                                                                    "fp8": 1.0})
+                                                                    "fp8": 1.0, "int8_static": 1.0})
     unreliable: dict[str, str] = field(default_factory=dict)  # default dtype -> why it is not planned on
     # latency_scale[D][fmt]: in-model time of a layer in fmt (rest of the model in D) / its time alone
     latency_scale: dict[str, dict[str, float]] = field(default_factory=dict)

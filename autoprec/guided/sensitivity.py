@@ -325,7 +325,7 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
     profile = Profile(method=method, runtime=runtimes.check_runtime(runtime))
     names = list(choices)
     if calibration is None:
-        calibration = spec_calibration(spec, model, device) or Calibration()
+        calibration = spec_calibration(spec, model, device, {f for c in choices.values() for f in c}) or Calibration()
     ranges = calibration.inputs
     start = time.perf_counter()
     drops: dict[str, dict[str, float]] = {}

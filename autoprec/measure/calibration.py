@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -10,10 +12,12 @@ from autoprec.precision.calibration import Calibration, calibrate, calibrated_la
 from autoprec.model.model_file import ModelSpec, move_inputs, one_line
 
 
-def spec_calibration(spec: ModelSpec, model: nn.Module, device: torch.device) -> Calibration | None:
-    """Input ranges of every layer of the fp32 `model` that may take static int8 on `device`, observed on
-    the spec's calibration batches; None when no layer can (nothing is run then)."""
-    names = calibrated_layers(model, device)
+def spec_calibration(spec: ModelSpec, model: nn.Module, device: torch.device,
+                     formats: Iterable[str] | None = None) -> Calibration | None:
+    """Input ranges of every layer of the fp32 `model` that may take static int8 on `device` (among
+    `formats`, where given), observed on the spec's calibration batches; None when no layer can (nothing is
+    run then)."""
+    names = calibrated_layers(model, device, formats)
     if not names:
         return None
     source = "calibration_inputs" if spec.calibration_inputs is not None else \

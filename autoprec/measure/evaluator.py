@@ -53,8 +53,8 @@ METHODS = {
     "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
     "peak_cuda": "torch.cuda.max_memory_allocated over one forward",
     "runtime_eager": "eager forwards",
-    "runtime_compiled_cpu": ("torch.compile (inductor), the model's repeated blocks compiled one by one (regional "
-                             "compilation), else the whole model; fp32 reference compiled the same way"),
+    "runtime_compiled_cpu": ("torch.compile (inductor) with freezing, the whole model as one graph; fp32 reference "
+                             "compiled the same way"),
     "runtime_compiled_cuda": (f"torch.compile (inductor), mode {runtimes.CUDA_MODE!r} (CUDA graphs), the model's "
                               "repeated blocks compiled one by one (regional compilation), else the whole model"),
 }

@@ -1,8 +1,9 @@
 """How a candidate runs while it is scored and timed: `eager` forwards, or `compiled` ones.
 
-`compiled` is `torch.compile` with inductor, as a user serves a model: on the CPU the repeated
-blocks of the model are compiled one by one (PyTorch's regional compilation recipe: identical
-blocks share one compiled graph, so a 6-layer encoder compiles one layer, not six), on CUDA in mode
+`compiled` is `torch.compile` with inductor, as a user serves a model: on the CPU with freezing the
+whole model as one graph, without freezing its repeated blocks one by one (PyTorch's regional compilation
+recipe: identical blocks share one compiled graph, so a 6-layer encoder compiles one layer, not six;
+frozen, each block would compile its own graph anyway), on CUDA in mode
 "reduce-overhead" (CUDA graphs: an eager forward of a small batch is bound by kernel launches, which
 a graph replay removes), regionally too where the model has repeated blocks. On the CPU with inductor's freezing (`FREEZE_ON_CPU`,
 PyTorch's setting for CPU inference): weights become constants of the compiled graph, folded and
@@ -270,15 +271,26 @@ def prepare(model: nn.Module, runtime: str, device: torch.device, call: Callable
         _x86_int8_passes()
     cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
     if regional is None:  # CUDA too: each block a CUDA graph; a study compiles each block assignment once
-        regional = True
+        # frozen, each block compiles its own graph anyway (its weights are constants), so regions share no
+        # work; one graph fuses across blocks and compiles the rest of the model too (cpu_kernels.py --goal:
+        # ResNet-18 all-int8 0.21x fp32 eager as one graph against 0.30x regional, MiniLM all-bf16 0.20x against 0.22x)
+        regional = not (freeze and device.type == "cpu")
     regions = repeated_blocks(model) if regional else []
+    # A frozen graph's backend carries the setting: dynamo keeps a compiled graph for any later caller whose
+    # backend compares equal, so without it a graph compiled unfrozen would serve a frozen model of the same
+    # blocks in one process (and the other way round).
+    options: dict[str, Any] = {"mode": mode}
+    if freeze:
+        from torch._inductor import list_mode_options
+
+        options = {"options": {**(list_mode_options(mode) if mode else {}), "freezing": True}}
     if regions:
         for name in regions:
-            model.get_submodule(name).compile(mode=mode, dynamic=False)
+            model.get_submodule(name).compile(dynamic=False, **options)
         compiled: nn.Module = model
     else:
         regions = [""]
-        compiled = torch.compile(model, mode=mode, dynamic=False)
+        compiled = torch.compile(model, dynamic=False, **options)
     breaks_before = _graph_breaks()
     if freeze:
         compiled = FrozenModel(compiled)

@@ -17,10 +17,10 @@ from autoprec.precision import floating as _floating  # noqa: F401
 from autoprec.precision import int8 as _int8  # noqa: F401
 from autoprec.precision import fp8 as _fp8  # noqa: F401
 from autoprec.precision import int4 as _int4  # noqa: F401
-from autoprec.precision import static_int8_linear as _static_int8_linear  # noqa: F401  "int8s", not searched yet
+from autoprec.precision import static_int8_linear as _static_int8_linear  # noqa: F401  "int8_static"
 from autoprec.precision.calibration import Calibration, calibrate
 
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")  # the formats a policy and a search space name
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int4", "int8_static")  # the formats a policy and a search space name
 
 __all__ = [
     "Calibration",

@@ -153,7 +153,9 @@ def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "f
         if name in folds:
             original = folded_conv(original, model.get_submodule(folds[name]))
         module = convert_layer(handler, original, device, runtime, ranges.inputs.get(name))
-        converted[name] = (module, handler.io_dtype(device))
+        # a handler whose module takes and returns the model's default dtype too (`native_io`) needs no casts
+        native = default_dtype in getattr(handler, "native_io", ())
+        converted[name] = (module, default_dtype if native else handler.io_dtype(device))
     for norm in folds.values():
         _set_submodule(model, norm, nn.Identity())
 

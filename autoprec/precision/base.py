@@ -28,7 +28,9 @@ class FormatHandler(Protocol):
         `needs_calibration`; None for the others. A handler whose fastest kernel depends on the
         runtime sets `per_runtime = True` and takes `runtime` ("eager" or "compiled") as a keyword
         (see `convert_layer`). A handler whose converted module may have no `weight` tensor defines
-        `drops_weight_tensor(module, device, runtime) -> bool` (see apply.layer_format_reason)."""
+        `drops_weight_tensor(module, device, runtime) -> bool` (see apply.layer_format_reason). A handler
+        whose module takes and returns other floating dtypes than `io_dtype` as they come lists them in
+        `native_io` (a tuple of dtypes): a model of such a default dtype adds no casts around it."""
 
     def needs_calibration(self, module: nn.Module) -> bool:
         """Whether `convert` needs the layer's calibrated input range (static int8)."""

@@ -104,15 +104,18 @@ def calibrate(model: nn.Module, names: Iterable[str], batches: Iterable[Any]) ->
     return result
 
 
-def calibrated_layers(model: nn.Module, device: torch.device | str) -> list[str]:
+def calibrated_layers(model: nn.Module, device: torch.device | str,
+                      formats: Iterable[str] | None = None) -> list[str]:
     """The searchable layers of `model` that can take a calibrated format (static int8) on `device`, among
-    the formats a policy may name (`DTYPES`: a registered format that is not one is not calibrated for)."""
+    the formats a policy may name (`DTYPES`: a registered format that is not one is not calibrated for),
+    or among `formats` (those searched)."""
     from autoprec.precision import DTYPES
     from autoprec.precision.base import HANDLERS
     from autoprec.precision.layers import is_searchable
 
     device = torch.device(device)
-    handlers = [HANDLERS[name] for name in DTYPES if name in HANDLERS]
+    wanted = DTYPES if formats is None else tuple(f for f in DTYPES if f in set(formats))
+    handlers = [HANDLERS[name] for name in wanted if name in HANDLERS]
     return [name for name, module in model.named_modules()
             if name and is_searchable(module)
             and any(h.needs_calibration(module) and h.unsupported_reason(module, device) is None

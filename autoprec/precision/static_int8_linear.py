@@ -1,6 +1,6 @@
-"""int8s: static int8 Linear layers on the CPU: uint8 activations with a calibrated per-tensor scale and
+"""int8_static: static int8 Linear layers on the CPU: uint8 activations with a calibrated per-tensor scale and
 zero point, per-channel symmetric int8 weights, oneDNN's int8 matmul (`onednn.qlinear_pointwise`, AMX or
-VNNI where the CPU has them), fp32 output.
+VNNI where the CPU has them), fp32 output (bf16 for a bf16 input: in a bf16 model, no casts around the layer).
 
 One layer at a time, like the static int8 convolutions (`static_int8.py`): each converted layer quantizes
 its own input and returns fp32, so any model works without tracing. The same two oneDNN calls run in
@@ -36,10 +36,10 @@ from autoprec.precision.layers import is_linear_like
 def static_linear_unsupported_reason(module: nn.Module, device: torch.device) -> str | None:
     """None when `module` can run as a static int8 Linear on `device`, else why not."""
     if not is_linear_like(module):
-        return (f"int8s (static int8) is for Linear layers, not {type(module).__name__}; "
+        return (f"int8_static (static int8) is for Linear layers, not {type(module).__name__}; "
                 "give this layer int8 (static int8 for convolutions), fp32, fp16 or bf16")
     if device.type != "cpu":
-        return (f"int8s (static int8 Linear) runs on the CPU only (oneDNN), not {device.type}; "
+        return (f"int8_static (static int8 Linear) runs on the CPU only (oneDNN), not {device.type}; "
                 "give this layer int8, fp32, fp16 or bf16")
     if not hasattr(torch.ops.onednn, "qlinear_pointwise") or not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN quantized Linear (onednn.qlinear_pointwise); give this layer a float format"
@@ -54,13 +54,14 @@ def _opaque_qlinear() -> Callable[..., torch.Tensor]:
 
     @torch.library.custom_op("autoprec::static_int8_linear", mutates_args=())
     def qlinear(qx: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor,
-                w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                w_scale: torch.Tensor, w_zero_point: torch.Tensor, bias: torch.Tensor | None,
+                bf16_out: bool = False) -> torch.Tensor:
         return torch.ops.onednn.qlinear_pointwise(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias,
-                                                  1.0, 0, torch.float32, "none", [], "")
+                                                  1.0, 0, torch.bfloat16 if bf16_out else torch.float32, "none", [], "")
 
     @qlinear.register_fake
-    def _(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias):
-        return qx.new_empty((*qx.shape[:-1], w_scale.shape[0]), dtype=torch.float32)
+    def _(qx, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias, bf16_out=False):
+        return qx.new_empty((*qx.shape[:-1], w_scale.shape[0]), dtype=torch.bfloat16 if bf16_out else torch.float32)
 
     return qlinear
 
@@ -119,23 +120,27 @@ class StaticInt8Linear(nn.Module):
         return cls(_as_linear(module), *input_qparams)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
         if torch.compiler.is_compiling():  # inductor fuses it with its neighbours; no graph break
+            # bf16 as it comes: with freezing, the previous int8 layer then writes uint8 for this one
+            x = x if x.dtype == torch.bfloat16 else x.float()
             return torch.ops.quantized_decomposed.quantize_per_tensor.default(
                 x, self.input_scale, self.input_zero_point, 0, 255, torch.uint8)
+        x = x.float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensor types are deprecated; only the uint8 codes are kept
             return torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8).int_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 in, bf16 out (oneDNN writes it directly): a bf16 model needs no casts around the layer
+        bf16 = x.dtype == torch.bfloat16
         qx = self._quantize(x)
         if torch.compiler.is_compiling() and not _freezing():
             return torch.ops.autoprec.static_int8_linear(qx, self.input_scale, self.input_zero_point,
                                                          self.packed_weight(), self.weight_scale,
-                                                         self.weight_zero_point, self.bias)
+                                                         self.weight_zero_point, self.bias, bf16)
         return torch.ops.onednn.qlinear_pointwise(
             qx, self.input_scale, self.input_zero_point, self.packed_weight(), self.weight_scale,
-            self.weight_zero_point, self.bias, 1.0, 0, torch.float32, "none", [], "")
+            self.weight_zero_point, self.bias, 1.0, 0, torch.bfloat16 if bf16 else torch.float32, "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -143,13 +148,19 @@ class StaticInt8Linear(nn.Module):
 
 
 class StaticInt8LinearFormat:
-    name = "int8s"
+    name = "int8_static"
+    native_io = (torch.bfloat16,)  # StaticInt8Linear returns bf16 for bf16 input
 
     def needs_calibration(self, module: nn.Module) -> bool:
         return True
 
     def unsupported_reason(self, module: nn.Module, device: torch.device) -> str | None:
         return static_linear_unsupported_reason(module, device)
+
+    def drops_weight_tensor(self, module: nn.Module, device: torch.device, runtime: str = "eager") -> bool:
+        """StaticInt8Linear has no `weight` tensor: a parent reading it (a TransformerEncoderLayer's fused
+        path) cannot run with it, in either runtime."""
+        return True
 
     def convert(self, module: nn.Module, device: torch.device,
                 input_qparams: tuple[float, int] | None = None) -> nn.Module:

@@ -37,7 +37,8 @@ from autoprec.results.frames import machine_of, output_of, pareto_front, trial_m
 from autoprec.output import Output, write_output
 
 # Okabe-Ito colours: readable for colour-blind readers and in greyscale print.
-DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00", "fp8": "#CC79A7", "int4": "#56B4E9"}
+DTYPE_COLORS = {"fp32": "#0072B2", "fp16": "#E69F00", "bf16": "#009E73", "int8": "#D55E00", "fp8": "#CC79A7", "int4": "#56B4E9",
+                "int8_static": "#882255"}
 _MISSING_COLOR = "#dddddd"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -267,6 +268,7 @@ class _Opener:
             runtime = study_runtime(self.device, None, config.runtime, self.study_name)
             info, evaluator = self._create_or_wait(threads, runtime)
         if evaluator is None:
+            self._keep_study_formats(info)
             check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
                          prepare_allocator(config.timing.keep_freed_memory), self.inputs, self.machine_kind)
             study = optuna.load_study(study_name=self.study_name, storage=self.storage)
@@ -291,6 +293,26 @@ class _Opener:
                            study_name=self.study_name, storage_url=self.storage_url, storage=self.storage,
                            evaluator=evaluator, info=info, threads=threads, pruning=self._pruning(info),
                            machine_kind=self.machine_kind)
+
+    def _keep_study_formats(self, info: StudyInfo) -> None:
+        """Resume a study over the formats it was created with when its space has gained formats since
+        (a shipped space such as `cpu` when autoprec adds a format to it, or a space file that names no
+        dtypes, which means every format): the same space otherwise, so its trials still compare, and
+        Optuna cannot resume a layer's categorical choice over more values. The new formats take a new study."""
+        stored = (info.space or {}).get("dtypes")
+        if info.space_fingerprint == self.space.fingerprint() or not isinstance(stored, list):
+            return
+        if not set(stored) < set(self.space.dtypes):
+            return
+        narrowed = dataclasses.replace(self.space, dtypes=tuple(stored))
+        if narrowed.fingerprint() != info.space_fingerprint:
+            return  # the space changed otherwise too: check_resume refuses it
+        added = [d for d in self.space.dtypes if d not in stored]
+        print(f"autoprec: study {self.study_name!r} searches the formats it was created with ({', '.join(stored)}); "
+              f"{', '.join(added)}, added to space {self.space.name!r} since, takes a new study (--study NEW_NAME)",
+              file=sys.stderr)
+        self.space = narrowed
+        self.choices = self.space.choices(self.spec.new_model(), self.device)
 
     def _pruning(self, info: StudyInfo) -> format_probe.Pruning | None:
         """What the study leaves out of per-layer search: fixed when it was created (its probe and
