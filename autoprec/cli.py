@@ -367,9 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads, fixed per study (default: a resumed study's; for a new one AUTOPREC_THREADS, "
                         "else all usable cores but one, shared among --workers)")
-    p.add_argument("--runtime", default=None, choices=["eager", "compiled"],
-                   help="how candidates run and are timed, fixed per study: eager, or compiled (torch.compile; "
-                        "CUDA graphs on CUDA). Default: a resumed study's; for a new one compiled on CUDA, eager on "
+    p.add_argument("--runtime", default=None, choices=["eager", "compiled", "openvino"],
+                   help="how candidates run and are timed, fixed per study: eager, compiled (torch.compile; "
+                        "CUDA graphs on CUDA), or openvino (OpenVINO's CPU plugin, int8 by NNCF; fp32/bf16/int8; "
+                        "needs the openvino extra). Default: a resumed study's; for a new one compiled on CUDA, eager on "
                         "the CPU")
     p.add_argument("--strategy", default="guided", choices=["guided", "tpe", "nsga2", "random"],
                    help="guided: sensitivity profile + sequential knapsack proposals, then TPE (default)")
