@@ -105,6 +105,56 @@ def _storage_bytes(model: nn.Module) -> int:
     return module_storage_bytes(model)
 
 
+def _calibrate(spec: ModelSpec, model: nn.Module, example: Any, device: torch.device, runtime: str
+               ) -> tuple[Any, openvino_runtime.OpenVINORuntime | None]:
+    """Static int8 input ranges of the fp32 model; in the openvino runtime none (NNCF calibrates each
+    candidate itself, on the same batches) and the converted model instead."""
+    if runtime == "openvino":
+        return None, _openvino_runtime(spec, model, example, device)
+    return spec_calibration(spec, model, device), None
+
+
+def _openvino_runtime(spec: ModelSpec, model: nn.Module, example: Any,
+                      device: torch.device) -> openvino_runtime.OpenVINORuntime:
+    """The fp32 model converted to OpenVINO once, with the calibration batches NNCF quantizes on."""
+    openvino_runtime.require_openvino()
+    if device.type != "cpu":
+        raise AutoprecError(f"--runtime openvino runs on the CPU; drop --device {device.type}")
+    batches = runtimes.rebatch_like([move_inputs(b, device) for b in spec.calibration_batches()], example)
+    try:
+        return openvino_runtime.OpenVINORuntime(model, example, batches)
+    except AutoprecError:
+        raise
+    except Exception as exc:
+        raise spec.error("build_model", f"OpenVINO could not convert the fp32 model: {type(exc).__name__}: "
+                         f"{_failure_reason(exc)}", "time it with --runtime eager or compiled") from exc
+
+
+def _peak_bytes(model: nn.Module, forward: Any, device: torch.device) -> int:
+    if device.type == "cuda":
+        return cuda_forward_peak_bytes(forward, device)
+    return _storage_bytes(model) + cpu_activation_peak_bytes(forward)
+
+
+def _forward_or_raise(spec: ModelSpec, model: nn.Module, example: Any) -> Any:
+    try:
+        return call_model(model, example)
+    except Exception as exc:
+        raise spec.error("example_inputs", f"the fp32 model fails on them: {type(exc).__name__}: {exc}",
+                         "make example_inputs() match what build_model()'s forward takes") from exc
+
+
+def _release(runtime: str, device: torch.device) -> None:
+    """Free compiled graphs (with freezing they hold folded copies of a candidate's weights, and they
+    pile up to the recompile limit) and the CUDA allocator's cached blocks. The reference's graph
+    compiles again from inductor's caches when it is next called."""
+    if runtime == "compiled":
+        runtimes.reset()
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of memory"
@@ -210,7 +260,7 @@ class Evaluator:
         if self.runtime != "eager":  # scored with the graph that is timed, not one more per eval batch shape
             self._batches = runtimes.rebatch_like(self._batches, self.example)
         with torch.inference_mode():
-            self._forward_or_raise(self.model)
+            _forward_or_raise(spec, self.model, self.example)
         try:
             self._measure_reference(reference_latency_ms)
         except SpecError:
@@ -233,11 +283,7 @@ class Evaluator:
                 raise spec.error("build_model", "the fp32 model gives non-finite outputs on eval_inputs()",
                                  "check the model and its inputs")
         # static int8 input ranges, observed once on the fp32 model and shared by every candidate
-        if self.runtime == "openvino":  # NNCF calibrates each candidate itself, on the same batches
-            self.calibration = None
-            self._openvino = self._openvino_runtime()
-        else:
-            self.calibration = spec_calibration(spec, self.model, self.device)
+        self.calibration, self._openvino = _calibrate(spec, self.model, self.example, self.device, self.runtime)
         self.reference = self._prepare_reference()
         self.reference_score = self._score(self.reference.model)
         if not math.isfinite(self.reference_score):
@@ -250,20 +296,6 @@ class Evaluator:
         example = self.example
         return runtimes.prepare(model, self.runtime, self.device, lambda fn: call_model(fn, example),
                                 regional=self.regional)
-
-    def _openvino_runtime(self) -> openvino_runtime.OpenVINORuntime:
-        openvino_runtime.require_openvino()
-        if self.device.type != "cpu":
-            raise AutoprecError(f"--runtime openvino runs on the CPU; drop --device {self.device.type}")
-        batches = runtimes.rebatch_like([move_inputs(b, self.device) for b in self.spec.calibration_batches()],
-                                        self.example)
-        try:
-            return openvino_runtime.OpenVINORuntime(self.model, self.example, batches)
-        except AutoprecError:
-            raise
-        except Exception as exc:
-            raise self.spec.error("build_model", f"OpenVINO could not convert the fp32 model: {type(exc).__name__}: "
-                                  f"{_failure_reason(exc)}", "time it with --runtime eager or compiled") from exc
 
     def _prepare_reference(self) -> Prepared:
         if self.runtime == "eager":
@@ -292,19 +324,11 @@ class Evaluator:
         if self.runtime == "eager":
             return Prepared(model, "eager")
         if self.runtime == "openvino":
-            compile_s = getattr(model, "compile_s", 0.0)
-            return Prepared(model, "openvino", compile_s=compile_s)
+            return Prepared(model, "openvino", compile_s=getattr(model, "compile_s", 0.0))
         prepared = self._prepare(model)
         with torch.inference_mode():  # the reference compiles again, from inductor's caches
             self._timed(self.reference)()
         return prepared
-
-    def _forward_or_raise(self, model: nn.Module) -> Any:
-        try:
-            return call_model(model, self.example)
-        except Exception as exc:
-            raise self.spec.error("example_inputs", f"the fp32 model fails on them: {type(exc).__name__}: {exc}",
-                                  "make example_inputs() match what build_model()'s forward takes") from exc
 
     def _compared(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.spec.compared_tensor(call_model(model, batch)).float()
@@ -316,15 +340,8 @@ class Evaluator:
         return score
 
     def release_candidates(self) -> None:
-        """Free what earlier candidates left on the device before the next one is built: compiled graphs
-        (with freezing they hold folded copies of a candidate's weights, and they pile up to the
-        recompile limit) and the CUDA allocator's cached blocks. The reference's graph compiles again
-        from inductor's caches when it is next called."""
-        if self.runtime == "compiled":
-            runtimes.reset()
-        if self.device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
+        """Free what earlier candidates left on the device before the next one is built (_release)."""
+        _release(self.runtime, self.device)
 
     def candidate(self, policy: Policy, release: bool = True) -> nn.Module:
         """A copy of the fp32 reference with `policy` applied on the device (the earlier candidates freed first)."""
@@ -413,10 +430,7 @@ class Evaluator:
         return result
 
     def _peak(self, model: nn.Module, prepared: Prepared) -> int:
-        forward = self._timed(prepared)
-        if self.device.type == "cuda":
-            return cuda_forward_peak_bytes(forward, self.device)
-        return _storage_bytes(model) + cpu_activation_peak_bytes(forward)
+        return _peak_bytes(model, self._timed(prepared), self.device)
 
     def _result(self, score: float, timing: PairedTiming, memory: int, peak: int | None) -> Measurement:
         return measurement_of(score, timing, memory, peak, self.reference_latency_ms, self.runtime, self.device,
