@@ -4,6 +4,7 @@ int8 layers, a short study through the CLI, and the one-line refusal without the
 from __future__ import annotations
 
 import builtins
+import json
 
 import pytest
 import torch
@@ -88,9 +89,13 @@ def test_short_openvino_study_through_the_cli(tmp_path) -> None:
     autoprec_cli("search", str(TINY), "--runtime", "openvino", "--trials", "4", "--strategy", "random",
                  "--storage", url)
     out = tmp_path / "p.json"
-    autoprec_cli("export", "--study", "tiny_mlp", "--pick", "fastest", "-o", str(out), "--storage", url)
-    policy = Policy.load(out) if hasattr(Policy, "load") else None
+    autoprec_cli("export", "--study", "tiny_mlp", "--pick", "fastest", "-o", str(out), "--ir", str(tmp_path / "ir"),
+                 "--storage", url)
     text = out.read_text()
     assert '"runtime": "openvino"' in text
     assert all(f not in text for f in ('"fp16"', '"fp8"', '"int4"'))
-    del policy
+    import openvino as ov
+
+    ir = ov.Core().read_model(str(tmp_path / "ir" / "model.xml"))  # the IR loads, with the policy's int8 layers
+    int8 = [name for name, fmt in json.loads(text)["layers"].items() if fmt == "int8"]
+    assert bool(ovr.int8_nodes(ir)) == bool(int8)

@@ -262,3 +262,26 @@ def int8_nodes(ov_model: Any) -> set[str]:
             if source.get_type_name() == "FakeQuantize":
                 out.add(op.get_friendly_name())
     return out
+
+
+def save_ir(spec: Any, policy: Policy, folder: Any) -> Any:
+    """Write the candidate of `policy` for the model file `spec` as an OpenVINO IR (model.xml and
+    model.bin in `folder`): the fp32 model converted and quantized as the openvino runtime measured it.
+    Returns the .xml path."""
+    from pathlib import Path
+
+    require_openvino()
+    import openvino as ov
+
+    from autoprec.measure.runtime import rebatch_like
+
+    example = spec.example()
+    model = spec.new_model()
+    runtime = OpenVINORuntime(model, example, rebatch_like(spec.calibration_batches(), example))
+    int8 = int8_layers(policy, runtime.layers)
+    ov_model = runtime.quantized(int8) if int8 else runtime.fp32
+    ov_model.set_rt_info(float_precision(policy), ["runtime_options", "INFERENCE_PRECISION_HINT"])
+    path = Path(folder) / "model.xml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    return path
