@@ -6,7 +6,7 @@ and autoprec's fastest feasible policy from a short `autoprec search --runtime o
 0.01` run here, timed in interleaved rounds with PyTorch eager fp32 in this process, one thread for
 every tool. Prints a table naming the CPU and the versions.
 
-    python benchmarks/peers.py [--studies resnet minilm] [--trials 8] [--rounds 21]
+    python benchmarks/peers.py [--studies resnet minilm] [--trials 8] [--rounds 21] [--strategy guided]
 """
 
 from __future__ import annotations
@@ -71,11 +71,12 @@ def nncf_answer(spec, model, example, batches, refs, calibration):
     return compiled, feed, answer_s, convert_s
 
 
-def autoprec_answer(study: Path, trials: int, workdir: Path):
+def autoprec_answer(study: Path, trials: int, workdir: Path, strategy: str):
     url = f"sqlite:///{workdir}/{study.parent.name}.db"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "autoprec", "search", str(study), "--runtime", "openvino", "--max-drop",
-                    "0.01", "--trials", str(trials), "--threads", "1", "--storage", url], check=True,
+                    "0.01", "--trials", str(trials), "--strategy", strategy, "--threads", "1",
+                    "--storage", url], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     answer_s = time.perf_counter() - start
     out = workdir / f"{study.parent.name}.json"
@@ -84,7 +85,7 @@ def autoprec_answer(study: Path, trials: int, workdir: Path):
     return load_policy(out), answer_s
 
 
-def one_study(name: str, trials: int, rounds: int, workdir: Path) -> list[list[object]]:
+def one_study(name: str, trials: int, rounds: int, workdir: Path, strategy: str) -> list[list[object]]:
     path = REPO / "studies" / name / "model.py"
     spec = load_spec(path)
     model = spec.new_model()
@@ -100,7 +101,7 @@ def one_study(name: str, trials: int, rounds: int, workdir: Path) -> list[list[o
         res = nncf_request.infer(feed(batch))
         return torch.from_numpy(res[compiled.outputs[0]].copy())
 
-    policy, autoprec_s = autoprec_answer(path, trials, workdir)
+    policy, autoprec_s = autoprec_answer(path, trials, workdir, strategy)
     runtime = ovr.OpenVINORuntime(model, example, calibration, threads=1)
     ours = runtime.candidate(policy)
     with torch.inference_mode():
@@ -116,7 +117,7 @@ def one_study(name: str, trials: int, rounds: int, workdir: Path) -> list[list[o
         [name, "PyTorch eager fp32", "-", "0", f"{timed['torch']['ms']:.1f}", "1.00x"],
         [name, "NNCF `quantize_with_accuracy_control` + OpenVINO", f"{nncf_s:.0f} s + {convert_s:.0f} s convert",
          f"{nncf_drop:.1e}", f"{timed['nncf']['ms']:.1f}", f"{timed['nncf']['ratio']:.2f}x"],
-        [name, f"autoprec --runtime openvino, {trials} trials (default {policy.default}, {json.dumps(counts)})",
+        [name, f"autoprec --runtime openvino, {trials} trials {strategy} (default {policy.default}, {json.dumps(counts)})",
          f"{autoprec_s:.0f} s", f"{ours_drop:.1e}", f"{timed['autoprec']['ms']:.1f}", f"{timed['autoprec']['ratio']:.2f}x"],
     ]
 
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--studies", nargs="+", default=["resnet", "minilm"])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--strategy", default="guided", help="autoprec's --strategy (random: no layer profile)")
     args = parser.parse_args()
     quiet()
     set_threads(1)
@@ -138,7 +140,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.studies:
-            rows += one_study(name, args.trials, args.rounds, Path(tmp))
+            rows += one_study(name, args.trials, args.rounds, Path(tmp), args.strategy)
     print(machine_header({"openvino": openvino.__version__, "nncf": nncf.__version__}))
     print()
     print(table(["study", "tool", "time to answer", "drop", "answer, ms", "answer / torch eager fp32"], rows))
