@@ -256,6 +256,9 @@ class _Opener:
         self.inputs = describe_inputs(self.spec.example())
         self.choices = self.space.choices(model, self.device)
         if config.runtime == "openvino":
+            if self.space.trains:
+                raise AutoprecError(f"--runtime openvino: space {self.space.name!r} enables training, which fine-tunes "
+                                    "in torch; use a space without 'training', or --runtime eager")
             self.space, self.choices = openvino_space(self.space, self.choices)
         if not self.choices:
             if is_searchable(model):  # the model is one layer: formats go to named sub-layers only
