@@ -236,14 +236,28 @@ def cmd_export(args: argparse.Namespace) -> None:
     study = _open_study(args)
     trial = pick_trial(study, args.pick, args.trial, args.max_drop)
     policy = policy_of(study, trial)
+    info = schema.read_info(study)
+    if args.ir is not None and info.runtime != "openvino":  # refused before anything is written
+        raise AutoprecError(f"--ir: the study was timed in the {info.runtime} runtime; an OpenVINO IR is written for "
+                            "a study made with --runtime openvino")
     write_output(out, policy.to_text())
     m = trial.values
     _wrote(out, f"trial {trial.number}, score {m[0]:.6g}, latency {m[1]:.2f} ms, memory {int(m[2]):,} B")
-    drop, limit = policy.measured.get("score_drop"), schema.read_info(study).max_drop
+    if args.ir is not None:
+        _write_ir(info, policy, args.ir)
+    drop, limit = policy.measured.get("score_drop"), info.max_drop
     if drop is not None and drop > limit:
         print(f"autoprec: note: trial {trial.number} lost {drop:.3g} of the score, over the study's max drop "
               f"{limit:g}; `autoprec front --study {printable(shlex.quote(study.study_name))}` lists the trials "
               "within it", file=sys.stderr)
+
+
+def _write_ir(info, policy, folder: str) -> None:
+    from autoprec.measure import openvino_runtime
+    from autoprec.model.model_file import load_spec
+
+    path = openvino_runtime.save_ir(load_spec(info.model_path), policy, folder)
+    print(f"autoprec: wrote {path} (OpenVINO IR of this policy)", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -370,9 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads, fixed per study (default: a resumed study's; for a new one AUTOPREC_THREADS, "
                         "else all usable cores but one, shared among --workers)")
-    p.add_argument("--runtime", default=None, choices=["eager", "compiled"],
-                   help="how candidates run and are timed, fixed per study: eager, or compiled (torch.compile; "
-                        "CUDA graphs on CUDA). Default: a resumed study's; for a new one compiled on CUDA, eager on "
+    p.add_argument("--runtime", default=None, choices=["eager", "compiled", "openvino"],
+                   help="how candidates run and are timed, fixed per study: eager, compiled (torch.compile; "
+                        "CUDA graphs on CUDA), or openvino (OpenVINO's CPU plugin, int8 by NNCF; fp32/bf16/int8; "
+                        "needs the openvino extra). Default: a resumed study's; for a new one compiled on CUDA, eager on "
                         "the CPU")
     p.add_argument("--strategy", default="guided", choices=["guided", "tpe", "nsga2", "random"],
                    help="guided: sensitivity profile + sequential knapsack proposals, then TPE (default)")
@@ -416,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--pick", choices=["fastest", "smallest", "best-score"], help="pick from the front")
     p.add_argument("--max-drop", type=_drop_limit, default=None, dest="max_drop", help="with --pick: within this drop")
     _add_output(p, "policy JSON to write", required=True)
+    p.add_argument("--ir", metavar="DIR", default=None,
+                   help="also write the trial's model as an OpenVINO IR (DIR/model.xml, model.bin): a study of the "
+                        "openvino runtime only")
     commands["export"] = cmd_export
 
     p = sub.add_parser("report", help="write an HTML report of a study (plots, front, trials)")

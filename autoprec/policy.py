@@ -21,7 +21,7 @@ from autoprec.errors import PolicyError
 from autoprec.output import check_output, write_output
 from autoprec.precision import DTYPES, FLOAT_DTYPES, Calibration, apply_formats
 
-RUNTIMES = ("eager", "compiled")  # where a policy was timed: the runtimes of autoprec.measure.runtime
+RUNTIMES = ("eager", "compiled", "openvino")  # where a policy was timed: the runtimes of autoprec.measure.runtime
 
 
 POLICY_FORMAT = "autoprec.policy"

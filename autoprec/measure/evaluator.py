@@ -30,6 +30,7 @@ from autoprec.measure.fidelity import sample_cosines
 from autoprec.measure.finetune import TrainingDiverged, fine_tune, load_train_batches, paired_step_ratio
 from autoprec.policy import Policy, TrainingSettings
 from autoprec.precision import apply_formats, module_storage_bytes
+from autoprec.measure import openvino_runtime
 from autoprec.measure import runtime as runtimes
 from autoprec.measure.runtime import CompileFailed, Prepared
 from autoprec.measure.calibration import spec_calibration
@@ -53,6 +54,9 @@ METHODS = {
     "peak_cpu": "memory_bytes + peak live tensor bytes of one forward from the profiler's allocator events",
     "peak_cuda": "torch.cuda.max_memory_allocated over one forward",
     "runtime_eager": "eager forwards",
+    "runtime_openvino": ("OpenVINO CPU plugin: the fp32 model converted once, int8 layers quantized by NNCF on the "
+                         "calibration batches, float layers at one precision per model (bf16 where the default is "
+                         "bf16 and no layer is fp32, else f32); fp32 reference compiled at f32"),
     "runtime_compiled_cpu": ("torch.compile (inductor) with freezing, the whole model as one graph; fp32 reference "
                              "compiled the same way"),
     "runtime_compiled_cuda": (f"torch.compile (inductor), mode {runtimes.CUDA_MODE!r} (CUDA graphs), the model's "
@@ -94,6 +98,52 @@ class Measurement:
         return cls(feasible=False, reason=reason, traceback=traceback)
 
 
+def _storage_bytes(model: nn.Module) -> int:
+    """Weight bytes as the candidate holds them (an OpenVINO model's constants, or the module's tensors)."""
+    if isinstance(model, openvino_runtime.OpenVINOModel):
+        return model.storage_bytes()
+    return module_storage_bytes(model)
+
+
+def _calibrate(spec: ModelSpec, model: nn.Module, example: Any, device: torch.device, runtime: str
+               ) -> tuple[Any, openvino_runtime.OpenVINORuntime | None]:
+    """Static int8 input ranges of the fp32 model; in the openvino runtime none (NNCF calibrates each
+    candidate itself, on the same batches) and the converted model instead."""
+    if runtime == "openvino":
+        return None, _openvino_runtime(spec, model, example, device)
+    return spec_calibration(spec, model, device), None
+
+
+def _openvino_runtime(spec: ModelSpec, model: nn.Module, example: Any,
+                      device: torch.device) -> openvino_runtime.OpenVINORuntime:
+    """The fp32 model converted to OpenVINO once, with the calibration batches NNCF quantizes on."""
+    openvino_runtime.require_openvino()
+    if device.type != "cpu":
+        raise AutoprecError(f"--runtime openvino runs on the CPU; drop --device {device.type}")
+    batches = runtimes.rebatch_like([move_inputs(b, device) for b in spec.calibration_batches()], example)
+    try:
+        return openvino_runtime.OpenVINORuntime(model, example, batches)
+    except AutoprecError:
+        raise
+    except Exception as exc:
+        raise spec.error("build_model", f"OpenVINO could not convert the fp32 model: {type(exc).__name__}: "
+                         f"{_failure_reason(exc)}", "time it with --runtime eager or compiled") from exc
+
+
+def _peak_bytes(model: nn.Module, forward: Any, device: torch.device) -> int:
+    if device.type == "cuda":
+        return cuda_forward_peak_bytes(forward, device)
+    return _storage_bytes(model) + cpu_activation_peak_bytes(forward)
+
+
+def _forward_or_raise(spec: ModelSpec, model: nn.Module, example: Any) -> Any:
+    try:
+        return call_model(model, example)
+    except Exception as exc:
+        raise spec.error("example_inputs", f"the fp32 model fails on them: {type(exc).__name__}: {exc}",
+                         "make example_inputs() match what build_model()'s forward takes") from exc
+
+
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of memory"
@@ -119,7 +169,7 @@ def release_candidates(runtime: str, device: torch.device) -> None:
     (with freezing they hold folded copies of a candidate's weights, and they pile up to the
     recompile limit) and the CUDA allocator's cached blocks. The reference's graph compiles again
     from inductor's caches when it is next called."""
-    if runtime != "eager":
+    if runtime == "compiled":
         runtimes.reset()
     if device.type == "cuda":
         gc.collect()
@@ -137,7 +187,7 @@ def measurement_of(score: float, timing: PairedTiming, memory: int, peak: int | 
     methods = {"score": METHODS["score_user" if user_score else "score_fidelity"],
                "latency": METHODS["latency"], "memory_bytes": METHODS["memory"],
                "peak_bytes": METHODS["peak_cuda" if device.type == "cuda" else "peak_cpu"],
-               "runtime": METHODS["runtime_eager" if runtime == "eager" else
+               "runtime": METHODS["runtime_eager" if runtime == "eager" else "runtime_openvino" if runtime == "openvino" else
                                   "runtime_compiled_" + ("cuda" if device.type == "cuda" else "cpu")]}
     return Measurement(feasible=True, runtime=runtime, score=score, latency_ms=timing.ratio * reference_latency_ms,
                        latency_ratio=timing.ratio, latency_spread=timing.ratio_spread,
@@ -211,7 +261,7 @@ class Evaluator:
         if self.runtime != "eager":  # scored with the graph that is timed, not one more per eval batch shape
             self._batches = runtimes.rebatch_like(self._batches, self.example)
         with torch.inference_mode():
-            self._forward_or_raise(self.model)
+            _forward_or_raise(spec, self.model, self.example)
         try:
             self._measure_reference(reference_latency_ms)
         except SpecError:
@@ -234,7 +284,7 @@ class Evaluator:
                 raise spec.error("build_model", "the fp32 model gives non-finite outputs on eval_inputs()",
                                  "check the model and its inputs")
         # static int8 input ranges, observed once on the fp32 model and shared by every candidate
-        self.calibration = spec_calibration(spec, self.model, self.device)
+        self.calibration, self._openvino = _calibrate(spec, self.model, self.example, self.device, self.runtime)
         self.reference = self._prepare_reference()
         self.reference_score = self._score(self.reference.model)
         if not math.isfinite(self.reference_score):
@@ -251,6 +301,8 @@ class Evaluator:
     def _prepare_reference(self) -> Prepared:
         if self.runtime == "eager":
             return Prepared(self.model, "eager")
+        if self.runtime == "openvino":
+            return Prepared(self._openvino.reference(), "openvino")
         try:  # compiled from a copy of the module tree that shares the fp32 weights: one fp32 copy on the device
             return self._prepare(copy.deepcopy(self.model, memo=_shared_tensors(self.model)))
         except CompileFailed as exc:
@@ -272,17 +324,12 @@ class Evaluator:
         """Compile a candidate in the study's runtime; the fp32 reference is re-warmed beside it."""
         if self.runtime == "eager":
             return Prepared(model, "eager")
+        if self.runtime == "openvino":
+            return Prepared(model, "openvino", compile_s=getattr(model, "compile_s", 0.0))
         prepared = self._prepare(model)
         with torch.inference_mode():  # the reference compiles again, from inductor's caches
             self._timed(self.reference)()
         return prepared
-
-    def _forward_or_raise(self, model: nn.Module) -> Any:
-        try:
-            return call_model(model, self.example)
-        except Exception as exc:
-            raise self.spec.error("example_inputs", f"the fp32 model fails on them: {type(exc).__name__}: {exc}",
-                                  "make example_inputs() match what build_model()'s forward takes") from exc
 
     def _compared(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.spec.compared_tensor(call_model(model, batch)).float()
@@ -297,6 +344,8 @@ class Evaluator:
         """A copy of the fp32 reference with `policy` applied on the device (the earlier candidates freed first)."""
         if release:
             release_candidates(self.runtime, self.device)
+        if self.runtime == "openvino":  # the converted fp32 graph, quantized by NNCF where the policy says int8
+            return self._openvino.candidate(policy)
         return apply_formats(copy.deepcopy(self.model), policy.layers, policy.default, self.device,
                              calibration=self.calibration, runtime=self.runtime)
 
@@ -349,7 +398,7 @@ class Evaluator:
             if reference:  # the fp32 model itself: score and ratio are the reference's
                 with torch.inference_mode():
                     peak = self._peak(model, self.reference) if self.measure_peak else None
-                result = self._result(self.reference_score, reference_timing(self.reference_latency_ms), module_storage_bytes(model), peak)
+                result = self._result(self.reference_score, reference_timing(self.reference_latency_ms), _storage_bytes(model), peak)
                 if self.runtime != "eager":  # the reference's graph, compiled when the study was opened
                     result.compile_s, result.graph_breaks = 0.0, self.reference.graph_breaks
                 return result
@@ -369,7 +418,7 @@ class Evaluator:
             timing = paired_latency(self._timed(prepared), self._timed(self.reference), self.device, self.timing,
                                     neighbours)
             peak = self._peak(model, prepared) if self.measure_peak else None
-        memory = module_storage_bytes(model)
+        memory = _storage_bytes(model)
         result = self._result(score, timing, memory, peak)
         result.training = tuned.to_json() if tuned is not None else None
         if self.runtime != "eager":
@@ -378,10 +427,7 @@ class Evaluator:
         return result
 
     def _peak(self, model: nn.Module, prepared: Prepared) -> int:
-        forward = self._timed(prepared)
-        if self.device.type == "cuda":
-            return cuda_forward_peak_bytes(forward, self.device)
-        return module_storage_bytes(model) + cpu_activation_peak_bytes(forward)
+        return _peak_bytes(model, self._timed(prepared), self.device)
 
     def _result(self, score: float, timing: PairedTiming, memory: int, peak: int | None) -> Measurement:
         return measurement_of(score, timing, memory, peak, self.reference_latency_ms, self.runtime, self.device,

@@ -7,6 +7,7 @@ creator, refuse a resume that would measure differently, and fix the CPU thread 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from autoprec.measure import format_probe
 
 from autoprec.store import schema
 
+from autoprec.measure import openvino_runtime
 from autoprec.measure import runtime as runtimes
 from autoprec.errors import AutoprecError, StoreError
 from autoprec.measure.evaluator import Evaluator
@@ -119,6 +121,25 @@ def check_config(config: SearchConfig) -> None:
                             f"{MAX_STUDY_NAME}: give a shorter name")
     if config.runtime is not None:
         runtimes.check_runtime(config.runtime)
+    if config.runtime == "openvino":
+        openvino_runtime.require_openvino()
+
+
+def openvino_space(space: SearchSpace, choices: dict[str, tuple[str, ...]]
+                   ) -> tuple[SearchSpace, dict[str, tuple[str, ...]]]:
+    """The space and choices cut to the formats the openvino runtime runs (fp32, bf16, int8), with one
+    line naming what was dropped: OpenVINO's CPU plugin runs no fp16, fp8 or int4 layer."""
+    keep = openvino_runtime.FORMATS
+    dropped = sorted({d for c in choices.values() for d in c if d not in keep} |
+                     {d for d in space.dtypes + space.default_dtypes if d not in keep})
+    if dropped:
+        print(f"autoprec: --runtime openvino searches {', '.join(keep)}; left out: {', '.join(dropped)}",
+              file=sys.stderr)
+    cut = {name: tuple(d for d in c if d in keep) for name, c in choices.items()}
+    cut = {name: c for name, c in cut.items() if c}
+    defaults = tuple(d for d in space.default_dtypes if d in keep) or ("fp32",)
+    return dataclasses.replace(space, dtypes=tuple(d for d in space.dtypes if d in keep) or ("fp32",),
+                               default_dtypes=defaults), cut
 
 
 def default_runtime(device: torch.device) -> str:
@@ -237,6 +258,11 @@ class _Opener:
         self.choices = self.space.choices(model, self.device)
         if self.choices:
             self.space.check_device(model, self.device)
+        if config.runtime == "openvino":
+            if self.space.trains:
+                raise AutoprecError(f"--runtime openvino: space {self.space.name!r} enables training, which fine-tunes "
+                                    "in torch; use a space without 'training', or --runtime eager")
+            self.space, self.choices = openvino_space(self.space, self.choices)
         if not self.choices:
             if is_searchable(model):  # the model is one layer: formats go to named sub-layers only
                 raise AutoprecError(f"{self.spec.path}: build_model() returns a bare {type(model).__name__}, which has "
@@ -371,13 +397,18 @@ class _Opener:
         # the format probe runs in the study's thread count, set by the Evaluator; cached per machine
         # in the study's runtime: a compiled study's probe times compiled kernels (torchao's int8 was 16x
         # slower than fp32 eager on an H200, and 0.74x compiled)
-        found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device,
-                                             evaluator.runtime)
-        info.probe, info.prune = found.to_json(), self.config.prune
+        if evaluator.runtime == "openvino":  # the probe times torch's kernels, which this runtime does not run
+            info.probe, info.prune = None, False
+            order = [d for d in ("int8", "bf16") if d in self.space.dtypes]
+        else:
+            found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device,
+                                                 evaluator.runtime)
+            info.probe, info.prune = found.to_json(), self.config.prune
+            order = found.order(d for d in DTYPES if d != "fp32")
         study.set_metric_names(list(OBJECTIVES))
         # fp32, then the others fastest first: a slow format's uniform policy then meets a front that
         # settles its timing in a few rounds
-        for fmt in ["fp32", *found.order(d for d in DTYPES if d != "fp32")]:
+        for fmt in ["fp32", *order]:
             params = schema.uniform_params(self.choices, self.space, fmt)
             if params is not None:
                 schema.enqueue(study, params, Origin.uniform(fmt))
