@@ -82,7 +82,7 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
-# 5: one machine kind per study ----------------------------------------------------------------
+# one machine kind per study ----------------------------------------------------------------
 
 
 def test_machine_kinds_in_words_tell_two_kinds_apart():
@@ -173,7 +173,7 @@ def test_a_process_of_another_machine_kind_is_refused_from_a_shared_postgres_stu
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 3, "the refused one ran nothing"
 
 
-# 6: retries before the queue ----------------------------------------------------------------
+# retries before the queue ----------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -193,7 +193,7 @@ def test_an_interrupted_fp32_trial_is_measured_first_by_a_short_resume(tmp_path)
     assert done[0].system_attrs.get("failed_trial") == trial.number
 
 
-# 7: a re-time noisier than the search does not replace it ------------------------------------
+# a re-time noisier than the search does not replace it ------------------------------------
 
 
 @pytest.mark.slow
@@ -247,7 +247,7 @@ def test_a_re_time_noisier_than_the_search_keeps_the_searchs_ratio(tmp_path, one
     assert (front.retimed_ratio == 0.9).all() and not front.retime_too_noisy.any()
 
 
-# 8, 9: the workers' launcher ----------------------------------------------------------------
+# the workers' launcher ----------------------------------------------------------------
 
 
 @needs_postgres
@@ -316,7 +316,7 @@ def test_a_worker_whose_launcher_was_killed_stops_after_its_trial(tmp_path):
     assert len([t for t in trials if t.state.name == "COMPLETE"]) < 8, "they stopped instead of running the rest"
 
 
-# 10: a store that fails mid-search ------------------------------------------------------------
+# a store that fails mid-search ------------------------------------------------------------
 
 
 @pytest.fixture
@@ -379,7 +379,7 @@ def test_a_statement_timeout_is_one_line_and_a_resume_retries_the_trial_it_cut(t
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
 
 
-# 10b: a killed search's trial is retried at once ----------------------------------------------
+# a killed search's trial is retried at once ----------------------------------------------
 
 
 def test_a_trial_owner_is_gone_when_its_process_is():

@@ -60,7 +60,7 @@ def _write(command: str, output: str, *extra: str) -> list[str]:
     return [command, "--study", STUDY, *pick, "-o", output, *extra]
 
 
-# 1. the store read (or any SQLite file) is never written over; other files only with --force ----------
+# the store read (or any SQLite file) is never written over; other files only with --force ----------
 
 
 def test_output_never_overwrites_the_store_or_a_sqlite_file_and_asks_for_force(store, tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_output_never_overwrites_the_store_or_a_sqlite_file_and_asks_for_force(s
     assert json.loads(notes.read_text())["format"] == "autoprec.policy"
 
 
-# 2. symlinks written through, devices and FIFOs written in place, `-` is stdout, unique temp names ---------
+# symlinks written through, devices and FIFOs written in place, `-` is stdout, unique temp names ---------
 
 
 def test_output_writes_through_links_into_fifos_and_to_stdout(store, tmp_path, capsys):
@@ -142,7 +142,7 @@ def test_temporary_names_are_unique_and_policy_save_writes_through_links(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.json", "p.json"]
 
 
-# 12. a folder the user cannot write: one line, exit 2 ------------------------------------------------------
+# a folder the user cannot write: one line, exit 2 ------------------------------------------------------
 
 
 def test_a_folder_that_cannot_be_written_is_one_line(store, tmp_path, capsys, monkeypatch):
@@ -176,7 +176,7 @@ def test_a_write_that_fails_half_way_is_one_line_and_leaves_nothing(store, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("autoprec.db")) == []
 
 
-# 3. no password on a command line or in any output ---------------------------------------------------------
+# no password on a command line or in any output ---------------------------------------------------------
 
 
 def test_store_urls_are_printed_without_their_password(capsys, monkeypatch):
@@ -244,7 +244,7 @@ def test_workers_get_no_password_on_their_command_line_and_nothing_prints_it(tmp
     assert "s3cret" not in (tmp_path / "p.json").read_text()
 
 
-# 4. control characters from a store or a policy file are escaped when printed ------------------------------
+# control characters from a store or a policy file are escaped when printed ------------------------------
 
 
 def test_control_characters_in_study_names_and_policy_fields_are_escaped(store, capsys):
@@ -265,7 +265,7 @@ def test_control_characters_in_study_names_and_policy_fields_are_escaped(store, 
     assert "\x1b" not in line and "\\x1b[2J\\nfake" in line
 
 
-# 13. junk in a policy's measured fields is refused at load, before any measurement -------------------------
+# junk in a policy's measured fields is refused at load, before any measurement -------------------------
 
 
 @pytest.mark.parametrize("field,value", [
@@ -285,7 +285,7 @@ def test_apply_refuses_junk_in_measured_fields_in_one_line(tmp_path, capsys, fie
     assert f"measured.{field}" in line and len(line) < 300 and time.monotonic() - started < 30
 
 
-# 14. a model file that is not Python ------------------------------------------------------------------------
+# a model file that is not Python ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command,name", [("search", "nb.ipynb"), ("layers", "model.txt"), ("apply", "model")])
@@ -304,7 +304,7 @@ def test_a_model_file_that_is_not_python_is_one_line(tmp_path, capsys, command, 
     assert not (tmp_path / "s.db").exists()
 
 
-# 15. a study name longer than the store's column -----------------------------------------------------------
+# a study name longer than the store's column -----------------------------------------------------------
 
 
 def test_a_study_name_over_512_characters_is_refused_before_the_store(tmp_path, capsys):
@@ -320,7 +320,7 @@ def test_a_study_name_over_512_characters_is_refused_before_the_store(tmp_path, 
     assert not (tmp_path / "new.db").exists()
 
 
-# 20. small ones --------------------------------------------------------------------------------------------
+# small ones --------------------------------------------------------------------------------------------
 
 
 def test_the_export_hint_and_the_report_hint_are_shell_quoted(store, tmp_path):
