@@ -154,7 +154,7 @@ def test_batches_from_a_shared_generator_are_read_once_and_kept(tmp_path):
 
 @pytest.mark.slow
 def test_no_prune_on_the_resume_of_a_pruned_study_is_refused(tmp_path, monkeypatch, one_thread):
-    def slow_bf16(formats, device):
+    def slow_bf16(formats, device, runtime="eager"):
         return P.FormatProbe(P.machine(device), {f: {"linear": 9.0 if f == "bf16" else 0.5} for f in formats})
 
     monkeypatch.setattr(P, "run_probe", slow_bf16)
