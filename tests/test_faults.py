@@ -270,7 +270,7 @@ def test_a_resume_with_other_example_inputs_is_refused(tmp_path, capsys, monkeyp
     assert main(["search", str(spec), "--storage", url, "--trials", "1", *QUICK]) == 2
     line = _one_line_error(capsys)
     assert "tensor[8, 8] float32" in line and "tensor[512, 8] float32" in line
-    assert len(optuna.load_study(study_name="batched", storage=url).trials) == 3  # the uniform ones, waiting
+    assert len(optuna.load_study(study_name="batched", storage=url).trials) == 4  # the uniform ones of the cpu space (fp32, bf16, int8, int8_static), waiting
 
 
 def test_apply_refuses_a_policy_of_another_model_unless_forced(tmp_path, capsys, keep_threads):
