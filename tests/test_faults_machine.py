@@ -362,7 +362,7 @@ def test_a_statement_timeout_is_one_line_and_a_resume_retries_the_trial_it_cut(t
         line = _one_line_error(err)
         assert "statement timeout" in line and "UnboundLocalError" not in line
         code, out, err = _run("studies", "--storage", timeout_url)  # a reading command meets it too
-        assert code == 1 and "statement timeout" in _one_line_error(err)
+        assert code == 1 and "statement timeout" in _one_line_error(err), err
     finally:
         if search.poll() is None:
             search.kill()

@@ -35,7 +35,7 @@ def test_probe_is_cached_in_the_store_and_pruning_is_announced_and_obeyed(tmp_pa
     assert len(runs) == 1
     line = search.pruning.announcement
     assert line.startswith("pruned bf16 (9.0x fp32 on linear)") and "--no-prune" in line and "\n" not in line
-    assert search.search_choices == {name: ("fp32", "int8") for name in search.choices}
+    assert search.search_choices == {name: ("fp32", "int8", "int8_static") for name in search.choices}
     assert search.search_defaults == ("fp32",)
     search.run(10)
     trials = search.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

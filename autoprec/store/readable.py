@@ -17,6 +17,8 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
+from optuna.exceptions import StorageInternalError
+from sqlalchemy.exc import SQLAlchemyError
 
 from autoprec.store.schema import TrialKey
 
@@ -24,6 +26,9 @@ from autoprec.store.schema import TrialKey
 _OBJECT_KEYS = (TrialKey.POLICY, TrialKey.COUNTS, TrialKey.MEASUREMENT, TrialKey.PREDICTED, TrialKey.MACHINE,
                 TrialKey.OWNER)
 _DAMAGED = "\0damaged"  # the stand-in's key for what made Optuna's decoding fail
+
+_STORE_FAILING = (SQLAlchemyError, StorageInternalError)  # the database failed: not a damaged value
+
 
 
 class Unreadable:
@@ -106,6 +111,8 @@ class ReadableStorage(RDBStorage):
                     trial_id_greater_than: int) -> list[FrozenTrial]:
         try:
             trials = super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
+        except _STORE_FAILING:  # the store failing (a statement timeout, a lost connection), not a damaged value
+            raise
         except Exception:  # noqa: BLE001 - a value Optuna cannot decode: read the trials one by one
             trials = []
             with self.engine.connect() as conn:
@@ -117,6 +124,8 @@ class ReadableStorage(RDBStorage):
                     continue
                 try:
                     trial = self.get_trial(row.trial_id)
+                except _STORE_FAILING:
+                    raise
                 except Exception as exc:  # noqa: BLE001
                     self._skip(study_id, row.number, f"{type(exc).__name__}: {exc}".splitlines()[0])
                     continue
