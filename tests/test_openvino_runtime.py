@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 
+import optuna
 import pytest
 import torch
 from torch import nn
@@ -34,6 +35,22 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
 
 
+class _Attention(nn.Module):
+    """One attention head: the products q @ k^T and p @ v (or SDPA) are of two activations."""
+
+    def __init__(self, sdpa: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.sdpa = sdpa
+        self.query, self.key, self.value, self.out = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.sdpa:
+            return self.out(nn.functional.scaled_dot_product_attention(q, k, v))
+        return self.out(torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v)
+
+
 CASES = [(_conv, (2, 3, 8, 8)), (_mlp, (4, 16))]
 
 
@@ -58,10 +75,47 @@ def test_every_layer_maps_to_one_node_and_int8_quantizes_only_it(build, shape) -
     assert torch.allclose(out, model(batches[1]), atol=0.1)
 
 
+def _quantized_inputs(ov_model, op_type: str) -> list[int]:
+    """For each `op_type` node with no weight, how many of its first two inputs come from a FakeQuantize."""
+    counts = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() == op_type and ovr._weight_constant(op) is None:
+            sources = [op.input(i).get_source_output().get_node() for i in range(2)]
+            for i, source in enumerate(sources):
+                while source.get_type_name() in ("Reshape", "Transpose", "Multiply", "Divide"):
+                    source = source.input(0).get_source_output().get_node()
+                sources[i] = source
+            counts.append(sum(s.get_type_name() == "FakeQuantize" for s in sources))
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
+def test_products_of_two_activations_are_int8_only_where_their_feeding_layers_are(sdpa) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    model = _Attention(sdpa).eval()
+    batches = [torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    runtime = ovr.OpenVINORuntime(model, batches[0], batches, threads=1)
+    assert sorted(runtime.nodes) == ["key", "out", "query", "value"]
+    op_type = "ScaledDotProductAttention" if sdpa else "MatMul"
+    products = [op for op in runtime.fp32.get_ordered_ops()
+                if op.get_type_name() == op_type and ovr._weight_constant(op) is None]
+    assert len(products) == (1 if sdpa else 2)
+    assert ovr.feeding_nodes(products[0]) == {runtime.nodes[n] for n in (("query", "key", "value") if sdpa
+                                                                         else ("query", "key"))}
+    everything = _quantized_inputs(runtime.quantized(runtime.layers), op_type)
+    assert everything and all(n > 0 for n in everything)  # the whole graph int8, as NNCF quantizes it alone
+    assert _quantized_inputs(runtime.quantized(["key", "value", "out"]), op_type) == [0] * len(products)
+    assert _quantized_inputs(runtime.quantized(["out"]), op_type) == [0] * len(products)
+
+
 def test_float_precision_and_refused_formats() -> None:
     assert ovr.float_precision(Policy(default="bf16")) == "bf16"
     assert ovr.float_precision(Policy(default="bf16", layers={"a": "fp32"})) == "f32"
     assert ovr.float_precision(Policy(default="fp32", layers={"a": "bf16"})) == "f32"
+    assert ovr.float_precision(Policy(default="bf16", layers={"a": "int8"})) == "bf16"
+    assert ovr.float_precision(Policy(default="fp32", layers={"a": "int8"})) == "f32"
     assert ovr.int8_layers(Policy(layers={"a": "int8"}), ["a", "b"]) == ["a"]
     with pytest.raises(AutoprecError, match="fp16 does not run in the openvino runtime"):
         ovr.int8_layers(Policy(layers={"a": "fp16"}), ["a"])
@@ -88,6 +142,11 @@ def test_short_openvino_study_through_the_cli(tmp_path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     autoprec_cli("search", str(TINY), "--runtime", "openvino", "--trials", "4", "--strategy", "random",
                  "--storage", url)
+    trials = optuna.load_study(study_name="tiny_mlp", storage=url).trials
+    uniform = {t.user_attrs.get("origin"): t.params for t in trials}
+    # the uniform int8 policy is NNCF's whole graph as OpenVINO runs it by default: the rest at bf16
+    assert uniform["uniform int8"]["default"] == "bf16"
+    assert uniform["uniform fp32"]["default"] == "fp32"
     out = tmp_path / "p.json"
     autoprec_cli("export", "--study", "tiny_mlp", "--pick", "fastest", "-o", str(out), "--ir", str(tmp_path / "ir"),
                  "--storage", url)

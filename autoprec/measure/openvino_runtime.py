@@ -35,6 +35,7 @@ from autoprec.precision.layers import searchable_layers
 FORMATS = ("fp32", "bf16", "int8")  # what a policy may name in this runtime
 MISSING = "--runtime openvino needs the openvino extra: pip install 'autoprec[openvino]'"
 WEIGHTED = ("Convolution", "GroupConvolution", "MatMul")
+PRODUCTS = ("MatMul", "ScaledDotProductAttention")  # of two activations: int8 where their feeding layers are
 _LAYOUT = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "AvgPool")
 _PASS_THROUGH = ("Convert", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Multiply")
 
@@ -227,18 +228,28 @@ class OpenVINORuntime:
         return self.compile(self.fp32, "f32")
 
     def quantized(self, int8: list[str]) -> Any:
-        """The fp32 graph with exactly the nodes of `int8` layers quantized (the others ignored)."""
+        """The fp32 graph with exactly the nodes of `int8` layers quantized, and the products of two
+        activations whose feeding layers are all int8; everything else is in NNCF's ignored scope."""
         import nncf
 
         keep = {self.nodes[name] for name in int8}
         ignored = [op.get_friendly_name() for op in self.fp32.get_ordered_ops()
-                   if op.get_type_name() in WEIGHTED and op.get_friendly_name() not in keep]
+                   if op.get_type_name() in WEIGHTED + PRODUCTS and not self._quantizes(op, keep)]
         kwargs: dict[str, Any] = {}
         if self.transformer:
             kwargs["model_type"] = nncf.ModelType.TRANSFORMER
         return nncf.quantize(self.fp32.clone(), nncf.Dataset(self.calibration),
                              subset_size=max(1, sum(_batch_size(b) for b in self.calibration)),
                              ignored_scope=nncf.IgnoredScope(names=ignored, validate=False), **kwargs)
+
+    def _quantizes(self, op: Any, keep: set[str]) -> bool:
+        name = op.get_friendly_name()
+        if name in self.nodes.values():
+            return name in keep
+        if op.get_type_name() in PRODUCTS and _weight_constant(op) is None:  # a product of two activations
+            feeders = feeding_nodes(op)
+            return bool(feeders) and feeders <= keep
+        return False  # a weighted node of no autoprec layer stays float
 
     def candidate(self, policy: Policy) -> OpenVINOModel:
         int8 = int8_layers(policy, self.layers)
@@ -249,6 +260,28 @@ class OpenVINORuntime:
 def _batch_size(batch: Any) -> int:
     arrays = list(batch.values()) if isinstance(batch, dict) else list(batch)
     return int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
+
+
+def feeding_nodes(product: Any, limit: int = 256) -> set[str]:
+    """The weighted nodes whose outputs reach the operands of `product` (a matrix product of two
+    activations, or attention) through unweighted operations: the layers that make its operands.
+    Shape computations are not followed; a walk longer than `limit` nodes gives an empty set."""
+    ports = range(min(3, product.get_input_size()))  # SDPA: query, key, value; its mask and scale are not operands
+    todo = [product.input(i).get_source_output().get_node() for i in ports]
+    seen: set[str] = set()
+    found: set[str] = set()
+    while todo:
+        node = todo.pop()
+        if node.get_name() in seen or node.get_type_name() in ("Constant", "Parameter", "ShapeOf"):
+            continue
+        seen.add(node.get_name())
+        if len(seen) > limit:
+            return set()
+        if node.get_type_name() in WEIGHTED and _weight_constant(node) is not None:
+            found.add(node.get_friendly_name())
+            continue
+        todo.extend(i.get_source_output().get_node() for i in node.inputs())
+    return found
 
 
 def int8_nodes(ov_model: Any) -> set[str]:

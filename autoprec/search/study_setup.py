@@ -397,9 +397,11 @@ class _Opener:
         # the format probe runs in the study's thread count, set by the Evaluator; cached per machine
         # in the study's runtime: a compiled study's probe times compiled kernels (torchao's int8 was 16x
         # slower than fp32 eager on an H200, and 0.74x compiled)
+        rest = "fp32"  # the default of the uniform int8 policy: what runs everything that is not a layer
         if evaluator.runtime == "openvino":  # the probe times torch's kernels, which this runtime does not run
             info.probe, info.prune = None, False
             order = [d for d in ("int8", "bf16") if d in self.space.dtypes]
+            rest = "bf16"  # as OpenVINO runs NNCF's whole-graph int8 by default (f32 where the CPU lacks bf16)
         else:
             found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device,
                                                  evaluator.runtime)
@@ -409,7 +411,7 @@ class _Opener:
         # fp32, then the others fastest first: a slow format's uniform policy then meets a front that
         # settles its timing in a few rounds
         for fmt in ["fp32", *order]:
-            params = schema.uniform_params(self.choices, self.space, fmt)
+            params = schema.uniform_params(self.choices, self.space, fmt, default=rest)
             if params is not None:
                 schema.enqueue(study, params, Origin.uniform(fmt))
         schema.write_info(study, info)  # last: its presence means the study is ready

@@ -453,9 +453,14 @@ def params_of(default: str, layers: dict[str, str]) -> dict[str, str]:
     return {DEFAULT_PARAM: default, **{LAYER_PARAM + name: fmt for name, fmt in layers.items()}}
 
 
-def uniform_params(choices: dict[str, tuple[str, ...]], space: "SearchSpace", fmt: str) -> dict[str, str] | None:
-    """Params of the all-`fmt` policy: every layer that may take `fmt` takes it, the rest the default."""
-    default = fmt if fmt in space.default_dtypes else ("fp32" if "fp32" in space.default_dtypes else space.default_dtypes[0])
+def uniform_params(choices: dict[str, tuple[str, ...]], space: "SearchSpace", fmt: str,
+                   default: str | None = None) -> dict[str, str] | None:
+    """Params of the all-`fmt` policy: every layer that may take `fmt` takes it, the rest the default
+    (`fmt` itself where it can be one, else `default` where the space allows it, else fp32)."""
+    if fmt in space.default_dtypes:
+        default = fmt
+    elif default not in space.default_dtypes:
+        default = "fp32" if "fp32" in space.default_dtypes else space.default_dtypes[0]
     if fmt not in space.dtypes or not any(fmt in c for c in choices.values()):
         return None
     layers = {name: fmt if fmt in options else (default if default in options else options[0])
