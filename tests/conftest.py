@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
+
+from helpers import STORE
 
 # Searches started by the tests (subprocesses included) time on one thread: on a busy 2-core
 # machine two OpenMP threads wait on each other and tiny forwards slow down a hundredfold.
@@ -24,3 +27,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A copy of a small store (study "tiny_mlp", six complete trials) as ./autoprec.db, the default
+    store of a command run in tmp_path."""
+    path = tmp_path / "autoprec.db"
+    shutil.copy(STORE, path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOPREC_STORAGE", raising=False)
+    return path

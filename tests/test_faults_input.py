@@ -5,7 +5,6 @@ regression test (or a few) per fault, each failing without its fix."""
 from __future__ import annotations
 
 import copy
-import shutil
 import sqlite3
 import textwrap
 
@@ -20,9 +19,8 @@ from autoprec.measure import format_probe as P
 from autoprec.model.model_file import load_spec
 from autoprec.policy import Policy
 from autoprec.search.loop import Search, SearchConfig
-from helpers import FAST, FIXTURES, TINY
+from helpers import FAST, TINY, TINY_CONV_SPEC
 
-STORE = FIXTURES / "store_main_9952712.db"  # study "tiny_mlp", six complete trials
 STUDY = "tiny_mlp"
 
 
@@ -30,16 +28,6 @@ def _one_line_error(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if not line.startswith("autoprec: warning: ")]
     assert len(lines) == 1 and lines[0].startswith("autoprec: error: "), err
     return lines[0]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A copy of a small store as ./autoprec.db, the default store of a command run in tmp_path."""
-    path = tmp_path / "autoprec.db"
-    shutil.copy(STORE, path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("AUTOPREC_STORAGE", raising=False)
-    return path
 
 
 def _damage(path, statement: str) -> None:
@@ -117,17 +105,7 @@ def test_studies_lists_every_readable_study_beside_a_damaged_one(store, capsys):
 
 # calibration_inputs() / eval_inputs() returning one shared generator -------------------------------
 
-SHARED_GENERATOR = """
-import torch
-from torch import nn
-
-def build_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-
-def example_inputs():
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
+SHARED_GENERATOR = TINY_CONV_SPEC + """
 _calibration = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
 _evaluation = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9 + i)) for i in range(2))
 

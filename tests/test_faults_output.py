@@ -24,9 +24,8 @@ import pandas as pd
 import pytest
 
 from autoprec.cli import build_parser, main
-from helpers import FIXTURES, TINY
+from helpers import STORE, TINY
 
-STORE = FIXTURES / "store_main_9952712.db"  # study "tiny_mlp", complete trials
 STUDY = "tiny_mlp"
 PG_URL = os.environ.get("AUTOPREC_TEST_POSTGRES_URL")
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,16 +42,6 @@ def _one_line_error(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autoprec: error: "), err
     return lines[0]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A copy of a small store as ./autoprec.db, the default store of a command run in tmp_path."""
-    path = tmp_path / "autoprec.db"
-    shutil.copy(STORE, path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("AUTOPREC_STORAGE", raising=False)
-    return path
 
 
 def _write(command: str, output: str, *extra: str) -> list[str]:

@@ -195,6 +195,29 @@ def test_zoo_output_close_to_fp32(name, fmt, default):
     assert cos >= min_cos, f"{name} {fmt} (default {default}): cosine {cos:.6f} < {min_cos}"
 
 
+STATIC = {nn.Linear: "int8_static", nn.Conv2d: "int8"}  # calibrated formats: activations int8 too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("default", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_static_int8_close_to_fp32(name, default):
+    """Static int8 (calibrated input ranges) on every Linear and convolution that takes it."""
+    model, inputs, reference = zoo_model(name)
+    candidate = copy.deepcopy(model)
+    layers = {}
+    for layer in searchable_layers(candidate):
+        fmt = STATIC.get(type(candidate.get_submodule(layer.name)))
+        if fmt and layer_format_reason(candidate, layer.name, fmt, torch.device("cpu")) is None:
+            layers[layer.name] = fmt
+    assert layers, f"{name} has no layer that takes static int8"
+    apply_formats(candidate, layers, default, calibration=[inputs])
+    out = compared(candidate, inputs).float()
+    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), reference.flatten(1), dim=1).min().item()
+    assert cos >= 0.995, f"{name} static int8 (default {default}): cosine {cos:.6f} < 0.995"  # worst seen 0.998
+
+
 def test_a_layer_its_parent_runs_itself_is_no_searchable_layer():
     """MultiheadAttention passes out_proj.weight to its kernel without calling out_proj: a format of
     out_proj's own would break it (bf16 weight, fp32 input) or never take effect."""

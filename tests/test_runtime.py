@@ -66,8 +66,8 @@ def test_unknown_runtime_is_refused_with_the_choices():
         R.check_runtime("jit")
 
 
-@pytest.mark.slow
-def test_regional_compilation_compiles_identical_blocks_once():
+def _compiled_stack(**options) -> tuple[R.Prepared, int]:
+    """A Stack compiled on the CPU with `options`, checked against eager; and how many graphs it made."""
     from torch._dynamo.utils import counters
 
     R.reset()
@@ -76,46 +76,33 @@ def test_regional_compilation_compiles_identical_blocks_once():
     with torch.inference_mode():
         expected = model(x)
     before = counters["stats"]["unique_graphs"]
-    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x), freeze=False)
-    assert prepared.regions == ["blocks.0", "blocks.1", "blocks.2"]
-    assert counters["stats"]["unique_graphs"] - before == 1  # three blocks, one graph
-    assert prepared.graph_breaks == 0 and prepared.compile_s >= 0
+    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x), **options)
+    graphs = counters["stats"]["unique_graphs"] - before
     with torch.inference_mode():
         torch.testing.assert_close(prepared.model(x), expected)
+    return prepared, graphs
+
+
+@pytest.mark.slow
+def test_regional_compilation_compiles_identical_blocks_once():
+    prepared, graphs = _compiled_stack(freeze=False)
+    assert prepared.regions == ["blocks.0", "blocks.1", "blocks.2"]
+    assert graphs == 1  # three blocks, one graph
+    assert prepared.graph_breaks == 0 and prepared.compile_s >= 0
 
 
 def test_frozen_regional_compilation_gives_each_block_its_graph_and_the_same_numbers():
     """Freezing (the CPU default) makes weights constants of the graph: each block compiles its own."""
-    from torch._dynamo.utils import counters
-
-    R.reset()
-    model = Stack().eval()
-    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        expected = model(x)
-    before = counters["stats"]["unique_graphs"]
-    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x), regional=True)
+    prepared, graphs = _compiled_stack(regional=True)
     assert prepared.regions == ["blocks.0", "blocks.1", "blocks.2"]
-    assert counters["stats"]["unique_graphs"] - before == 3
-    with torch.inference_mode():
-        torch.testing.assert_close(prepared.model(x), expected)
+    assert graphs == 3
 
 
 def test_frozen_cpu_compilation_is_one_graph_of_the_whole_model():
     """With freezing regions would share no graph: the CPU default compiles the whole model as one."""
-    from torch._dynamo.utils import counters
-
-    R.reset()
-    model = Stack().eval()
-    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        expected = model(x)
-    before = counters["stats"]["unique_graphs"]
-    prepared = R.prepare(model, "compiled", torch.device("cpu"), _call(x))
+    prepared, graphs = _compiled_stack()
     assert prepared.regions == [""]
-    assert counters["stats"]["unique_graphs"] - before == 1
-    with torch.inference_mode():
-        torch.testing.assert_close(prepared.model(x), expected)
+    assert graphs == 1
 
 
 def test_eager_runtime_leaves_the_model_alone():

@@ -20,7 +20,7 @@ from autoprec.precision.static_int8 import StaticInt8Conv
 from autoprec.search.space import load_space
 from autoprec.measure.timing import TimingSettings
 from autoprec.model.model_file import load_spec
-from helpers import FAST
+from helpers import FAST, TINY_CONV_SPEC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,17 +239,7 @@ def test_fp8_is_refused_on_the_cpu_and_left_out_of_the_default_space():
         autoprec.apply_policy(copy.deepcopy(model), policy)
 
 
-SPEC = """
-import torch
-from torch import nn
-
-def build_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-
-def example_inputs():
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-"""
+SPEC = TINY_CONV_SPEC
 BAD_CALIBRATION = {
     "wrong_shape": ("return [torch.randn(2, 1, 8, 8)]", "batch 0 has shape (2, 1, 8, 8) where example_inputs() has (2, 3, 8, 8)"),
     "empty": ("return []", "gave no batches"),
