@@ -210,3 +210,28 @@ def test_formats_the_device_cannot_run_are_named_and_a_space_left_with_fp32_alon
     line = _one_line_error(capsys.readouterr().err)
     assert "fp8 dropped" in line and "nothing but fp32 is left" in line and str(only) in line
     assert not store.exists()  # nothing written
+
+
+# a resume whose space kept its name but not its formats ------------------------------------------
+
+
+def test_a_space_changed_under_its_name_is_refused_naming_the_formats_then_and_now(store):
+    import dataclasses
+
+    import optuna
+    import torch
+
+    from autoprec.search.space import load_space
+    from autoprec.search.study_setup import check_resume
+    from autoprec.store import schema
+
+    info = schema.read_info(optuna.load_study(study_name=STUDY, storage=f"sqlite:///{store}"))
+    space = load_space(info.space.get("name"))
+    narrowed = dataclasses.replace(space, dtypes=tuple(d for d in space.dtypes if d != "fp16"))
+    with pytest.raises(StoreError) as err:
+        check_resume(info, info.model_fingerprint, narrowed, torch.device("cpu"), None, STUDY,
+                     bool(info.cpu_freed_memory_kept))
+    message = str(err.value)
+    assert f"another version of search space {space.name!r}" in message
+    assert f"formats then: {', '.join(info.space['dtypes'])}; now: {', '.join(narrowed.dtypes)}" in message
+    assert "--study NEW_NAME" in message

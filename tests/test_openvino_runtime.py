@@ -147,6 +147,9 @@ def test_short_openvino_study_through_the_cli(tmp_path) -> None:
     # the uniform int8 policy is NNCF's whole graph as OpenVINO runs it by default: the rest at bf16
     assert uniform["uniform int8"]["default"] == "bf16"
     assert uniform["uniform fp32"]["default"] == "fp32"
+    # a resume without --runtime keeps the study's runtime and its formats
+    autoprec_cli("search", str(TINY), "--trials", "1", "--strategy", "random", "--storage", url)
+    assert len(optuna.load_study(study_name="tiny_mlp", storage=url).trials) == len(trials) + 1
     out = tmp_path / "p.json"
     autoprec_cli("export", "--study", "tiny_mlp", "--pick", "fastest", "-o", str(out), "--ir", str(tmp_path / "ir"),
                  "--storage", url)

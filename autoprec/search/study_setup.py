@@ -201,8 +201,13 @@ def check_resume(info: StudyInfo, fingerprint: str, space: SearchSpace, device: 
         raise StoreError(f"study {name!r} was timed on example_inputs() {info.inputs}, and they are now {inputs}: "
                          f"its latencies are ratios to the fp32 latency at those inputs; restore them, or {way_out}")
     if info.space_fingerprint != space.fingerprint():
-        raise StoreError(f"study {name!r} was made with search space {info.space.get('name')!r} "
-                         f"and this run's space {space.name!r} differs; {way_out}")
+        stored = info.space.get("name")
+        if stored != space.name:
+            raise StoreError(f"study {name!r} was made with search space {stored!r} and this run's space "
+                             f"{space.name!r} differs; {way_out}")
+        raise StoreError(f"study {name!r} was made with another version of search space {stored!r} (formats then: "
+                         f"{', '.join(info.space.get('dtypes', []))}; now: {', '.join(space.dtypes)}; or its "
+                         f"rules changed); {way_out}")
     if info.device_type != device.type:
         raise StoreError(f"study {name!r} was measured on {info.device_type}, not {device.type}; {way_out}")
     check_machine(info, machine_kind, name)
@@ -294,6 +299,8 @@ class _Opener:
             runtime = study_runtime(self.device, None, config.runtime, self.study_name)
             info, evaluator = self._create_or_wait(threads, runtime)
         if evaluator is None:
+            if info.runtime == "openvino" and config.runtime is None:  # a resume keeps the study's runtime
+                self.space, self.choices = openvino_space(self.space, self.choices)
             self._keep_study_formats(info)
             check_resume(info, self.fingerprint, self.space, self.device, config.max_drop, self.study_name,
                          prepare_allocator(config.timing.keep_freed_memory), self.inputs, self.machine_kind)
