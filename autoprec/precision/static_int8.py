@@ -24,6 +24,8 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 from torch import nn
 
+from autoprec.precision.packed_int8 import PackedInt8Layer
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor rank
 
@@ -55,53 +57,23 @@ def static_conv_unsupported_reason(module: nn.Module, device: torch.device) -> s
     return None
 
 
-class StaticInt8Conv(nn.Module):
+class StaticInt8Conv(PackedInt8Layer):
     """A Conv1d/2d/3d computing in int8 with fp32 output; built by `StaticInt8Conv.from_float`."""
 
     def __init__(self, conv: nn.Module, input_scale: float, input_zero_point: int) -> None:
         super().__init__()
-        dims = conv.weight.dim() - 2
         self.kind = type(conv).__name__
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.groups = tuple(conv.kernel_size), conv.groups
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
         self.weight_channels_last = _is_channels_last(conv.weight)
-        weight = conv.weight.detach().float().cpu()
-        amax = weight.abs().reshape(weight.shape[0], -1).amax(dim=1).clamp_min(1e-12)
-        scale = amax / 127.0
-        qweight = torch.clamp(torch.round(weight / scale.reshape(-1, *[1] * (dims + 1))), -127, 127).to(torch.int8)
-        # The int8 weight is the module's state (copied, saved, counted by memory_bytes); oneDNN's
-        # packed (blocked) copy of it is made here and again after a copy or a state load, never copied
-        # or saved: packed eagerly, because torch.compile cannot trace the packing (a graph break per layer).
-        self.register_buffer("weight_int8", qweight)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", torch.zeros(scale.shape[0], dtype=torch.int64))
-        bias = conv.bias.detach().float().cpu() if conv.bias is not None else None
-        self.register_buffer("bias", bias)
-        self._packed: torch.Tensor | None = None
-        self.packed_weight()
+        self._set_weights(conv.weight, conv.bias)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_packed"] = None  # an opaque oneDNN tensor: neither deep-copyable nor picklable
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.packed_weight()
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None
-        self.packed_weight()
-
-    def packed_weight(self) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = torch.ops.onednn.qconv_prepack(
-                self.weight_int8, self.weight_scale, self.input_scale, self.input_zero_point,
-                self.stride, self.padding, self.dilation, self.groups, None)
-        return self._packed
+    def _pack(self) -> torch.Tensor:
+        return torch.ops.onednn.qconv_prepack(
+            self.weight_int8, self.weight_scale, self.input_scale, self.input_zero_point,
+            self.stride, self.padding, self.dilation, self.groups, None)
 
     @classmethod
     def from_float(cls, conv: nn.Module, input_qparams: tuple[float, int]) -> "StaticInt8Conv":

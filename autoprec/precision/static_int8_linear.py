@@ -31,6 +31,7 @@ from autoprec.errors import UnsupportedFormat
 from autoprec.precision.base import register
 from autoprec.precision.int8 import _as_linear
 from autoprec.precision.layers import is_linear_like
+from autoprec.precision.packed_int8 import PackedInt8Layer
 
 
 def static_linear_unsupported_reason(module: nn.Module, device: torch.device) -> str | None:
@@ -75,7 +76,7 @@ def _freezing() -> bool:
     return is_parameter_freezing()
 
 
-class StaticInt8Linear(nn.Module):
+class StaticInt8Linear(PackedInt8Layer):
     """A Linear computing in int8 with fp32 output; built by `StaticInt8Linear.from_float`."""
 
     def __init__(self, linear: nn.Linear, input_scale: float, input_zero_point: int) -> None:
@@ -83,37 +84,10 @@ class StaticInt8Linear(nn.Module):
         _opaque_qlinear()  # defines torch.ops.autoprec.static_int8_linear before anything compiles this layer
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
-        weight = linear.weight.detach().float().cpu()
-        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        qweight = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
-        # As in StaticInt8Conv: the int8 weight is the module's state (copied, saved, counted by
-        # memory_bytes); oneDNN's packed copy is made here and after a copy or a state load, never saved.
-        self.register_buffer("weight_int8", qweight)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", torch.zeros(scale.shape[0], dtype=torch.int64))
-        bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-        self._packed: torch.Tensor | None = None
-        self.packed_weight()
+        self._set_weights(linear.weight, linear.bias)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_packed"] = None  # an opaque oneDNN tensor: neither deep-copyable nor picklable
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.packed_weight()
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None
-        self.packed_weight()
-
-    def packed_weight(self) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
-        return self._packed
+    def _pack(self) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
 
     @classmethod
     def from_float(cls, module: nn.Module, input_qparams: tuple[float, int]) -> "StaticInt8Linear":
