@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoprec.errors import AutoprecError
+from autoprec.errors import AutoprecError, UnsupportedFormat
 from autoprec.measure import openvino_runtime as ovr
 from autoprec.policy import Policy
 from autoprec.precision.layers import searchable_layers
@@ -108,6 +108,48 @@ def test_products_of_two_activations_are_int8_only_where_their_feeding_layers_ar
     assert everything and all(n > 0 for n in everything)  # the whole graph int8, as NNCF quantizes it alone
     assert _quantized_inputs(runtime.quantized(["key", "value", "out"]), op_type) == [0] * len(products)
     assert _quantized_inputs(runtime.quantized(["out"]), op_type) == [0] * len(products)
+
+
+BF16_CHECK = """
+import torch
+from autoprec.measure import openvino_runtime as ovr
+from test_openvino_runtime import _Attention
+model = _Attention(sdpa=False).eval()
+x = torch.randn(2, 8, 16)
+runtime = ovr.OpenVINORuntime(model, x, [x], threads=1)
+try:
+    runtime.compile(runtime.fp32, "bf16")
+    compiled = True
+except RuntimeError:
+    compiled = False
+print(ovr.bf16_runs(), compiled)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_the_bf16_check_agrees_with_compiling_attention_at_bf16(cap, monkeypatch) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    if cap:
+        env["ONEDNN_MAX_CPU_ISA"] = cap
+    tests = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", BF16_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    said, compiled = out.stdout.split()[-2:]
+    assert said == compiled
+    if said == "False":  # where bf16 cannot run, a bf16 candidate is a refusal with its reason
+        monkeypatch.setattr(ovr, "bf16_runs", lambda: False)
+        runtime = ovr.OpenVINORuntime(_Attention(sdpa=False).eval(), torch.randn(2, 8, 16), [torch.randn(2, 8, 16)])
+        with pytest.raises(UnsupportedFormat, match="cannot compile bf16 here"):
+            runtime.candidate(Policy(default="bf16"))
 
 
 def test_float_precision_and_refused_formats() -> None:

@@ -19,6 +19,7 @@ fp32 model's output structure), so the Evaluator scores and times it like any ca
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -140,6 +141,24 @@ def layer_nodes(ov_model: Any, model: nn.Module) -> dict[str, str]:
     return found
 
 
+@functools.cache
+def bf16_runs() -> bool:
+    """Whether OpenVINO's CPU plugin compiles bf16 attention here. The plugin reads bf16 support from
+    the CPU's flags, but its oneDNN kernels honour ONEDNN_MAX_CPU_ISA: capped below AVX-512 BF16 on a CPU
+    that has it, a bf16 softmax between two matrix products has no kernel and the model does not compile."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    x = ops.parameter([2, 8, 16], np.float32)
+    h = ops.matmul(x, ops.constant(np.ones((16, 16), np.float32)), False, False)
+    out = ops.matmul(ops.softmax(ops.matmul(h, h, False, True), -1), h, False, False)
+    try:
+        ov.Core().compile_model(ov.Model([out], [x]), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    except RuntimeError:
+        return False
+    return True
+
+
 def float_precision(policy: Policy) -> str:
     """The compiled model's one float precision (see the module's docstring)."""
     if policy.default == "bf16" and "fp32" not in policy.layers.values():
@@ -253,8 +272,12 @@ class OpenVINORuntime:
 
     def candidate(self, policy: Policy) -> OpenVINOModel:
         int8 = int8_layers(policy, self.layers)
+        precision = float_precision(policy)
+        if precision == "bf16" and not bf16_runs():
+            raise UnsupportedFormat("OpenVINO's CPU plugin cannot compile bf16 here (ONEDNN_MAX_CPU_ISA caps its "
+                                    "kernels below AVX-512 BF16); give the layers fp32 or int8, or unset the cap")
         ov_model = self.quantized(int8) if int8 else self.fp32
-        return self.compile(ov_model, float_precision(policy))
+        return self.compile(ov_model, precision)
 
 
 def _batch_size(batch: Any) -> int:

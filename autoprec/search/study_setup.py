@@ -408,7 +408,8 @@ class _Opener:
         if evaluator.runtime == "openvino":  # the probe times torch's kernels, which this runtime does not run
             info.probe, info.prune = None, False
             order = [d for d in ("int8", "bf16") if d in self.space.dtypes]
-            rest = "bf16"  # as OpenVINO runs NNCF's whole-graph int8 by default (f32 where the CPU lacks bf16)
+            if openvino_runtime.bf16_runs():  # as OpenVINO runs NNCF's whole-graph int8 by default
+                rest = "bf16"
         else:
             found, _ = format_probe.cached_probe(schema.stored_probes(self.storage), self.space.dtypes, self.device,
                                                  evaluator.runtime)
