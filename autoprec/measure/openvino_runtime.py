@@ -2,7 +2,8 @@
 
 The fp32 model is converted once (`openvino.convert_model` on the example batch, its shapes made
 static). Each candidate is that graph quantized by `nncf.quantize` on the study's calibration batches,
-with every Convolution / MatMul that the policy does not make int8 in NNCF's ignored scope, then
+with every Convolution / MatMul that the policy does not make int8 in NNCF's ignored scope (a product
+of two activations, attention's, is int8 where every layer making its operands is: `feeding_nodes`), then
 compiled for the CPU at one inference precision: OpenVINO's CPU plugin takes one float precision per
 compiled model (a node marked to keep its precision still ran bf16 under a bf16 hint), so float layers
 run at bf16 when the policy's default is bf16 and it lists no layer as fp32, and at f32 otherwise. The
