@@ -20,13 +20,14 @@ from torch import nn
 from autoprec.errors import PolicyError
 from autoprec.output import check_output, write_output
 from autoprec.precision import DTYPES, FLOAT_DTYPES, Calibration, apply_formats
+from autoprec.precision.calibration import DEFAULT_RECIPE, RECIPES
 
 RUNTIMES = ("eager", "compiled", "openvino")  # where a policy was timed: the runtimes of autoprec.measure.runtime
 
 
 POLICY_FORMAT = "autoprec.policy"
 POLICY_VERSION = 1
-_FIELDS = {"format", "version", "default", "layers", "training", "measured", "model"}
+_FIELDS = {"format", "version", "default", "layers", "calibration", "training", "measured", "model"}
 # What `autoprec export` writes under 'measured' (autoprec.results.frames.policy_of); checked at load, so a
 # hand-edited file is refused in one line, not after a whole measurement. Other keys are kept unchecked.
 _MEASURED_NUMBERS = ("score", "latency_ms", "memory_bytes", "peak_bytes", "score_drop", "reference_score",
@@ -59,6 +60,8 @@ class Policy:
 
     layers: dict[str, str] = field(default_factory=dict)
     default: str = "fp32"
+    # the calibration recipe of each static int8 layer (one of RECIPES); a layer not named: DEFAULT_RECIPE
+    calibration: dict[str, str] | None = None
     training: TrainingSettings | None = None
     measured: dict[str, Any] | None = None
     model: dict[str, str] | None = None
@@ -78,6 +81,8 @@ class Policy:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"format": POLICY_FORMAT, "version": POLICY_VERSION,
                                 "default": self.default, "layers": dict(self.layers)}
+        if self.calibration:
+            data["calibration"] = dict(self.calibration)
         if self.training is not None:
             data["training"] = self.training.to_json()
         if self.measured is not None:
@@ -123,6 +128,19 @@ def _check_type(value: Any, kind: str) -> bool:
         return math.isfinite(value) and value > 0
     except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
         return False
+
+
+def _parse_calibration(data: Any, layers: dict[str, Any], where: str) -> dict[str, str]:
+    if not isinstance(data, dict):
+        raise PolicyError(f"{where}: field 'calibration' must be an object of layer name -> recipe "
+                          f"({', '.join(RECIPES)}), not {type(data).__name__}")
+    for name, recipe in data.items():
+        if name not in layers:
+            raise PolicyError(f"{where}: field 'calibration' names layer {name!r}, which 'layers' does not list; "
+                              "remove it or add the layer")
+        if recipe not in RECIPES:
+            raise PolicyError(f"{where}: field 'calibration.{name}' is {_shown(recipe)}; use one of {', '.join(RECIPES)}")
+    return dict(data)
 
 
 def _parse_training(data: Any, where: str) -> TrainingSettings:
@@ -193,6 +211,7 @@ def policy_from_json(data: Any, where: str = "policy") -> Policy:
     if "layers" not in data:
         raise PolicyError(f"{where}: field 'layers' is missing; add an object of layer name -> format")
     validate_formats(data.get("default", "fp32"), data["layers"], where)
+    calibration = _parse_calibration(data["calibration"], data["layers"], where) if "calibration" in data else None
     training = _parse_training(data["training"], where) if "training" in data else None
     measured = data.get("measured")
     if measured is not None and not isinstance(measured, dict):
@@ -205,8 +224,8 @@ def policy_from_json(data: Any, where: str = "policy") -> Policy:
     model = data.get("model")
     if model is not None and not (isinstance(model, dict) and all(isinstance(v, str) for v in model.values())):
         raise PolicyError(f"{where}: field 'model' must be an object of strings (class, fingerprint)")
-    return Policy(layers=dict(data["layers"]), default=data.get("default", "fp32"), training=training,
-                  measured=measured, model=model)
+    return Policy(layers=dict(data["layers"]), default=data.get("default", "fp32"), calibration=calibration,
+                  training=training, measured=measured, model=model)
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -257,5 +276,7 @@ def apply_policy(model: nn.Module, policy: Policy | str | Path, device: str | to
         warnings.warn(f"this policy was measured on a model with a different structure "
                       f"({policy.model.get('class', '?')}); layer names are checked, timings may differ",
                       stacklevel=2)
+    # a file from before recipes were chosen per layer names none: its layers take the one recipe there was
+    recipes = {name: (policy.calibration or {}).get(name, DEFAULT_RECIPE) for name in policy.layers}
     return apply_formats(model, policy.layers, policy.default, device, calibration=calibration,
-                         runtime=runtime or policy.runtime)
+                         runtime=runtime or policy.runtime, recipes=recipes)

@@ -14,7 +14,8 @@ import autoprec
 from autoprec.measure.machine import configure_cpu
 from autoprec.errors import PolicyError, SpecError, UnsupportedFormat
 from autoprec.measure.evaluator import Evaluator
-from autoprec.policy import Policy, load_policy
+from autoprec.measure.calibration import policy_recipes
+from autoprec.policy import Policy, load_policy, policy_from_json
 from autoprec.precision import apply_formats, calibrate, module_storage_bytes
 from autoprec.precision.static_int8 import StaticInt8Conv
 from autoprec.search.space import load_space
@@ -173,7 +174,7 @@ def test_calibration_ranges_come_from_the_fp32_inputs_and_are_reused():
     model = conv_net()
     calibration = calibrate(model, CONVS, CALIBRATION)
     assert set(calibration.inputs) == set(CONVS) and calibration.batches == 3
-    scale, zero_point = calibration.inputs["conv1"]
+    scale, zero_point, _ = calibration.inputs["conv1"]
     assert scale > 0 and 0 <= zero_point <= 255
     # conv2's input is after a ReLU: nothing negative, so the zero point sits at the bottom
     assert calibration.inputs["conv2"][1] == 0
@@ -217,14 +218,20 @@ def test_a_layer_the_calibration_never_reached_is_unsupported():
 
 def test_policy_round_trips_through_export_and_apply_with_the_batches(tmp_path):
     model = conv_net()
-    policy = Policy({"conv1": "int8", "conv2": "bf16", "conv3": "int8"}, default="fp32")
+    recipes = {"conv1": "minmax", "conv3": "histogram"}
+    policy = Policy({"conv1": "int8", "conv2": "bf16", "conv3": "int8"}, default="fp32", calibration=recipes)
     path = policy.save(tmp_path / "policy.json")
     assert json.loads(path.read_text())["layers"]["conv1"] == "int8"
     x = images(8, 3)
-    direct = run(apply_formats(copy.deepcopy(model), policy.layers, "fp32", calibration=CALIBRATION), x)
+    direct = run(apply_formats(copy.deepcopy(model), policy.layers, "fp32", calibration=CALIBRATION,
+                               recipes=recipes), x)
     applied = autoprec.apply_policy(copy.deepcopy(model), path, calibration=CALIBRATION)
-    assert load_policy(path).layers == policy.layers
+    assert load_policy(path).layers == policy.layers and load_policy(path).calibration == recipes
     assert torch.equal(run(applied, x), direct)
+    # a file from before recipes were recorded: every layer as it was calibrated then (histogram)
+    policy.calibration = None
+    older = autoprec.apply_policy(copy.deepcopy(model), policy, calibration=CALIBRATION)
+    assert older.conv1.input_scale == calibrate(model, ["conv1"], CALIBRATION, {"conv1": "histogram"}).inputs["conv1"].scale
     with pytest.raises(PolicyError, match=r"layer 'conv1' takes static int8 \(2 such layers\).*calibration="):
         autoprec.apply_policy(copy.deepcopy(model), path)
 
@@ -276,6 +283,17 @@ def test_evaluator_calibrates_once_and_measures_an_int8_conv_candidate(tmp_path)
     assert 0.99 < measured.score <= 1.0
     failed = evaluator.measure(Policy({"3": "fp8"}))
     assert not failed.feasible and "fp8 needs a CUDA GPU" in failed.reason
+    # the policy file records each static layer's calibration recipe; applied to the batches again, it is
+    # the model the search measured
+    policy = Policy({"0": "int8", "3": "int8_static"})
+    policy.calibration = policy_recipes(evaluator.model, evaluator.calibration, policy)
+    assert policy.calibration == {name: evaluator.calibration.recipes[name] for name in ("0", "3")}
+    assert policy_recipes(evaluator.model, evaluator.calibration, Policy({"3": "int8"})) is None  # dynamic int8: nothing calibrated
+    spec = load_spec(path)
+    applied = autoprec.apply_policy(spec.new_model(), policy_from_json(policy.to_json()),
+                                    calibration=spec.calibration_batches())
+    x = images(2, 9)
+    assert torch.equal(run(applied, x), run(evaluator.candidate(policy), x))
 
 
 @pytest.mark.cuda
@@ -334,9 +352,9 @@ def test_activations_take_7_bits_where_onednn_has_no_vnni(monkeypatch):
     model = conv_net()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not cpu_has_vnni()
-    seven = calibrate(model, ["conv2"], CALIBRATION).inputs["conv2"][0]
+    seven = calibrate(model, ["conv2"], CALIBRATION, {"conv2": "histogram"}).inputs["conv2"][0]
     monkeypatch.setattr("autoprec.precision.calibration.cpu_has_vnni", lambda: True)
-    eight = calibrate(model, ["conv2"], CALIBRATION).inputs["conv2"][0]
+    eight = calibrate(model, ["conv2"], CALIBRATION, {"conv2": "histogram"}).inputs["conv2"][0]
     assert seven == pytest.approx(2 * eight, rel=0.05)  # same range over 127 steps instead of 255
 
 

@@ -4,6 +4,7 @@ inductor's freezing), calibration, refusals; and the int8 formats under the comp
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from autoprec.measure import runtime as R
 from autoprec.errors import PolicyError, UnsupportedFormat
 from autoprec.precision import DTYPES, HANDLERS, apply_formats, calibrate, module_storage_bytes
-from autoprec.precision.calibration import calibrated_layers
+from autoprec.precision.calibration import RECIPES, calibrated_layers, recipes_for
 from autoprec.precision.static_int8 import StaticInt8Conv
 from autoprec.precision.static_int8_linear import StaticInt8Linear
 
@@ -90,7 +91,7 @@ def test_in_a_bf16_model_the_int8_layers_take_and_give_back_bf16():
 def test_calibration_gives_each_layer_its_input_range():
     model = Mlp().eval()
     calibration = calibrate(model, LINEARS, CALIBRATION)
-    scale, zero_point = calibration.inputs["up"]
+    scale, zero_point, _ = calibration.inputs["up"]
     assert scale > 0 and 0 < zero_point < 255  # a LayerNorm's output: both signs
     candidate = apply_formats(copy.deepcopy(model), {"up": "int8_static"}, calibration=calibration)
     assert (candidate.up.input_scale, candidate.up.input_zero_point) == (scale, zero_point)
@@ -153,10 +154,15 @@ def test_copies_and_state_loads_repack_the_weight():
 
 def test_memory_is_int8_weights_with_scales():
     model = Mlp().eval()
-    candidate = apply_formats(copy.deepcopy(model), {"up": "int8_static"}, calibration=CALIBRATION)
     weights = 64 * 32
+    candidate = apply_formats(copy.deepcopy(model), {"up": "int8_static"}, calibration=CALIBRATION,
+                              recipes={"up": "histogram"})
     # fp32 weight (4 B each) -> int8 (1 B) plus a 4 B scale and 8 B zero point per output channel
     assert module_storage_bytes(model) - module_storage_bytes(candidate) == 4 * weights - (weights + 64 * (4 + 8))
+    smoothed = apply_formats(copy.deepcopy(model), {"up": "int8_static"}, calibration=CALIBRATION,
+                             recipes={"up": "smooth"})
+    # and a 4 B smoothing factor per input channel
+    assert module_storage_bytes(candidate) + 32 * 4 == module_storage_bytes(smoothed)
 
 
 @pytest.mark.parametrize("freeze,default", [(True, "fp32"), (False, "fp32"), (True, "bf16"), (False, "bf16")])
@@ -227,3 +233,52 @@ def test_frozen_blocks_keep_their_own_weights():
     assert prepared.regions == ["0", "1", "2"]
     torch.testing.assert_close(run(prepared.model, x), expected)
     R.reset()
+
+
+def test_a_frozen_graph_leaves_the_callers_input_as_it_was():
+    """Inductor may fuse `down`'s int8 output with the residual add into oneDNN's in-place sum on the graph
+    input itself; the compiled runtime puts the input back and calls such a model with copies."""
+    candidate = apply_formats(Mlp().eval(), {"down": "int8_static"}, calibration=CALIBRATION)
+    x = tokens(4, 5)
+    kept = x.clone()
+    eager = run(candidate, x)
+    R.reset()
+    prepared = R.prepare(candidate, "compiled", CPU, lambda fn: fn(x), freeze=True)
+    for _ in range(2):
+        torch.testing.assert_close(run(prepared.model, x), eager, atol=1e-4, rtol=1e-4)
+        assert torch.equal(x, kept)
+    R.reset()
+
+
+class OutlierChannels(nn.Module):
+    """A Linear whose input has a few channels 40x larger than the rest, as transformers' LayerNorm outputs do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wide = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wide(torch.cat([x[..., :3] * 40, x[..., 3:]], dim=-1))
+
+
+def test_each_layer_takes_the_calibration_recipe_closest_to_fp32():
+    model = OutlierChannels().eval()
+    x = tokens(8, 7)
+    reference = run(model, x)
+
+    def error(recipes):
+        out = run(apply_formats(copy.deepcopy(model), {"wide": "int8_static"}, calibration=CALIBRATION,
+                                recipes=recipes), x)
+        return ((out - reference) ** 2).sum().item() / (reference ** 2).sum().item()
+
+    chosen = calibrate(model, ["wide"], CALIBRATION)
+    assert chosen.recipes == {"wide": "smooth"}  # the outlier channels moved into the weight
+    assert chosen.inputs["wide"].smoothing.shape == (32,)
+    errors = {recipe: error({"wide": recipe}) for recipe in RECIPES}
+    assert error(None) == errors["smooth"] < min(errors["histogram"], errors["minmax"])  # on inputs it never saw
+    # on a convolution there is nothing to smooth: the recipe is one of the ranges
+    assert recipes_for(nn.Conv2d(3, 4, 3)) == ("histogram", "minmax")
+    with pytest.raises(PolicyError, match="layer 'conv' cannot take recipe 'smooth'"):
+        calibrate(nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3))), ["conv"],
+                  [torch.randn(2, 3, 8, 8)], {"conv": "smooth"})

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from autoprec.errors import PolicyError
+from autoprec.policy import Policy
+from autoprec.precision.apply import needs_calibration
 from autoprec.precision.calibration import Calibration, calibrate, calibrated_layers
 from autoprec.model.model_file import ModelSpec, move_inputs, one_line
 
@@ -30,3 +32,13 @@ def spec_calibration(spec: ModelSpec, model: nn.Module, device: torch.device,
     except Exception as exc:
         raise spec.error(source, one_line(f"the fp32 model fails on them: {type(exc).__name__}: {exc}"),
                          "make every batch match what build_model()'s forward takes") from exc
+
+
+def policy_recipes(model: nn.Module, calibration: Calibration | None, policy: Policy) -> dict[str, str] | None:
+    """The calibration recipe of each of `policy`'s static int8 layers of the fp32 `model`, as a candidate is
+    built with `calibration` (the policy file records them); None where it has none."""
+    if calibration is None:
+        return None
+    overrides = {name: fmt for name, fmt in policy.layers.items() if fmt != policy.default}
+    static = needs_calibration(model, overrides)
+    return {name: calibration.recipes[name] for name in static if name in calibration.recipes} or None

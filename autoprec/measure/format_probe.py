@@ -163,7 +163,7 @@ def run_probe(formats: Iterable[str], device: torch.device, settings: TimingSett
                 try:
                     qparams = None
                     if handler.needs_calibration(module):  # static int8: its input range, from the probe's input
-                        qparams = calibrate(nn.Sequential(module), ["0"], [x]).inputs["0"]
+                        qparams = calibrate(nn.Sequential(module), ["0"], [x], {"0": "histogram"}).inputs["0"]
                     inside = _cast_floats(x, handler.io_dtype(device))
                     converted = _in_runtime(convert_layer(handler, copy.deepcopy(module), device, input_qparams=qparams),
                                             inside, runtime, device)

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from autoprec.errors import AutoprecError
 from autoprec.policy import RUNTIMES
@@ -173,10 +174,27 @@ class FrozenModel(nn.Module):
     def __init__(self, compiled: nn.Module) -> None:
         super().__init__()
         self.compiled = compiled
+        self.writes_inputs: bool | None = None  # known after the first call
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Inductor's x86 pass fuses an int8 Linear with a residual add into oneDNN's in-place "sum", which
+        # it may do into a graph input (torch 2.14: a block whose residual is the model's own input): the
+        # caller's tensor is overwritten. The first call checks for that and puts the input back; from
+        # then on such a model is called with copies, so a search scoring one batch again scores it right.
+        if self.writes_inputs:
+            args, kwargs = _clone_tensors((args, kwargs))
         with freezing():
-            return self.compiled(*args, **kwargs)
+            if self.writes_inputs is not None:
+                return self.compiled(*args, **kwargs)
+            before = _clone_tensors((args, kwargs))
+            out = self.compiled(*args, **kwargs)
+        pairs = list(zip(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves(before)))
+        changed = [(now, then) for now, then in pairs if isinstance(now, torch.Tensor) and not torch.equal(now, then)]
+        with torch.inference_mode(any(now.is_inference() for now, _ in changed)), torch.no_grad():
+            for now, then in changed:
+                now.copy_(then)
+        self.writes_inputs = bool(changed)
+        return out
 
 
 class CudaGraphModel(nn.Module):

@@ -89,7 +89,8 @@ _CALIBRATION_FIX = ("pass calibration=<a list of batches, each a tensor, tuple o
                     "(model.py's calibration_inputs(), else eval_inputs(), else [example_inputs()])")
 
 
-def _calibrate_checked(model: nn.Module, names: list[str], batches: Any) -> Calibration:
+def _calibrate_checked(model: nn.Module, names: list[str], batches: Any,
+                       recipes: Mapping[str, str] | None = None) -> Calibration:
     """calibrate() on batches a user passed, checked as the CLI checks calibration_inputs() (a bare tensor
     or dict is taken as one batch): whatever is wrong, one PolicyError line, and the model untouched."""
     try:
@@ -97,7 +98,7 @@ def _calibrate_checked(model: nn.Module, names: list[str], batches: Any) -> Cali
     except BadBatches as exc:
         raise PolicyError(f"calibration: {exc}; {_CALIBRATION_FIX}") from None
     try:
-        return calibrate(model, names, checked)
+        return calibrate(model, names, checked, recipes)
     except PolicyError:
         raise
     except Exception as exc:  # the batches do not fit the model: torch's own message, on one line
@@ -105,7 +106,8 @@ def _calibrate_checked(model: nn.Module, names: list[str], batches: Any) -> Cali
                                    f"{exc}; {_CALIBRATION_FIX}")) from None
 
 
-def _input_ranges(model: nn.Module, names: list[str], calibration: CalibrationData) -> Calibration:
+def _input_ranges(model: nn.Module, names: list[str], calibration: CalibrationData,
+                  recipes: Mapping[str, str] | None = None) -> Calibration:
     if not names:
         return Calibration()
     if calibration is None:
@@ -113,7 +115,7 @@ def _input_ranges(model: nn.Module, names: list[str], calibration: CalibrationDa
                           "calibration batches; pass calibration=<batches> (the model.py's calibration_inputs(), "
                           "else eval_inputs(), else [example_inputs()], as the search used)")
     if not isinstance(calibration, Calibration):
-        calibration = _calibrate_checked(model, names, calibration)
+        calibration = _calibrate_checked(model, names, calibration, recipes)
     missing = [name for name in names if name not in calibration.inputs]
     if missing:
         raise UnsupportedFormat(f"layer {missing[0]!r}: static int8 needs its input range, but the layer never ran "
@@ -123,11 +125,13 @@ def _input_ranges(model: nn.Module, names: list[str], calibration: CalibrationDa
 
 def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "fp32",
                   device: str | torch.device = "cpu", calibration: CalibrationData = None, *,
-                  runtime: str = "eager") -> nn.Module:
+                  runtime: str = "eager", recipes: Mapping[str, str] | None = None) -> nn.Module:
     """Give each listed layer its format and everything else `default`, on `device`, in place.
 
     `calibration`: for static int8 layers, the batches to observe their input ranges on (run
     through the fp32 model before anything is converted), or a `Calibration` already made from them.
+    `recipes`: with batches, the calibration recipe of each static int8 layer (see calibration.py); a
+    layer not named takes the one closest to fp32 on its inputs.
     `runtime` ("eager" or "compiled": how the model will be run) picks the kernel of formats that
     have a faster one under torch.compile (int8 Linear on a VNNI CPU); nothing is compiled here.
     Nothing is changed when any entry is refused: all entries are checked first.
@@ -144,7 +148,7 @@ def apply_formats(model: nn.Module, layers: Mapping[str, str], default: str = "f
     # bf16 model never passes through bf16.
     overrides = {name: fmt for name, fmt in layers.items() if fmt != default}
     static = needs_calibration(model, overrides)
-    ranges = _input_ranges(model, static, calibration)
+    ranges = _input_ranges(model, static, calibration, recipes)
     folds = foldable_batchnorms(model, static)
     converted: dict[str, tuple[nn.Module, torch.dtype]] = {}
     for name, fmt in overrides.items():

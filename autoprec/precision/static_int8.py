@@ -77,7 +77,8 @@ class StaticInt8Conv(PackedInt8Layer):
 
     @classmethod
     def from_float(cls, conv: nn.Module, input_qparams: tuple[float, int]) -> "StaticInt8Conv":
-        return cls(conv, *input_qparams)
+        scale, zero_point = input_qparams[:2]  # a convolution's recipes never smooth (see calibration.py)
+        return cls(conv, scale, zero_point)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last codes: the layout oneDNN computes in, so it reorders nothing itself

@@ -79,21 +79,30 @@ def _freezing() -> bool:
 class StaticInt8Linear(PackedInt8Layer):
     """A Linear computing in int8 with fp32 output; built by `StaticInt8Linear.from_float`."""
 
-    def __init__(self, linear: nn.Linear, input_scale: float, input_zero_point: int) -> None:
+    def __init__(self, linear: nn.Linear, input_scale: float, input_zero_point: int,
+                 smoothing: torch.Tensor | None = None) -> None:
         super().__init__()
         _opaque_qlinear()  # defines torch.ops.autoprec.static_int8_linear before anything compiles this layer
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
-        self._set_weights(linear.weight, linear.bias)
+        weight = linear.weight.detach().float()
+        if smoothing is not None:  # SmoothQuant: input channels times the factors, weight columns divided by them
+            smoothing = smoothing.detach().float().cpu()
+            weight = weight.cpu() / smoothing
+        self.register_buffer("input_smoothing", smoothing)
+        self._set_weights(weight, linear.bias)
 
     def _pack(self) -> torch.Tensor:
         return torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
 
     @classmethod
-    def from_float(cls, module: nn.Module, input_qparams: tuple[float, int]) -> "StaticInt8Linear":
+    def from_float(cls, module: nn.Module, input_qparams: tuple) -> "StaticInt8Linear":
+        """`input_qparams`: (scale, zero point) or a calibration's InputQuant (with its smoothing)."""
         return cls(_as_linear(module), *input_qparams)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smoothing is not None:  # one more elementwise op, fused into the quantize once compiled
+            x = x.float() * self.input_smoothing
         if torch.compiler.is_compiling():  # inductor fuses it with its neighbours; no graph break
             # bf16 as it comes: with freezing, the previous int8 layer then writes uint8 for this one
             x = x if x.dtype == torch.bfloat16 else x.float()
@@ -117,8 +126,9 @@ class StaticInt8Linear(PackedInt8Layer):
             self.weight_zero_point, self.bias, 1.0, 0, torch.bfloat16 if bf16 else torch.float32, "none", [], "")
 
     def extra_repr(self) -> str:
+        smoothed = ", smoothed" if self.input_smoothing is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"input scale={self.input_scale:.3g} zero point={self.input_zero_point}")
+                f"input scale={self.input_scale:.3g} zero point={self.input_zero_point}{smoothed}")
 
 
 class StaticInt8LinearFormat:

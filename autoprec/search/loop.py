@@ -26,6 +26,7 @@ from autoprec.guided import study_state
 
 from autoprec.store import schema
 from autoprec.errors import AutoprecError
+from autoprec.measure.calibration import policy_recipes
 from autoprec.store.worker_tables import worker_name
 from autoprec.search.guidance import MEASURED, STOP, Guidance
 from autoprec.search.study_setup import OpenedStudy, open_study
@@ -189,6 +190,7 @@ class Search:
         if twin is not None:  # samplers re-propose policies; measuring one twice buys nothing
             schema.copy_measured(trial, twin, self.max_drop)
             return tuple(twin.values)
+        policy.calibration = policy_recipes(self.evaluator.model, self.evaluator.calibration, policy)
         schema.record_candidate(trial, policy)
         measurement = self.evaluator.measure(policy, policy.training, seed=self.config.seed,
                                              neighbours=self._neighbours(self._last_origin))
