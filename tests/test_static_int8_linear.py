@@ -282,3 +282,20 @@ def test_each_layer_takes_the_calibration_recipe_closest_to_fp32():
     with pytest.raises(PolicyError, match="layer 'conv' cannot take recipe 'smooth'"):
         calibrate(nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3))), ["conv"],
                   [torch.randn(2, 3, 8, 8)], {"conv": "smooth"})
+
+
+def test_calibration_kept_as_json_gives_the_same_model():
+    """Ranges, recipes and smoothing factors survive plain JSON, so shipped ranges rebuild the measured model."""
+    import json
+
+    from autoprec.precision import Calibration
+
+    model = OutlierChannels().eval()
+    x = tokens(8, 7)
+    chosen = calibrate(model, ["wide"], CALIBRATION)
+    kept = Calibration.from_json(json.loads(json.dumps(chosen.to_json())))
+    assert kept.recipes == chosen.recipes == {"wide": "smooth"}
+    torch.testing.assert_close(kept.inputs["wide"].smoothing, chosen.inputs["wide"].smoothing)
+    direct = run(apply_formats(copy.deepcopy(model), {"wide": "int8_static"}, calibration=chosen), x)
+    shipped = run(apply_formats(copy.deepcopy(model), {"wide": "int8_static"}, calibration=kept), x)
+    assert torch.equal(direct, shipped)

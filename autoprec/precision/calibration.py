@@ -61,6 +61,19 @@ class Calibration:
     def covers(self, names: Iterable[str]) -> bool:
         return all(name in self.inputs for name in names)
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (no pickle): name -> [scale, zero point] or [scale, zero point, [smoothing factors]]."""
+        inputs = {name: [q.scale, q.zero_point] + ([q.smoothing.tolist()] if q.smoothing is not None else [])
+                  for name, q in self.inputs.items()}
+        return {"inputs": inputs, "batches": self.batches, "recipes": dict(self.recipes)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Calibration":
+        inputs = {name: InputQuant(float(q[0]), int(q[1]),
+                                   torch.tensor(q[2], dtype=torch.float32) if len(q) > 2 else None)
+                  for name, q in data["inputs"].items()}
+        return cls(inputs, int(data.get("batches", 0)), dict(data.get("recipes", {})))
+
 
 def recipes_for(module: nn.Module) -> tuple[str, ...]:
     """The recipes a layer can take: smoothing needs a Linear's per-input-channel weight columns."""
