@@ -518,6 +518,8 @@ def chain() -> list[list[str]]:
             nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(32, 64), "int8_static", "fp32"),
         "Linear int8_static -> ReLU -> Linear int8_static, bf16 model": (
             nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), torch.randn(32, 64), "int8_static", "bf16"),
+        "Linear int8_static -> GELU -> Linear int8_static (smoothed), fp32 model": (
+            nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)), torch.randn(32, 64), "int8_static", "fp32"),
         "Conv2d int8 -> ReLU -> Conv2d int8, channels_last": (
             nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).to(memory_format=cl),
             torch.randn(2, 8, 16, 16).to(memory_format=cl), "int8", "fp32"),
@@ -528,7 +530,10 @@ def chain() -> list[list[str]]:
     rows = []
     for label, (model, x, fmt, default) in cases.items():
         torch.manual_seed(0)
-        model = apply_formats(model.eval(), {"0": fmt, "2": fmt}, default, "cpu", calibration=[x], runtime="compiled")
+        # the second layer's recipe: smoothing multiplies its input first, where no quantize moves into the first
+        recipes = {"0": "histogram", "2": "smooth" if "smoothed" in label else "histogram"}
+        model = apply_formats(model.eval(), {"0": fmt, "2": fmt}, default, "cpu", calibration=[x], runtime="compiled",
+                              recipes=recipes)
         R.reset()
         prepared = R.prepare(model, "compiled", torch.device("cpu"), lambda fn: fn(x), freeze=True)
         with torch.no_grad():

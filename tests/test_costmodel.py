@@ -33,9 +33,21 @@ def _random_model(seed: int, layers: int = 6) -> CostModel:
     return model
 
 
+def _linked_model(seed: int, layers: int = 6) -> CostModel:
+    """_random_model with a link from each even layer into the next: int8 on both ends saves time."""
+    model = _random_model(seed, layers)
+    rng = random.Random(seed + 100)
+    model.profile.links = [{"producer": f"l{i}", "consumer": f"l{i + 1}", "activation": "relu",
+                            "producer_format": "int8", "consumer_format": "int8", "saving_ms": rng.uniform(0.5, 4)}
+                           for i in range(0, layers - 1, 2)]
+    return model
+
+
+@pytest.mark.parametrize("linked", [False, True])
 @pytest.mark.parametrize("seed", range(5))
-def test_knapsack_matches_brute_force(seed):
-    model = _random_model(seed)
+def test_knapsack_matches_brute_force(seed, linked):
+    """With links (a layer's cost depending on its neighbour's format) the knapsack stays exact."""
+    model = _linked_model(seed) if linked else _random_model(seed)
     names = list(model.choices)
     for budget in (1e-4, 1e-3, 5e-3, 2e-2):
         got = model.fastest_within("fp32", budget)
@@ -181,3 +193,47 @@ def test_static_int8_linear_is_calibrated_as_a_quantized_format_not_a_default():
     assert model.drop_scale["int8"] == 1.0  # each int8 format its own scale
     assert "int8_static" not in model.rest_latency
     assert model.predict("fp32", layers_static)["drop"] == pytest.approx(3 * profiled)
+
+
+def test_a_link_saves_only_with_static_int8_on_both_ends_and_can_decide_the_pair():
+    profile = Profile()
+    profile.layers = {n: {"fp32": {"drop": 0.0, "memory_bytes": 4.0}, "int8": {"drop": 1e-3, "memory_bytes": 1.0}}
+                      for n in ("a", "b")}
+    profile.latency_by_default = {"fp32": {"a": {"fp32": 10.0, "int8": 6.0}, "b": {"fp32": 10.0, "int8": 10.5}}}
+    model = CostModel(profile, {"a": ("fp32", "int8"), "b": ("fp32", "int8")})
+    model.rest_latency, model.rest_memory, model.rest_drop = {"fp32": 1.0}, {"fp32": 0.0}, {"fp32": 0.0}
+    # without the link: b is slower in int8, so the fastest policy keeps it fp32
+    assert model.fastest_within("fp32", 0.01) == {"a": "int8", "b": "fp32"}
+    profile.links = [{"producer": "a", "consumer": "b", "activation": "relu", "producer_format": "int8",
+                      "consumer_format": "int8", "saving_ms": 2.0}]
+    assert model.predict("fp32", {"a": "int8", "b": "fp32"})["latency_ms"] == pytest.approx(17.0)
+    assert model.predict("fp32", {"a": "fp32", "b": "int8"})["latency_ms"] == pytest.approx(21.5)
+    assert model.predict("fp32", {"a": "int8", "b": "int8"})["latency_ms"] == pytest.approx(15.5)
+    assert model.fastest_within("fp32", 0.01) == {"a": "int8", "b": "int8"}
+    assert model.fastest_within("fp32", 0.0015) == {"a": "int8", "b": "fp32"}  # room for one int8 layer
+
+
+def test_calibration_with_links_reproduces_all_int8_and_predicts_broken_links_slower():
+    model = _linked_model(1)
+    names = list(model.choices)
+    lat = model.profile.latency_by_default["fp32"]
+    all_fp32, all_int8 = {n: "fp32" for n in names}, {n: "int8" for n in names}
+    saving = model.link_saving(all_int8)
+    # measured: 5 ms outside the layers; int8 layers 1.2x their time alone, less what the links save
+    uniform = {"fp32": ("fp32", all_fp32, {"drop": 0.0, "latency_ms": 5 + sum(lat[n]["fp32"] for n in names),
+                                           "memory_bytes": 30000.0}),
+               "int8": ("fp32", all_int8, {"drop": 0.01, "latency_ms": 5 + 1.2 * sum(lat[n]["int8"] for n in names)
+                                           - saving, "memory_bytes": 8000.0})}
+    model.calibrate(uniform)
+    assert model.predict("fp32", all_int8)["latency_ms"] == pytest.approx(uniform["int8"][2]["latency_ms"])
+    assert model.latency_scale["fp32"]["int8"] == pytest.approx(1.2)
+    # every link broken (one end of each in fp32): predicted at the layers' own 1.2x, no saving
+    alternate = {n: "int8" if i % 2 else "fp32" for i, n in enumerate(names)}
+    assert saving > 0 and model.link_saving(alternate) == 0
+    expected = 5 + sum(lat[n]["fp32"] if f == "fp32" else 1.2 * lat[n]["int8"] for n, f in alternate.items())
+    assert model.predict("fp32", alternate)["latency_ms"] == pytest.approx(expected)
+    # an additive model calibrated on the same measurement spreads the saving over every int8 layer
+    additive = CostModel(Profile(layers=model.profile.layers, latency_by_default=model.profile.latency_by_default),
+                         model.choices)
+    additive.calibrate(uniform)
+    assert additive.predict("fp32", alternate)["latency_ms"] < expected

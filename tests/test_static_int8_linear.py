@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +300,93 @@ def test_calibration_kept_as_json_gives_the_same_model():
     direct = run(apply_formats(copy.deepcopy(model), {"wide": "int8_static"}, calibration=chosen), x)
     shipped = run(apply_formats(copy.deepcopy(model), {"wide": "int8_static"}, calibration=kept), x)
     assert torch.equal(direct, shipped)
+
+
+def _int8_outputs(model: nn.Module, layers: dict[str, str], x: torch.Tensor,
+                  recipes: dict[str, str] | None = None) -> list[str]:
+    """The output dtype of each oneDNN int8 kernel in the frozen compiled model's generated code."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    recipes = {name: "histogram" for name in layers} | (recipes or {})
+    candidate = apply_formats(model, layers, calibration=[x], runtime="compiled", recipes=recipes)
+    R.reset()
+    prepared = R.prepare(candidate, "compiled", CPU, lambda fn: fn(x), freeze=True)
+    with torch.no_grad():
+        _, codes = run_and_get_code(prepared.timed, x)
+    R.reset()
+    return re.findall(r"onednn\.q(?:linear|conv)_pointwise[^\n]*?torch\.(\w+), '", "\n".join(codes))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_neighbouring_int8_layers_pass_uint8_once_compiled(kind):
+    """With freezing, an int8 layer whose output feeds only a ReLU and the next int8 layer writes that
+    layer's uint8 input itself: no float tensor and no separate quantize between them. Next to a float
+    layer, or before a smoothed int8 Linear (its input is multiplied first), it writes float."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        cl = torch.channels_last
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+        model, x = model.to(memory_format=cl), torch.randn(2, 8, 12, 12).to(memory_format=cl)
+        fmt = "int8"
+    else:
+        model, x, fmt = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval(), tokens(4, 3), "int8_static"
+    assert _int8_outputs(copy.deepcopy(model), {"0": fmt, "2": fmt}, x) == ["uint8", "float32"]
+    assert _int8_outputs(copy.deepcopy(model), {"0": fmt, "2": "fp32"}, x) == ["float32"]
+    if kind == "linear":
+        smoothed = _int8_outputs(copy.deepcopy(model), {"0": fmt, "2": fmt}, x, recipes={"2": "smooth"})
+        assert smoothed == ["float32", "float32"]
+
+
+class Chains(nn.Module):
+    """Two layer pairs that keep int8 between them once compiled, and two that cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(torch.relu(self.bn(self.conv1(x))))  # conv -> norm -> relu -> conv: a link
+        x = torch.relu(x)
+        x = x + self.conv3(x)  # conv2's output also feeds the residual: no link
+        h = x.mean((2, 3))
+        h = self.down(torch.nn.functional.gelu(self.up(h)))  # Linear -> GELU -> Linear: a link
+        return self.head(self.norm(h))  # a LayerNorm between: no link
+
+
+def test_links_are_the_pairs_the_compiled_runtime_passes_uint8_between():
+    from autoprec.measure.int8_links import Link, find_links
+
+    model, x = Chains().eval(), torch.randn(2, 3, 8, 8)
+    choices = {**{n: ("fp32", "int8") for n in ("conv1", "conv2", "conv3")},
+               **{n: ("fp32", "int8_static") for n in ("up", "down", "head")}}
+    assert find_links(model, x, choices) == [Link("conv1", "conv2", "relu"), Link("up", "down", "gelu")]
+    # a layer that cannot take static int8 (a Linear offered dynamic int8 only) has no link
+    assert find_links(model, x, {**choices, "down": ("fp32", "int8")}) == [Link("conv1", "conv2", "relu")]
+
+
+@pytest.mark.slow
+def test_a_compiled_profile_times_what_each_link_saves():
+    from autoprec.guided.sensitivity import build_profile
+    from autoprec.model.model_file import ModelSpec
+
+    model, x = Chains().eval(), torch.randn(2, 3, 8, 8)
+    spec = ModelSpec(path=Path("chains.py"), build_model=Chains, example_inputs=lambda: x)
+    choices = {"conv1": ("fp32", "int8"), "conv2": ("fp32", "int8"), "up": ("fp32", "int8_static"),
+               "down": ("fp32", "int8_static")}
+    calibration = calibrate(model, choices, [x], recipes={n: "histogram" for n in choices})
+    profile = build_profile(spec, model, x, choices, ("fp32",), CPU, calibration=calibration, runtime="compiled")
+    assert [(link["producer"], link["consumer"], link["producer_format"], link["consumer_format"])
+            for link in profile.links] == [("conv1", "conv2", "int8", "int8"), ("up", "down", "int8_static", "int8_static")]
+    assert all(link["saving_ms"] > 0 for link in profile.links)
+    smoothed = calibrate(model, choices, [x], recipes={n: "smooth" if n == "down" else "histogram" for n in choices})
+    profile = build_profile(spec, model, x, choices, ("fp32",), CPU, calibration=smoothed, runtime="compiled")
+    assert [(link["producer"], link["consumer"]) for link in profile.links] == [("conv1", "conv2")]
+    eager = build_profile(spec, model, x, choices, ("fp32",), CPU, calibration=calibration)
+    assert eager.links == []  # eager layers each quantize their own input: nothing to save

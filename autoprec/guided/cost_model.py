@@ -3,13 +3,17 @@
 For a policy with default dtype D and layer formats d_l:
     drop(policy)    = rest_drop[D] + sum_l scale[d_l] * profile_drop(l, d_l)
     latency(policy) = rest_latency[D] + sum_l latency_scale[D][d_l] * layer_latency(l, d_l | D)
+                      - sum over the profile's links with both ends in static int8 of the link's saving
     memory(policy)  = rest_memory[D] + sum_l layer_memory(l, d_l)
+The link term is the one place where a layer's cost depends on its neighbour's format: in the compiled
+CPU runtime int8 passes between two such layers without the float tensor and quantize between them.
 `rest_*[D]`, the latency scales and the int8 / fp8 drop scales are calibrated on the measured uniform
 policies (all-D, all-int8, all-fp8), so the model reproduces them exactly; its error on every other
 measured trial is reported.
 
 Proposals solve a multiple-choice knapsack exactly (dynamic programming over a discretised drop
-budget): the fastest policy whose predicted drop fits each budget, for each default dtype.
+budget, with the previous layer's format as state, so a link between consecutive layers counts): the
+fastest policy whose predicted drop fits each budget, for each default dtype.
 """
 
 from __future__ import annotations
@@ -56,12 +60,23 @@ class CostModel:
     def layer_latency(self, default: str, name: str, fmt: str) -> float:
         return self.latency_scale.get(default, {}).get(fmt, 1.0) * self.alone(default, name, fmt)
 
+    def link_saving(self, layers: dict[str, str]) -> float:
+        """The time the links with both ends in static int8 under `layers` save, in the reference's terms."""
+        return self.profile.time_scale * sum(
+            link["saving_ms"] for link in self.profile.links
+            if layers.get(link["producer"]) == link["producer_format"]
+            and layers.get(link["consumer"]) == link["consumer_format"])
+
+    def layers_latency(self, default: str, layers: dict[str, str]) -> float:
+        """The layers' share of a policy's latency: their in-model times less what their links save."""
+        return sum(self.layer_latency(default, n, f) for n, f in layers.items()) - self.link_saving(layers)
+
     def predict(self, default: str, layers: dict[str, str]) -> dict[str, float] | None:
         if default not in self.rest_latency:
             return None
         return {
             "drop": self.rest_drop[default] + sum(self.layer_drop(n, f) for n, f in layers.items()),
-            "latency_ms": self.rest_latency[default] + sum(self.layer_latency(default, n, f) for n, f in layers.items()),
+            "latency_ms": self.rest_latency[default] + self.layers_latency(default, layers),
             "memory_bytes": self.rest_memory[default] + sum(self.profile.layers[n][f]["memory_bytes"]
                                                             for n, f in layers.items()),
         }
@@ -129,7 +144,7 @@ class CostModel:
             lat = self.profile.latency_by_default.get(default)
             if fmt != default or lat is None:
                 continue
-            alone = sum(self.alone(default, n, f) for n, f in layers.items())
+            alone = sum(self.alone(default, n, f) for n, f in layers.items()) - self.link_saving(layers)
             rest = measured["latency_ms"] - alone
             scale = 1.0
             if rest < 0 and alone > 0:
@@ -149,7 +164,8 @@ class CostModel:
             own = sum(self.alone(default, n, f) for n, f in layers.items() if f == fmt)
             others = sum(self.layer_latency(default, n, f) for n, f in layers.items() if f != fmt)
             if own > 0:
-                scale = _bounded((measured["latency_ms"] - self.rest_latency[default] - others) / own)
+                saved = self.link_saving(layers)  # measured with its links: the scale is of the layers alone
+                scale = _bounded((measured["latency_ms"] + saved - self.rest_latency[default] - others) / own)
                 self.latency_scale[default][fmt] = scale
                 measured_scale.setdefault(fmt, scale)
         for default, scales in self.latency_scale.items():
@@ -165,8 +181,7 @@ class CostModel:
             lat = self.profile.latency_by_default.get(default)
             if lat is None or default not in self.rest_latency:
                 continue
-            residuals.setdefault(default, []).append(
-                m["latency_ms"] - sum(self.layer_latency(default, n, f) for n, f in layers.items()))
+            residuals.setdefault(default, []).append(m["latency_ms"] - self.layers_latency(default, layers))
         for default, values in residuals.items():
             self.rest_latency[default] = max(0.0, statistics.median(values))
 
@@ -193,42 +208,78 @@ class CostModel:
         budget -= self.rest_drop[default]
         if budget < 0:
             return None
-        names = list(self.choices)
         unit = budget / _BINS if budget > 0 else 1.0
-        inf = math.inf
-        best = np.full(_BINS + 1, inf)
-        best[0] = 0.0
-        picks = np.zeros((len(names), _BINS + 1), dtype=np.int16)
-        for i, name in enumerate(names):
-            new = np.full(_BINS + 1, inf)
-            for j, fmt in enumerate(self.choices[name]):
+        options: list[list[tuple[str, int, float]]] = []  # per layer: (format, drop bins, cost) it may take
+        for name, formats in self.choices.items():
+            options.append([])
+            for fmt in formats:
                 drop = self.layer_drop(name, fmt)
                 if not math.isfinite(drop):
                     continue
                 weight = 0 if drop <= 0 else (math.ceil(drop / unit) if budget > 0 else _BINS + 1)
                 if weight > _BINS:
                     continue
-                if objective == "latency_ms":
-                    cost = self.layer_latency(default, name, fmt)
-                else:
-                    cost = self.profile.layers[name][fmt]["memory_bytes"]
-                shifted = np.full(_BINS + 1, inf)
-                shifted[weight:] = best[:_BINS + 1 - weight] + cost
-                better = shifted < new
-                new[better] = shifted[better]
-                picks[i][better] = j
-            best = new
-        end = int(np.argmin(best))
-        if not math.isfinite(best[end]):
+                cost = (self.layer_latency(default, name, fmt) if objective == "latency_ms"
+                        else self.profile.layers[name][fmt]["memory_bytes"])
+                options[-1].append((fmt, weight, cost))
+        links = self._consecutive_links(list(self.choices)) if objective == "latency_ms" else {}
+        chosen = _cheapest_within(options, links)
+        return None if chosen is None else dict(zip(self.choices, chosen))
+
+    def _consecutive_links(self, names: list[str]) -> dict[int, tuple[str, str, float]]:
+        """index i -> (producer format, consumer format, saving) for a link from names[i-1] into names[i]:
+        the links the knapsack sees exactly (a link between layers further apart is predicted, not planned)."""
+        index = {name: i for i, name in enumerate(names)}
+        out = {}
+        for link in self.profile.links:
+            i = index.get(link["consumer"])
+            if i is not None and i > 0 and names[i - 1] == link["producer"]:
+                out[i] = (link["producer_format"], link["consumer_format"],
+                          self.profile.time_scale * link["saving_ms"])
+        return out
+
+
+def _cheapest_within(options: list[list[tuple[str, int, float]]],
+                     links: dict[int, tuple[str, str, float]]) -> list[str] | None:
+    """The multiple-choice knapsack: one (format, weight, cost) option per layer, total weight <= _BINS,
+    least total cost less the savings of `links` (index i -> producer format, consumer format, saving
+    for a link from layer i-1 into layer i) both of whose ends are chosen. Dynamic programming over the
+    weight with the previous layer's option as state; the first option wins a tie. None if nothing fits."""
+    inf = math.inf
+    start = np.full(_BINS + 1, inf)
+    start[0] = 0.0
+    # states[j][b]: the least cost of the layers so far at total weight b, the last layer taking option j
+    states, previous = [start], [""]
+    picks: list[np.ndarray] = []  # picks[i][j][b]: the previous layer's option on that path
+    rows = np.arange(_BINS + 1)
+    for i, layer in enumerate(options):
+        link = links.get(i)
+        new_states, new_picks = [], []
+        for fmt, weight, cost in layer:
+            before = np.stack([state - (link[2] if link and prev == link[0] and fmt == link[1] else 0.0)
+                               for prev, state in zip(previous, states)])
+            came = np.argmin(before, axis=0)
+            shifted, source = np.full(_BINS + 1, inf), np.zeros(_BINS + 1, dtype=np.int16)
+            shifted[weight:] = before[came, rows][:_BINS + 1 - weight] + cost
+            source[weight:] = came[:_BINS + 1 - weight]
+            new_states.append(shifted)
+            new_picks.append(source)
+        if not new_states:
             return None
-        layers: dict[str, str] = {}
-        for i in range(len(names) - 1, -1, -1):
-            name = names[i]
-            fmt = self.choices[name][picks[i][end]]
-            layers[name] = fmt
-            drop = self.layer_drop(name, fmt)
-            end -= 0 if drop <= 0 else math.ceil(drop / unit)
-        return dict(reversed(list(layers.items())))
+        states, previous = new_states, [fmt for fmt, _, _ in layer]
+        picks.append(np.stack(new_picks))
+    final = np.stack(states)
+    end = int(np.argmin(final.min(axis=0)))
+    j = int(np.argmin(final[:, end]))
+    if not math.isfinite(final[j, end]):
+        return None
+    chosen = []
+    for i in range(len(options) - 1, -1, -1):
+        fmt, weight, _ = options[i][j]
+        chosen.append(fmt)
+        j = int(picks[i][j][end])
+        end -= weight
+    return chosen[::-1]
 
 
 def knapsack_proposals(model: CostModel, max_drop: float, defaults: tuple[str, ...]) -> list[tuple[str, dict[str, str], str]]:

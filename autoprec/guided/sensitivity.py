@@ -16,6 +16,12 @@ For every searchable layer and every format it may take:
   (MiniLM's 36 Linear layers are 3 such shapes).
 - `memory_bytes`: the layer's storage in that format (exact), plus, for a format other than fp32, the
   fp32 weight a tied partner (an input embedding) keeps.
+- `links` (compiled runtime on the CPU): pairs of layers between which int8 stays int8 when both take
+  static int8 (autoprec.measure.int8_links), each with the time that saves: the activation and quantize
+  pass between them, compiled and timed on the producer's captured output. The cost model subtracts it
+  where a policy gives both layers static int8. A consumer calibrated with smoothing has none: its
+  input is multiplied by the smoothing factors before the quantize, which inductor then cannot move
+  into the producer's kernel.
 
 The work is layers x formats single-layer runs and micro-timings: linear in the model's size.
 """
@@ -37,6 +43,7 @@ from autoprec.precision import FLOAT_DTYPES, HANDLERS, Calibration, module_stora
 from autoprec.precision.apply import _cast_floats, shared_storage_bytes
 from autoprec.precision.base import convert_layer
 from autoprec.measure.calibration import spec_calibration
+from autoprec.measure.int8_links import find_links, static_int8_format
 from autoprec.measure.timing import solo_latency_ms
 from autoprec.model.model_file import ModelSpec, call_model, first_float_tensor
 
@@ -54,6 +61,8 @@ class Profile:
     method: str = "exact"
     seconds: dict[str, float] = field(default_factory=dict)
     runtime: str = "eager"  # the runtime the latencies were measured in (autoprec.measure.runtime)
+    # {"producer", "consumer", "activation", "producer_format", "consumer_format", "saving_ms"} per link
+    links: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -384,6 +393,9 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
             profile.layers[name][fmt]["latency_ms"] = profile.latency_by_default[defaults[0]][name][fmt]
         if progress:
             progress(f"latency {index + 1}/{len(names)}")
+    if runtime == "compiled" and device.type == "cpu":
+        profile.links, link_compile_s = _timed_links(model, example, choices, ranges, device, runtime)
+        compile_s += link_compile_s
     if time_model:
         model_ms.append(time_model())
         profile.model_latency_ms = sum(model_ms) / len(model_ms)
@@ -392,3 +404,62 @@ def build_profile(spec: ModelSpec, model: nn.Module, example: Any, choices: dict
         profile.seconds["compile"] = compile_s
         runtimes.reset()
     return profile
+
+
+class _Unfused(nn.Module):
+    """What runs between two static int8 layers when int8 does not pass between them: the activation and
+    the consumer's quantize, as their own pass over the producer's float output."""
+
+    def __init__(self, activation: str | None, qparams: tuple[float, int]) -> None:
+        super().__init__()
+        self.activation, self.scale, self.zero_point = activation, float(qparams[0]), int(qparams[1])
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            y = getattr(torch.nn.functional, self.activation)(y)
+        return torch.ops.quantized_decomposed.quantize_per_tensor.default(
+            y.float(), self.scale, self.zero_point, 0, 255, torch.uint8)
+
+
+def _timed_links(model: nn.Module, example: Any, choices: dict[str, tuple[str, ...]], ranges: dict[str, Any],
+                 device: torch.device, runtime: str) -> tuple[list[dict[str, Any]], float]:
+    """Profile.links for `model`, and the seconds spent compiling."""
+    links = find_links(model, example, choices)
+    if not links:
+        return [], 0.0
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda _mod, _args, out, name=name: outputs.setdefault(name, out.detach().clone()))
+        for name in {link.producer for link in links}]
+    try:
+        with torch.inference_mode():
+            call_model(model, example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out, timed, compile_s = [], {}, 0.0
+    for link in links:
+        y = outputs.get(link.producer)
+        quant = ranges.get(link.consumer)
+        if not isinstance(y, torch.Tensor) or getattr(quant, "smoothing", None) is not None:
+            continue  # a smoothed consumer multiplies its input first: inductor fuses no quantize into the producer
+        key = (tuple(y.shape), y.stride(), link.activation)
+        if key not in timed:
+            qparams = tuple(quant or (0.05, 128))[:2]
+            runtimes.reset()
+            prepared = runtimes.Prepared(_Unfused(link.activation, qparams), "eager")
+            try:
+                prepared = runtimes.prepare(prepared.model, runtime, device, lambda fn, y=y: fn(y), regional=False)
+            except runtimes.CompileFailed:
+                continue
+            compile_s += prepared.compile_s
+            with torch.inference_mode():
+                timed[key], _ = solo_latency_ms(prepared.forward(lambda fn, y=y: fn(y)), device,
+                                                rounds=5, min_round_s=0.01, warmup_calls=1)
+        formats = (choices[link.producer], choices[link.consumer])
+        out.append({"producer": link.producer, "consumer": link.consumer, "activation": link.activation,
+                    "producer_format": static_int8_format(model.get_submodule(link.producer), formats[0]),
+                    "consumer_format": static_int8_format(model.get_submodule(link.consumer), formats[1]),
+                    "saving_ms": timed[key]})
+    runtimes.reset()
+    return out, compile_s
