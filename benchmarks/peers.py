@@ -4,7 +4,8 @@ For each study: NNCF's `quantize_with_accuracy_control` (max drop 0.01 absolute,
 score: mean per-sample cosine of the compared output to the eager fp32 model over the eval batches)
 and autoprec's fastest feasible policy from a short `autoprec search --runtime openvino --max-drop
 0.01` run here, timed in interleaved rounds with PyTorch eager fp32 in this process, one thread for
-every tool. Prints a table naming the CPU and the versions.
+every tool, and the two answers against each other in adjacent pairs. Prints a table naming the CPU
+and the versions.
 
     python benchmarks/peers.py [--studies resnet minilm] [--trials 8] [--rounds 21] [--strategy guided]
 """
@@ -123,13 +124,18 @@ def one_study(name: str, trials: int, rounds: int, workdir: Path, strategy: str)
                     "nncf": lambda: nncf_request.infer(example_feed),
                     "autoprec": lambda: ours_request.infer(ours_feed)}
         timed = interleaved(forwards, "torch", rounds, min_round_s=0.05)
+        # the two answers against each other in adjacent pairs: what a user choosing between them sees,
+        # without the slower torch model's noise in between
+        head_to_head = interleaved({"nncf": forwards["nncf"], "autoprec": forwards["autoprec"]}, "nncf", rounds,
+                                   min_round_s=0.05)["autoprec"]["ratio"]
     counts = {f: n for f, n in policy.counts().items() if n}
     return [
-        [name, "PyTorch eager fp32", "-", "0", f"{timed['torch']['ms']:.1f}", "1.00x"],
+        [name, "PyTorch eager fp32", "-", "0", f"{timed['torch']['ms']:.1f}", "1.00x", "-"],
         [name, "NNCF `quantize_with_accuracy_control` + OpenVINO" + note, f"{nncf_s:.0f} s + {convert_s:.0f} s convert",
-         f"{nncf_drop:.1e}", f"{timed['nncf']['ms']:.1f}", f"{timed['nncf']['ratio']:.2f}x"],
+         f"{nncf_drop:.1e}", f"{timed['nncf']['ms']:.1f}", f"{timed['nncf']['ratio']:.2f}x", "1.00x"],
         [name, f"autoprec --runtime openvino, {trials} trials {strategy} (default {policy.default}, {json.dumps(counts)})",
-         f"{autoprec_s:.0f} s", f"{ours_drop:.1e}", f"{timed['autoprec']['ms']:.1f}", f"{timed['autoprec']['ratio']:.2f}x"],
+         f"{autoprec_s:.0f} s", f"{ours_drop:.1e}", f"{timed['autoprec']['ms']:.1f}", f"{timed['autoprec']['ratio']:.2f}x",
+         f"{head_to_head:.3f}x"],
     ]
 
 
@@ -154,7 +160,8 @@ def main() -> None:
             rows += one_study(name, args.trials, args.rounds, Path(tmp), args.strategy)
     print(machine_header({"openvino": openvino.__version__, "nncf": nncf.__version__}))
     print()
-    print(table(["study", "tool", "time to answer", "drop", "answer, ms", "answer / torch eager fp32"], rows))
+    print(table(["study", "tool", "time to answer", "drop", "answer, ms", "answer / torch eager fp32",
+                "answer / NNCF's answer"], rows))
 
 
 if __name__ == "__main__":
