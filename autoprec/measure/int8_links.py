@@ -23,7 +23,7 @@ from autoprec.model.model_file import call_model
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # the activations oneDNN's int8 kernels take as a post-op (torchao's x86 passes: qconv and qlinear unary fusions)
 _ACTIVATIONS = {
-    "conv": {torch.relu, F.relu, torch.nn.functional.hardtanh, F.hardswish, F.silu, "relu", "relu_"},
+    "conv": {torch.relu, F.relu, F.hardtanh, F.hardswish, F.silu, "relu", "relu_"},
     "linear": {torch.relu, F.relu, F.gelu, "relu", "relu_"},
 }
 # ops that leave the tensor as it is in an eval-mode graph, or that inductor folds into the int8 kernel
@@ -74,7 +74,7 @@ def _links_in(graph: torch.fx.Graph, kinds: dict[str, str]) -> list[Link]:
                 input_of.append((name, node.args[0]))
     links = []
     for consumer, node in input_of:
-        activation, normed = None, False
+        activation, normed = None, False  # activation: the op between, checked against the producer's kind below
         while node not in output_of:
             op = _op(node)
             if op is None or len(node.users) != 1 or not node.args or not isinstance(node.args[0], torch.fx.Node):
@@ -85,7 +85,7 @@ def _links_in(graph: torch.fx.Graph, kinds: dict[str, str]) -> list[Link]:
             elif op in _BATCH_NORMS and not normed:
                 normed = True
             elif activation is None and not normed and any(op in ops for ops in _ACTIVATIONS.values()):
-                activation = getattr(op, "__name__", str(op)).rstrip("_")
+                activation = op
             else:
                 break
             node = node.args[0]
@@ -95,10 +95,10 @@ def _links_in(graph: torch.fx.Graph, kinds: dict[str, str]) -> list[Link]:
         kind = kinds[producer]
         if normed and kind != "conv":
             continue
-        if activation is not None and not any(getattr(op, "__name__", str(op)).rstrip("_") == activation
-                                              for op in _ACTIVATIONS[kind]):
+        if activation is not None and activation not in _ACTIVATIONS[kind]:
             continue
-        links.append(Link(producer, consumer, activation))
+        name = None if activation is None else getattr(activation, "__name__", str(activation)).rstrip("_")
+        links.append(Link(producer, consumer, name))
     return links
 
 
